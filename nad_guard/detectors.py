@@ -1,0 +1,218 @@
+"""Detectors on path-divergence features, and the trust decision.
+
+Score convention (the whole project): **higher score = more suspicious** (less trustworthy).
+
+A :class:`PathDetector` is a scikit-learn estimator on a feature matrix ``X`` of shape ``(N, F)``
+(the divergence features of :mod:`nad_guard.paths`):
+
+* supervised methods learn clean (``y = 0``) against adversarial (``y = 1``) features:
+  ``"logistic"`` (standardised logistic regression) and ``"gboost"`` (histogram gradient boosting);
+* clean-only methods need no adversarial data and ignore ``y``: ``"isoforest"`` (isolation forest)
+  and ``"gaussian"`` (Mahalanobis distance to a Ledoit-Wolf Gaussian fitted on standardised clean
+  features).
+
+:meth:`PathDetector.infer_threshold` turns the score into a decision using held-out *clean*
+features only: the threshold is the ``(1 - fpr)`` quantile of their scores, and the trust score of
+an input is its conformal p-value among them,
+
+    trust(x) = (1 + #{clean held-out scores >= score(x)}) / (n + 1)   in (0, 1],
+
+the share of clean held-out inputs that look at least as suspicious as ``x``: 1 is fully
+trustworthy, values below ``fpr`` are flagged. The flag is ``score > threshold``.
+
+Detectors are saved with skops (no pickle); loading accepts only an explicit allow-list of types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.covariance import LedoitWolf
+from sklearn.ensemble import HistGradientBoostingClassifier, IsolationForest
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+SUPERVISED = ("logistic", "gboost")
+CLEAN_ONLY = ("isoforest", "gaussian")
+METHODS = SUPERVISED + CLEAN_ONLY
+
+
+@dataclass(frozen=True)
+class TrustRecord:
+    """The decision for one input. ``score``: higher = more suspicious; ``trust`` in (0, 1]:
+    conformal p-value among clean held-out scores (higher = more trustworthy); ``flag``:
+    ``score > threshold``."""
+
+    score: float
+    trust: float
+    threshold: float
+    flag: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GaussianDistance(BaseEstimator):
+    """Mahalanobis distance to a Ledoit-Wolf Gaussian of standardised clean features (higher = farther)."""
+
+    def fit(self, X, y=None):
+        X = np.asarray(X, dtype=np.float64)
+        self.scaler_ = StandardScaler().fit(X)
+        self.cov_ = LedoitWolf().fit(self.scaler_.transform(X))
+        return self
+
+    def score_samples(self, X) -> np.ndarray:
+        check_is_fitted(self, "cov_")
+        return np.sqrt(self.cov_.mahalanobis(self.scaler_.transform(np.asarray(X, dtype=np.float64))))
+
+
+def _make(method: str, random_state: int):
+    if method == "logistic":
+        return Pipeline([("scale", StandardScaler()),
+                         ("clf", LogisticRegression(C=1.0, max_iter=2000))])
+    if method == "gboost":
+        return HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_leaf_nodes=31,
+                                              l2_regularization=1.0, early_stopping=True,
+                                              n_iter_no_change=20, random_state=random_state)
+    if method == "isoforest":
+        return IsolationForest(n_estimators=300, random_state=random_state)
+    if method == "gaussian":
+        return GaussianDistance()
+    raise ValueError(f"unknown detector method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+class PathDetector(BaseEstimator):
+    """Flags inputs whose path features look unlike clean, correctly handled inputs.
+
+    Parameters:
+        method: one of ``logistic``, ``gboost`` (supervised) or ``isoforest``, ``gaussian`` (clean-only).
+        random_state: seed for the stochastic methods.
+    """
+
+    def __init__(self, method: str = "gboost", random_state: int = 0):
+        self.method = method
+        self.random_state = random_state
+
+    @property
+    def supervised(self) -> bool:
+        return self.method in SUPERVISED
+
+    def fit(self, X, y=None) -> "PathDetector":
+        """``X`` ``(N, F)``; ``y`` ``(N,)`` with 1 = adversarial / suspicious, 0 = clean (ignored by the
+        clean-only methods, which fit on the ``y == 0`` rows when ``y`` is given, else on all rows)."""
+        X = self._check_X(X, fitting=True)
+        est = _make(self.method, self.random_state)
+        if self.supervised:
+            if y is None:
+                raise ValueError(f"method {self.method!r} is supervised: fit needs labels y (0 clean, 1 adversarial)")
+            y = np.asarray(y).astype(int).ravel()
+            if y.shape[0] != X.shape[0] or set(np.unique(y)) != {0, 1}:
+                raise ValueError("y must hold both 0 (clean) and 1 (adversarial) labels, one per row of X")
+            est.fit(X, y)
+        else:
+            est.fit(X if y is None else X[np.asarray(y).ravel() == 0])
+        self.estimator_ = est
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def score(self, X) -> np.ndarray:  # type: ignore[override]
+        """Suspicion scores ``(N,)``: higher = more suspicious."""
+        check_is_fitted(self, "estimator_")
+        X = self._check_X(X)
+        if self.supervised:
+            return self.estimator_.predict_proba(X)[:, 1]
+        if self.method == "isoforest":
+            return -self.estimator_.score_samples(X)
+        return self.estimator_.score_samples(X)
+
+    def infer_threshold(self, X_clean, fpr: float = 0.05) -> "PathDetector":
+        """Fit the decision threshold on held-out clean features (never the test set)."""
+        if not 0 < fpr < 1:
+            raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+        s = np.sort(self.score(X_clean))
+        if s.size < int(np.ceil(1 / fpr)):
+            raise ValueError(f"{s.size} clean held-out inputs cannot calibrate fpr={fpr}: need at least "
+                             f"{int(np.ceil(1 / fpr))}")
+        self.calibration_scores_ = s
+        self.threshold_ = float(np.quantile(s, 1 - fpr, method="higher"))
+        self.fpr_ = float(fpr)
+        return self
+
+    def trust(self, X) -> np.ndarray:
+        """Conformal p-values ``(N,)`` in (0, 1]: higher = more trustworthy."""
+        check_is_fitted(self, "threshold_")
+        return self._trust(self.score(X))
+
+    def _trust(self, scores: np.ndarray) -> np.ndarray:
+        cal = self.calibration_scores_
+        at_least = cal.size - np.searchsorted(cal, scores, side="left")
+        return (1.0 + at_least) / (cal.size + 1.0)
+
+    def predict(self, X) -> np.ndarray:
+        """Flags ``(N,)`` bool: ``score > threshold_``."""
+        check_is_fitted(self, "threshold_")
+        return self.score(X) > self.threshold_
+
+    def records(self, X) -> list[TrustRecord]:
+        """One :class:`TrustRecord` per row of ``X``."""
+        check_is_fitted(self, "threshold_")
+        s = self.score(X)
+        t = self._trust(s)
+        return [TrustRecord(float(a), float(b), self.threshold_, bool(a > self.threshold_)) for a, b in zip(s, t)]
+
+    def _check_X(self, X, fitting: bool = False) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[0] == 0:
+            raise ValueError(f"X must be a non-empty (N, F) matrix, got shape {X.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError("X holds NaN or infinite values")
+        if not fitting and X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, the detector was fitted on {self.n_features_in_}")
+        return X
+
+
+# ------------------------------------------------------------------ safe persistence (skops)
+
+def _trusted_types() -> list[str]:
+    """The types skops does not trust by default that a saved PathDetector contains (measured with
+    ``skops.io.get_untrusted_types`` for every method); anything else is refused on load."""
+    return ["nad_guard.detectors.GaussianDistance", "nad_guard.detectors.PathDetector",
+            "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor", "sklearn.tree._tree.Tree"]
+
+
+def save_detector(det: PathDetector, path: str | Path) -> None:
+    """Write a fitted detector (with its threshold) to ``path`` in the skops format."""
+    import skops.io as sio
+
+    check_is_fitted(det, "threshold_")
+    sio.dump(det, Path(path))
+
+
+def load_detector(path: str | Path) -> PathDetector:
+    """Load a detector saved by :func:`save_detector`, refusing any type outside the allow-list."""
+    import skops.io as sio
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"detector file {path} does not exist")
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable skops detector file: {e}") from e
+    unexpected = sorted(set(untrusted) - set(_trusted_types()))
+    if unexpected:
+        raise ValueError(f"{path} contains types outside nad-guard's allow-list, refusing to load: {unexpected}")
+    try:
+        det = sio.load(path, trusted=untrusted)
+    except Exception as e:
+        raise ValueError(f"cannot load detector {path}: {e}") from e
+    if not isinstance(det, PathDetector):
+        raise ValueError(f"{path} holds a {type(det).__name__}, not a PathDetector")
+    check_is_fitted(det, "threshold_")
+    return det
+

@@ -1,0 +1,97 @@
+"""PathDetector: estimator contract, threshold calibration, trust scores and safe persistence."""
+
+import numpy as np
+import pytest
+import skops.io as sio
+from sklearn.base import BaseEstimator, clone
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+from nad_guard.detectors import METHODS, PathDetector, TrustRecord, load_detector, save_detector
+
+
+def _data(n=400, shift=2.0, seed=0):
+    rng = np.random.default_rng(seed)
+    X = np.vstack([rng.normal(size=(n, 4)), rng.normal(shift, 1.0, size=(n, 4))])
+    return X, np.r_[np.zeros(n), np.ones(n)], rng
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_detectors_separate_and_calibrate(method):
+    X, y, rng = _data()
+    det = PathDetector(method).fit(X, y).infer_threshold(rng.normal(size=(1000, 4)), fpr=0.05)
+    clean_test = rng.normal(size=(4000, 4))
+    fpr = det.predict(clean_test).mean()
+    assert 0.03 <= fpr <= 0.07  # calibrated on held-out clean data, close to the target
+    far = rng.normal(4.0, 1.0, size=(500, 4))
+    assert det.predict(far).mean() > 0.8
+    assert det.score(far).mean() > det.score(clean_test).mean()  # higher = more suspicious
+    t = det.trust(np.vstack([np.zeros((1, 4)), np.full((1, 4), 6.0)]))
+    assert t[0] > 0.3 and t[1] < 0.01 and ((0 < t) & (t <= 1)).all()
+
+
+def test_trust_is_the_conformal_p_value():
+    det = PathDetector("gaussian").fit(np.random.default_rng(0).normal(size=(50, 2)))
+    det.infer_threshold(np.random.default_rng(1).normal(size=(99, 2)), fpr=0.1)
+    cal = det.calibration_scores_
+    s = det.score(np.zeros((1, 2)))[0]
+    assert det.trust(np.zeros((1, 2)))[0] == pytest.approx((1 + (cal >= s).sum()) / 100)
+    rec = det.records(np.zeros((1, 2)))[0]
+    assert isinstance(rec, TrustRecord) and rec.flag == (rec.score > rec.threshold) and rec.threshold == det.threshold_
+
+
+def test_estimator_contract():
+    X, y, _ = _data(100)
+    det = PathDetector("logistic", random_state=3)
+    assert det.get_params() == {"method": "logistic", "random_state": 3}
+    c = clone(det.fit(X, y))
+    assert not hasattr(c, "estimator_")
+    grid = GridSearchCV(PathDetector(), {"method": ["logistic", "gaussian"]}, cv=StratifiedKFold(2, shuffle=True, random_state=0),
+                        scoring=lambda est, X_, y_: float(np.mean((est.score(X_) > 0.5) == y_))).fit(X, y)
+    assert grid.best_params_["method"] in ("logistic", "gaussian")
+
+
+def test_errors_are_clear():
+    X, y, _ = _data(50)
+    with pytest.raises(NotFittedError):
+        PathDetector().score(X)
+    with pytest.raises(NotFittedError):
+        PathDetector("logistic").fit(X, y).predict(X)  # fitted but no threshold yet
+    with pytest.raises(ValueError, match="supervised"):
+        PathDetector("logistic").fit(X)
+    with pytest.raises(ValueError, match="both 0"):
+        PathDetector("logistic").fit(X, np.zeros(len(X)))
+    with pytest.raises(ValueError, match="unknown detector method"):
+        PathDetector("svm").fit(X, y)
+    det = PathDetector("gaussian").fit(X)
+    with pytest.raises(ValueError, match="3 features"):
+        det.score(X[:, :3])
+    with pytest.raises(ValueError, match="NaN"):
+        det.score(np.full((1, 4), np.nan))
+    with pytest.raises(ValueError, match="need at least 20"):
+        det.infer_threshold(X[:10], fpr=0.05)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip(tmp_path, method):
+    X, y, rng = _data(200)
+    det = PathDetector(method).fit(X, y).infer_threshold(rng.normal(size=(200, 4)))
+    save_detector(det, tmp_path / "d.skops")
+    back = load_detector(tmp_path / "d.skops")
+    probe = rng.normal(size=(50, 4))
+    assert np.array_equal(back.score(probe), det.score(probe)) and back.threshold_ == det.threshold_
+
+
+class Sneaky(BaseEstimator):
+    pass
+
+
+def test_load_refuses_unknown_types_and_garbage(tmp_path):
+    sio.dump({"x": Sneaky()}, tmp_path / "evil.skops")
+    with pytest.raises(ValueError, match="allow-list"):
+        load_detector(tmp_path / "evil.skops")
+    (tmp_path / "junk.skops").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable skops"):
+        load_detector(tmp_path / "junk.skops")
+    with pytest.raises(FileNotFoundError):
+        load_detector(tmp_path / "none.skops")
