@@ -1,0 +1,501 @@
+"""Learning class sub-architectures (NAD masks) of a frozen classifier.
+
+Both schedules return a fitted :class:`nad_guard.paths.PathModel`. At every gate point ``l`` each
+class ``k`` has gate logits ``g[l][k]`` in ``R^C_l``; the gate ``sigmoid(g)`` multiplies the gate
+point's output channel-wise (forward hooks that replace the output), and the binary mask is
+``sigmoid(g) > 0.5``. The loss on a batch is
+
+    CE(gated logits, true label)
+    + mse_weight * MSE(gated, original activations), averaged over gate points and over the batch's
+      samples that the original network classifies correctly
+    + a sparsity term.
+
+:func:`fit_paths` (joint, the default): all K classes at once. Each sample is gated by its own
+label's gates, so one forward+backward of a mixed-class batch trains K sub-architectures. Original
+activations are computed once without gradient and kept in memory when they fit in ``cache_mb``.
+Sparsity: with ``target_keep``, a hinge ``sparsity * max(0, mean gate - target_keep)`` per layer,
+active while the layer's mean gate over all classes and channels exceeds the target; otherwise a
+fixed ``sparsity * mean gate``. Either way the penalty's gradient is taken through the gates of the
+batch's samples, so each class is pushed in proportion to how often it appears, like its task loss.
+Adam on the gate logits. (A dual-ascent multiplier was tried first: it winds up while the gates
+travel from +3 to 0 and then closes nearly every channel; the hinge has no state to wind up.)
+
+:func:`fit_paths_nad`: NAD's released schedule, one class after another: batches of the class's
+own images, an original and a gated forward per step, penalty ``beta * sum_l mean(sigmoid(g_l)^2)``,
+and a normalised gradient step (each layer's gradient scaled to unit L2 norm, learning rate 0.1).
+
+Distributed: both run unchanged under ``torchrun --nproc_per_node N`` (gloo on CPU, nccl on GPU).
+Every rank walks the same seeded permutation and takes the slice ``batch[rank::N]`` of each global
+batch; the loss terms are normalised by global counts and gate gradients are summed over ranks, so
+every step is the single-process step up to floating-point summation order. One process and two give
+the same masks on at least 99% of the entries (``tests/test_paths.py`` checks it).
+
+Checkpoints: with ``checkpoint_dir`` the state (gate logits, optimiser, history) is
+written after every epoch (for the NAD schedule, after every epoch of every class). A rerun with
+the same settings resumes there and ends with the same masks as an uninterrupted run: permutations
+are derived from ``(seed, epoch)`` and nothing else is random. A checkpoint from other settings is
+refused.
+
+Command line (also under ``torchrun``)::
+
+    python -m training.paths --model mnist-cnn --data mnist5k --out runs/paths-mnist-cnn
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from nad_guard.data import ImageSet, load_dataset
+from nad_guard.models import (REFERENCE_MODELS, Classifier, load_reference, load_state_dict_file, resolve_device,
+                              torchvision_classifier)
+from nad_guard.paths import PathModel, apply_gate, find_gate_points, hooked
+
+CHECKPOINT_FILE = "paths-checkpoint.pt"
+
+
+class GateLogits(nn.Module):
+    """Gate logits ``(K, C_l)`` for every gate point; ``forward(labels)`` gives the per-sample gates
+    ``sigmoid(logits[l][labels])`` ``(N, C_l)`` in ``(0, 1)``."""
+
+    def __init__(self, shapes: Sequence[tuple[int, int]], init_logit: float):
+        super().__init__()
+        self.logits = nn.ParameterList([nn.Parameter(torch.full(s, float(init_logit))) for s in shapes])
+
+    def forward(self, labels: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.sigmoid(g[labels]) for g in self.logits]
+
+
+# --------------------------------------------------------------------------- plumbing
+
+@dataclass
+class _Ranks:
+    rank: int = 0
+    world: int = 1
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx[self.rank::self.world]
+
+
+@contextmanager
+def _session(classifier: Classifier, device: str) -> Iterator[tuple[_Ranks, torch.device]]:
+    """Resolve the device, join a ``torchrun`` process group if launched by one (and leave it after),
+    and keep ``classifier`` on the device for the block (moved back afterwards)."""
+    dev = resolve_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dev.type == "cuda" and dev.index is None and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    created = world > 1 and not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    ranks = _Ranks(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else _Ranks()
+    home = classifier.mean.device
+    classifier.to(dev)
+    try:
+        yield ranks, dev
+    finally:
+        classifier.to(home)
+        if created:
+            dist.destroy_process_group()
+
+
+def _permutation(n: int, *key: int) -> torch.Tensor:
+    """A fixed permutation of ``range(n)`` for a key such as ``(seed, epoch)``."""
+    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _record(classifier: Classifier, names: list[str], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """No-grad pass: logits ``(N, K)`` and a copy of every gate point's output."""
+    outs: list[torch.Tensor] = [torch.empty(0)] * len(names)
+
+    def keep(i: int, out: torch.Tensor) -> None:
+        outs[i] = out.detach().clone()
+
+    with torch.no_grad(), hooked(classifier.net, names, keep):
+        logits = classifier(x)
+    return logits, outs
+
+
+def _gated_loss(classifier: Classifier, names: list[str], x: torch.Tensor, y: torch.Tensor,
+                gates: list[torch.Tensor], originals: list[torch.Tensor], correct: torch.Tensor,
+                n_batch: int, n_correct: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's share of the global batch's cross-entropy and activation MSE.
+
+    ``gates[l]`` ``(n, C_l)`` multiplies gate point ``l``'s output; the MSE to ``originals`` is
+    averaged over elements and gate points, summed over the ``correct`` samples and divided by the
+    global count ``n_correct``; the cross-entropy is summed and divided by ``n_batch``.
+    """
+    mse: list[torch.Tensor] = [torch.empty(0)] * len(names)
+
+    def gate(i: int, out: torch.Tensor) -> torch.Tensor:
+        gated = apply_gate(out, gates[i])
+        mse[i] = (gated - originals[i]).pow(2).flatten(1).mean(1)
+        return gated
+
+    with hooked(classifier.net, names, gate):
+        logits = classifier(x)
+    ce = F.cross_entropy(logits, y, reduction="sum") / n_batch
+    return ce, (torch.stack(mse).mean(0) * correct).sum() / max(n_correct, 1.0)
+
+
+class _Originals:
+    """The frozen classifier's outputs at the gate points and whether it is right, per training image.
+
+    Held in memory (on the training device) when they fit in ``cache_mb``; recomputed per batch otherwise.
+    """
+
+    def __init__(self, classifier: Classifier, names: list[str], data: ImageSet, device: torch.device,
+                 cache_mb: float, batch_size: int = 256):
+        self.classifier, self.names = classifier, names
+        _, outs = _record(classifier, names, data.float(0, 1).to(device))
+        need = len(data) * sum(o.numel() * o.element_size() for o in outs)
+        self.cached: list[torch.Tensor] | None = None
+        if need <= cache_mb * 2**20:
+            parts, right = [], []
+            for x, y in data.batches(batch_size):
+                logits, o = _record(classifier, names, x.to(device))
+                parts.append(o)
+                right.append(logits.argmax(1) == y.to(device))
+            self.cached = [torch.cat([p[i] for p in parts]) for i in range(len(names))]
+            self.correct = torch.cat(right)
+
+    def get(self, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Originals ``(n, ...)`` per gate point and correctness ``(n,)`` of images ``idx`` (``x``, ``y``)."""
+        if self.cached is not None:
+            i = idx.to(self.correct.device)
+            return [c[i] for c in self.cached], self.correct[i]
+        logits, outs = _record(self.classifier, self.names, x)
+        return outs, logits.argmax(1) == y
+
+
+def _load_checkpoint(directory: str | Path | None, config: dict[str, Any]) -> dict[str, Any] | None:
+    if directory is None or not (Path(directory) / CHECKPOINT_FILE).is_file():
+        return None
+    path = Path(directory) / CHECKPOINT_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    if state.get("config") != config:
+        old = state.get("config") or {}
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(diff)}); "
+                         "use another checkpoint directory or delete it")
+    return state
+
+
+def _save_checkpoint(directory: str | Path | None, state: dict[str, Any], ranks: _Ranks) -> None:
+    if directory is None or ranks.rank != 0:
+        return
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path / CHECKPOINT_FILE)
+
+
+def _class_indices(data: ImageSet, k: int) -> torch.Tensor:
+    return (data.labels == k).nonzero().flatten()
+
+
+@torch.no_grad()
+def evaluate_paths(model: PathModel, test_set: ImageSet, batch_size: int = 256, others: int = 1000,
+                   seed: int = 0) -> dict[str, Any]:
+    """The report of a fitted :class:`PathModel` on held-out images.
+
+    Returns a JSON-ready dict: ``kept_fraction`` (layer -> per-class share of channels kept) and its
+    means per layer and overall; per class the original classifier's accuracy on the class's test
+    images, and the accuracy of the class's binary-mask subnetwork on them (``subnet_accuracy_all``)
+    and on those the original classifies correctly (``subnet_accuracy_on_correct``; ``None`` without
+    such images); ``subnet_other_rate``, the share of other classes' correctly classified images (from
+    a seeded sample of ``others`` test images) that the subnetwork also assigns to its class: near 1
+    means a degenerate subnetwork that answers its class whatever the input; the ``similarity``
+    matrix (K x K mean Jaccard index of masks over layers).
+    """
+    clf = model.classifier
+    device = clf.mean.device
+    sample = test_set.subset(_permutation(len(test_set), seed, -1)[:others])
+    sample_ok = torch.cat([clf(x.to(device)).argmax(1).cpu() == y for x, y in sample.batches(batch_size)])
+    sample = sample.subset(sample_ok.nonzero().flatten())
+
+    def subnet_says_k(data: ImageSet, k: int) -> torch.Tensor:
+        return torch.cat([model.subnetwork_logits(x.to(device), torch.full((len(x),), k)).argmax(1).cpu() == k
+                          for x, _ in data.batches(batch_size)] or [torch.zeros(0, dtype=torch.bool)])
+
+    per_class = []
+    for k, name in enumerate(clf.class_names):
+        own = test_set.subset(_class_indices(test_set, k))
+        o = torch.cat([clf(x.to(device)).argmax(1).cpu() == k for x, _ in own.batches(batch_size)]
+                      or [torch.zeros(0, dtype=torch.bool)])
+        s = subnet_says_k(own, k)
+        per_class.append({
+            "class": name, "images": len(o), "original_accuracy": _mean(o), "subnet_accuracy_all": _mean(s),
+            "subnet_accuracy_on_correct": _mean(s[o]),
+            "subnet_other_rate": _mean(subnet_says_k(sample.subset((sample.labels != k).nonzero().flatten()), k)),
+        })
+    kept = model.kept_fraction()
+    on_correct = [c["subnet_accuracy_on_correct"] for c in per_class if c["subnet_accuracy_on_correct"] is not None]
+    other = [c["subnet_other_rate"] for c in per_class if c["subnet_other_rate"] is not None]
+    return {
+        "kept_fraction": {n: kept[j].tolist() for j, n in enumerate(model.layer_names_)},
+        "kept_fraction_per_layer": {n: kept[j].mean().item() for j, n in enumerate(model.layer_names_)},
+        "kept_fraction_mean": kept.mean().item(),
+        "classes": per_class,
+        "subnet_accuracy_on_correct_mean": sum(on_correct) / len(on_correct) if on_correct else None,
+        "subnet_accuracy_on_correct_min": min(on_correct) if on_correct else None,
+        "subnet_other_rate_mean": sum(other) / len(other) if other else None,
+        "similarity": model.similarity().tolist(),
+    }
+
+
+def _mean(b: torch.Tensor) -> float | None:
+    return b.float().mean().item() if len(b) else None
+
+
+def _finish(classifier: Classifier, names: list[str], logits: list[torch.Tensor], test_set: ImageSet | None,
+            config: dict[str, Any], history: list[dict[str, Any]], ranks: _Ranks, seconds: float) -> PathModel:
+    gates = {n: torch.sigmoid(g.detach()).cpu() for n, g in zip(names, logits)}
+    model = PathModel(classifier, names).set_gates(gates)
+    metrics: dict[str, Any] = evaluate_paths(model, test_set) if test_set is not None else {}
+    metrics |= {"history": history, "train_seconds": round(seconds, 2), "world_size": ranks.world}
+    return model.set_gates(gates, training=config, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- the joint schedule
+
+def _sparsity_coefficients(gates: GateLogits, target_keep: float | None, sparsity: float) -> list[float]:
+    """Per layer: ``sparsity`` while the layer's mean gate exceeds ``target_keep`` (always without a
+    target), else 0: the derivative of the hinge ``sparsity * max(0, mean gate - target_keep)``."""
+    if target_keep is None:
+        return [sparsity] * len(gates.logits)
+    with torch.no_grad():
+        return [sparsity if torch.sigmoid(g).mean().item() > target_keep else 0.0 for g in gates.logits]
+
+
+def fit_paths(classifier: Classifier, train_set: ImageSet, test_set: ImageSet | None = None, *,
+              layers: Sequence[str] | None = None, target_keep: float | None = 0.25, sparsity: float = 1.0,
+              mse_weight: float = 1.0, epochs: int = 10, batch_size: int = 128,
+              lr: float = 0.05, init_logit: float = 3.0, cache_mb: float = 1024, device: str = "auto",
+              seed: int = 0, checkpoint_dir: str | Path | None = None, progress: bool = True) -> PathModel:
+    """Learn all classes' sub-architectures jointly (see the module docstring).
+
+    Args:
+        classifier: the frozen classifier (unchanged; moved to ``device`` for the run and back).
+        train_set, test_set: images and labels; ``test_set`` (optional) feeds the report in ``metrics_``.
+        layers: gate point names (``None``: :func:`nad_guard.paths.find_gate_points`'s choice).
+        target_keep: wanted mean kept fraction per layer, in ``(0, 1)``, or ``None`` for a plain
+            penalty ``sparsity * mean gate``.
+        sparsity: coefficient of the sparsity penalty (with a target, larger values overshoot it:
+            Adam's step sizes shrink after large penalty gradients).
+        mse_weight: weight of the activation MSE term.
+        epochs, batch_size, lr: passes over ``train_set``, global batch size, Adam learning rate.
+        init_logit: initial gate logit (+3: gates open at 0.95).
+        cache_mb: memory allowed for cached original activations.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        seed: the permutation seed; runs are repeatable.
+        checkpoint_dir: where to checkpoint after every epoch and resume from.
+    """
+    if target_keep is not None and not 0 < target_keep < 1:
+        raise ValueError(f"target_keep must lie in (0, 1), got {target_keep}")
+    points = find_gate_points(classifier, layers)
+    names = [p.name for p in points]
+    config = {"schedule": "joint", "layers": names, "target_keep": target_keep, "sparsity": sparsity,
+              "mse_weight": mse_weight, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+              "init_logit": init_logit, "seed": seed, "train_set": train_set.name, "train_images": len(train_set)}
+    t0 = time.time()
+    with _session(classifier, device) as (ranks, dev):
+        gates = GateLogits([(classifier.num_classes, p.channels) for p in points], init_logit).to(dev)
+        opt = torch.optim.Adam(gates.parameters(), lr=lr)
+        start, history = 0, []
+        state = _load_checkpoint(checkpoint_dir, config)
+        if state is not None:
+            gates.load_state_dict(state["gates"])
+            opt.load_state_dict(state["optimizer"])
+            start, history = state["epoch"], state["history"]
+        originals = _Originals(classifier, names, train_set, dev, cache_mb)
+        n = len(train_set)
+        bar = tqdm(range(start, epochs), desc="fit-paths", disable=not progress or ranks.rank != 0)
+        for epoch in bar:
+            perm = _permutation(n, seed, epoch)
+            totals = torch.zeros(3, dtype=torch.float64)
+            for s in tqdm(range(0, n, batch_size), desc=f"epoch {epoch + 1}", leave=False, disable=bar.disable):
+                idx = perm[s:s + batch_size]
+                local = ranks.shard(idx)
+                x, y = train_set.images[local].float().div_(255.0).to(dev), train_set.labels[local].to(dev)
+                orig, correct = originals.get(local, x, y)
+                n_correct = ranks.sum_(correct.sum().double().reshape(1)).item()
+                for p in gates.parameters():
+                    p.grad = torch.zeros_like(p)
+                g = gates(y)
+                ce, mse = _gated_loss(classifier, names, x, y, g, orig, correct, len(idx), n_correct)
+                coef = _sparsity_coefficients(gates, target_keep, sparsity)
+                penalty = sum(c * gl.mean(1).sum() for c, gl in zip(coef, g)) / len(idx)
+                (ce + mse_weight * mse + penalty).backward()
+                for p in gates.parameters():
+                    ranks.sum_(p.grad)
+                opt.step()
+                totals += torch.tensor([ce.item(), mse.item(), 1.0], dtype=torch.float64) * len(local)
+            totals = ranks.sum_(totals.to(dev)).cpu()
+            with torch.no_grad():
+                kept = [(gl > 0).float().mean().item() for gl in gates.logits]
+            history.append({"epoch": epoch + 1, "ce": totals[0].item() / totals[2].item(),
+                            "mse": totals[1].item() / totals[2].item(), "kept_fraction": kept})
+            bar.set_postfix(ce=f"{history[-1]['ce']:.3f}", kept=f"{sum(kept) / len(kept):.2f}")
+            _save_checkpoint(checkpoint_dir, {"config": config, "epoch": epoch + 1, "gates": gates.state_dict(),
+                                              "optimizer": opt.state_dict(), "history": history},
+                             ranks)
+        return _finish(classifier, names, list(gates.logits), test_set, config, history, ranks, time.time() - t0)
+
+
+# --------------------------------------------------------------------------- NAD's one-class schedule
+
+def fit_paths_nad(classifier: Classifier, train_set: ImageSet, test_set: ImageSet | None = None, *,
+                  layers: Sequence[str] | None = None, beta: float = 1.0, mse_weight: float = 1.0,
+                  epochs: int = 21, batch_size: int = 16, lr: float = 0.1, init_logit: float = 3.0,
+                  device: str = "auto", seed: int = 0, checkpoint_dir: str | Path | None = None,
+                  progress: bool = True) -> PathModel:
+    """Learn the sub-architectures one class after another, as NAD's released code does.
+
+    For each class: ``epochs`` passes over its training images in batches of ``batch_size``; per step
+    an original and a gated forward, loss CE + ``mse_weight`` * MSE + ``beta * sum_l mean(sigmoid(g_l)^2)``
+    and the step ``g_l -= lr * grad_l / ||grad_l||``. NAD used ``beta`` 4.5 for VGG-16 and 0.02 for
+    ResNet-50 on ImageNet: the right value depends on the architecture. Other arguments as in
+    :func:`fit_paths`.
+    """
+    points = find_gate_points(classifier, layers)
+    names = [p.name for p in points]
+    config = {"schedule": "nad", "layers": names, "beta": beta, "mse_weight": mse_weight, "epochs": epochs,
+              "batch_size": batch_size, "lr": lr, "init_logit": init_logit, "seed": seed,
+              "train_set": train_set.name, "train_images": len(train_set)}
+    t0 = time.time()
+    with _session(classifier, device) as (ranks, dev):
+        logits = [torch.full((classifier.num_classes, p.channels), float(init_logit), device=dev) for p in points]
+        done, history = 0, []  # done: epochs finished so far, over all classes
+        state = _load_checkpoint(checkpoint_dir, config)
+        if state is not None:
+            logits = [t.to(dev) for t in state["logits"]]
+            done, history = state["done"], state["history"]
+        bar = tqdm(total=classifier.num_classes * epochs, initial=done, desc="fit-paths-nad",
+                   disable=not progress or ranks.rank != 0)
+        while done < classifier.num_classes * epochs:
+            k, epoch = divmod(done, epochs)
+            own = _class_indices(train_set, k)
+            perm = own[_permutation(len(own), seed, k, epoch)]
+            g = [t[k].clone().requires_grad_() for t in logits]
+            totals = torch.zeros(3, dtype=torch.float64)
+            for s in range(0, len(perm), batch_size):
+                idx = perm[s:s + batch_size]
+                local = ranks.shard(idx)
+                x, y = train_set.images[local].float().div_(255.0).to(dev), train_set.labels[local].to(dev)
+                out, orig = _record(classifier, names, x)
+                correct = out.argmax(1) == y
+                n_correct = ranks.sum_(correct.sum().double().reshape(1)).item()
+                gates = [torch.sigmoid(gl).expand(len(local), -1) for gl in g]
+                ce, mse = _gated_loss(classifier, names, x, y, gates, orig, correct, len(idx), n_correct)
+                penalty = beta * sum(torch.sigmoid(gl).pow(2).mean() for gl in g) / ranks.world
+                grads = torch.autograd.grad(ce + mse_weight * mse + penalty, g)
+                with torch.no_grad():
+                    for gl, gr in zip(g, grads):
+                        gr = ranks.sum_(gr.clone())
+                        gl -= lr * gr / gr.norm().clamp_min(1e-12)
+                totals += torch.tensor([ce.item(), mse.item(), 1.0], dtype=torch.float64) * len(local)
+            for t, gl in zip(logits, g):
+                t[k] = gl.detach()
+            done += 1
+            totals = ranks.sum_(totals.to(dev)).cpu()
+            history.append({"class": k, "epoch": epoch + 1, "ce": totals[0].item() / max(totals[2].item(), 1),
+                            "mse": totals[1].item() / max(totals[2].item(), 1)})
+            bar.update(1)
+            _save_checkpoint(checkpoint_dir, {"config": config, "done": done, "logits": [t.cpu() for t in logits],
+                                              "history": history}, ranks)
+        bar.close()
+        return _finish(classifier, names, logits, test_set, config, history, ranks, time.time() - t0)
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_classifier(model: str, train_set: ImageSet, weights: str | None = None) -> Classifier:
+    """A classifier from a reference model name, a torchvision architecture name (sized to
+    ``train_set``), or ``package.module:function`` returning a :class:`Classifier`; ``weights``
+    (safetensors or a weights-only torch checkpoint) replace its weights."""
+    import torchvision
+
+    if model in REFERENCE_MODELS:
+        if weights is None:
+            return load_reference(model)
+        clf = REFERENCE_MODELS[model](train_set.classes)
+    elif model in torchvision.models.list_models(module=torchvision.models):
+        return torchvision_classifier(model, train_set.num_classes, weights, input_size=train_set.shape[1],
+                                      class_names=train_set.classes)
+    elif ":" in model:
+        module, _, func = model.partition(":")
+        clf = getattr(importlib.import_module(module), func)()
+        if not isinstance(clf, Classifier):
+            raise ValueError(f"{model} returned {type(clf).__name__}, not a nad_guard Classifier")
+    else:
+        raise ValueError(f"unknown model {model!r}: use a reference model ({', '.join(REFERENCE_MODELS)}), "
+                         "a torchvision architecture, or package.module:function")
+    if weights is not None:
+        clf.net.load_state_dict(load_state_dict_file(weights))
+    return clf
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m training.paths", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--weights")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--data-root")
+    ap.add_argument("--out", required=True, help="artifact directory (meta.json, paths.safetensors)")
+    ap.add_argument("--schedule", choices=("joint", "nad"), default="joint")
+    ap.add_argument("--layers", help="comma-separated gate point names (default: automatic)")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--target-keep", type=float, default=0.25, help="joint schedule")
+    ap.add_argument("--beta", type=float, default=1.0, help="NAD schedule")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint-dir")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    train, test = load_dataset(a.data, a.data_root)
+    clf = build_classifier(a.model, train, a.weights)
+    common: dict[str, Any] = {"layers": a.layers.split(",") if a.layers else None, "device": a.device,
+                              "seed": a.seed, "checkpoint_dir": a.checkpoint_dir, "progress": not a.no_progress}
+    common |= {k: v for k, v in (("epochs", a.epochs), ("batch_size", a.batch_size), ("lr", a.lr)) if v is not None}
+    if a.schedule == "joint":
+        model = fit_paths(clf, train, test, target_keep=a.target_keep, **common)
+    else:
+        model = fit_paths_nad(clf, train, test, beta=a.beta, **common)
+    if int(os.environ.get("RANK", "0")) == 0:
+        model.save(a.out)
+        summary = {k: model.metrics_.get(k) for k in ("kept_fraction_mean", "subnet_accuracy_on_correct_mean",
+                                                      "subnet_accuracy_on_correct_min", "subnet_other_rate_mean",
+                                                      "train_seconds")}
+        print(json.dumps({"out": a.out, **summary}))
+
+
+if __name__ == "__main__":
+    main()
