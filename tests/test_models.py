@@ -65,6 +65,7 @@ class _Evil:
         return (print, ("unpickled arbitrary code",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_weights_loading_never_unpickles_arbitrary_objects(tmp_path):
     torch.save({"w": torch.zeros(1), "evil": _Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="weights-only"):

@@ -1,0 +1,173 @@
+"""Attack generation on the tiny digits CNN: clean set, success filter, projection, cache, seeds."""
+
+import pytest
+import torch
+
+import nad_guard.attacks as attacks
+from nad_guard.attacks import AttackResult, cache_key, data_hash, generate, get_suite, model_hash, stats_table
+
+EPS = 0.1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads'
+    waiting makes each step several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images(digits):
+    return digits[1].subset(range(60), name="digits/test[:60]")
+
+
+def _check_invariants(model, images, r: AttackResult, eps: float | None, norm: str = "Linf"):
+    x, y = images.float(), images.labels
+    with torch.no_grad():
+        correct = torch.nonzero(model(x).argmax(1) == y).flatten()
+        adv_pred = model(r.adv_images).argmax(1)
+    assert torch.equal(r.clean_indices, correct) and r.stats.n_correct == len(correct) < len(images)
+    assert set(r.indices.tolist()) <= set(correct.tolist())  # only correctly classified images attacked
+    assert torch.equal(r.labels, y[r.indices]) and torch.equal(r.adv_preds, adv_pred)
+    assert r.adv_images.dtype == torch.float32 and r.adv_images.min() >= 0 and r.adv_images.max() <= 1
+    delta = (r.adv_images - x[r.indices]).flatten(1)
+    size = delta.abs().amax(1) if norm == "Linf" else delta.norm(dim=1)
+    if eps is not None:
+        assert (size <= eps + 1e-6).all()
+    assert torch.allclose(size, r.linf if norm == "Linf" else r.l2)
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_keeps_only_successful_attacks_on_correct_images(tiny_model, images, attack):
+    r = generate(tiny_model, images, attack=attack, suite=get_suite("fast", eps=EPS), batch_size=16, progress=False)
+    _check_invariants(tiny_model, images, r, EPS)
+    assert r.success.all() and (r.adv_preds != r.labels).all()  # only successful adversarial examples
+    assert 0 < r.stats.n_success == len(r) <= r.stats.n_correct
+    assert r.stats.success_rate == pytest.approx(len(r) / r.stats.n_correct)
+    assert r.stats.mean_linf == pytest.approx(float(r.linf.mean()))
+    assert r.stats.seconds > 0 and not r.from_cache and r.key == ""  # no cache asked for
+    assert "fgsm" in stats_table({attack: r}) or attack == "pgd"
+
+
+def test_noise_control_keeps_every_image_and_reports_its_rate(tiny_model, images):
+    r = generate(tiny_model, images, attack="noise-linf", suite=get_suite("fast", eps=EPS), batch_size=16,
+                 progress=False)
+    _check_invariants(tiny_model, images, r, EPS)
+    assert len(r) == r.stats.n_correct  # all kept
+    assert r.stats.success_rate == pytest.approx(r.success.float().mean().item())
+    assert torch.equal(r.success, r.adv_preds != r.labels)
+    assert (r.linf > 0.5 * EPS).all()  # noise of the matched size, not a no-op
+
+
+@pytest.mark.parametrize("attack", ["bim", "pgd-l2", "cw-l2", "deepfool", "apgd-ce", "apgd-dlr", "square", "noise-l2"])
+def test_every_attack_of_the_suite_runs(tiny_model, images, attack):
+    small = images.subset(range(24))
+    spec = get_suite("fast")[attack]
+    r = generate(tiny_model, small, attack=attack, suite="fast", batch_size=12, progress=False)
+    _check_invariants(tiny_model, small, r, spec.eps, spec.norm)
+    if spec.kind != "noise":
+        assert len(r) > 0 and r.success.all()
+
+
+def test_projection_catches_out_of_ball_results(tiny_model, images, monkeypatch):
+    # A broken attack that steps outside its ball is projected back, and the check holds.
+    class Overshoot:
+        def __call__(self, x, y):
+            return (x + 0.5).clamp(0, 1)
+
+    monkeypatch.setattr(attacks, "build_attack", lambda model, spec: Overshoot())
+    r = generate(tiny_model, images, attack="noise-linf", suite=get_suite("fast", eps=EPS), progress=False)
+    assert r.linf.max() <= EPS + 1e-6
+
+
+def test_cache_hit_loads_identical_tensors_without_rerunning(tiny_model, images, tmp_path, monkeypatch):
+    suite = get_suite("fast", eps=EPS)
+    calls = []
+    real = attacks.build_attack
+    monkeypatch.setattr(attacks, "build_attack", lambda m, s: calls.append(s) or real(m, s))
+    a = generate(tiny_model, images, attack="pgd", suite=suite, batch_size=16, cache_dir=tmp_path, progress=False)
+    b = generate(tiny_model, images, attack="pgd", suite=suite, batch_size=16, cache_dir=tmp_path, progress=False)
+    assert len(calls) == 1 and not a.from_cache and b.from_cache
+    for k in AttackResult._TENSORS:
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+    assert b.stats == a.stats and b.spec == a.spec and b.key == a.key != ""
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1 and len(list(tmp_path.glob("*.json"))) == 1
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.pt"))
+
+    # Other settings, batch size, data or weights: another entry, generated afresh.
+    generate(tiny_model, images, attack="pgd", suite=get_suite("fast", eps=0.05), batch_size=16, cache_dir=tmp_path,
+             progress=False)
+    generate(tiny_model, images, attack="pgd", suite=suite, batch_size=8, cache_dir=tmp_path, progress=False)
+    generate(tiny_model, images.subset(range(30)), attack="pgd", suite=suite, batch_size=16, cache_dir=tmp_path,
+             progress=False)
+    assert len(calls) == 4 and len(list(tmp_path.glob("*.json"))) == 4
+
+
+def test_cache_key_tracks_model_settings_and_data(tiny_model, images):
+    m, d = model_hash(tiny_model), data_hash(images)
+    pgd = get_suite("fast")["pgd"]
+    keys = {cache_key(m, d, "pgd", pgd, 16),
+            cache_key(m, d, "pgd", get_suite("fast", eps=0.2)["pgd"], 16),
+            cache_key(m, d, "pgd", get_suite("fast", overrides={"pgd": {"steps": 9}})["pgd"], 16),
+            cache_key(m, d, "pgd", get_suite("fast", seed=1)["pgd"], 16),
+            cache_key(m, d, "pgd", pgd, 32),
+            cache_key(m, data_hash(images.subset(range(59))), "pgd", pgd, 16)}
+    assert len(keys) == 6
+    assert cache_key(m, d, "pgd", pgd, 16) == cache_key(model_hash(tiny_model), data_hash(images), "pgd", pgd, 16)
+    other = type(tiny_model)(tiny_model.net, tiny_model.spec, "renamed")
+    assert model_hash(other) != m
+    with torch.no_grad():
+        other_weights = __import__("copy").deepcopy(tiny_model)
+        next(other_weights.parameters()).add_(1e-3)
+    assert model_hash(other_weights) != m
+
+
+def test_seeded_batches_are_reproducible_and_leave_the_global_rng_alone(tiny_model, images):
+    suite = get_suite("fast", eps=EPS)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = generate(tiny_model, images, attack="noise-linf", suite=suite, batch_size=16, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = generate(tiny_model, images, attack="noise-linf", suite=suite, batch_size=16, progress=False)
+    c = generate(tiny_model, images, attack="noise-linf", suite=get_suite("fast", eps=EPS, seed=7), batch_size=16,
+                 progress=False)
+    assert torch.equal(a.adv_images, b.adv_images) and not torch.equal(a.adv_images, c.adv_images)
+    for attack in ("pgd", "apgd-ce"):  # a random start from the global RNG; APGD reseeds it itself
+        runs = [generate(tiny_model, images, attack=attack, suite=suite, batch_size=16, progress=False)
+                for _ in range(2)]
+        assert torch.equal(runs[0].adv_images, runs[1].adv_images)
+
+
+def test_tensor_input_matches_imageset_input(tiny_model, images):
+    suite = get_suite("fast", eps=EPS)
+    a = generate(tiny_model, images, attack="fgsm", suite=suite, progress=False)
+    b = generate(tiny_model, images.float(), images.labels, attack="fgsm", suite=suite, progress=False)
+    assert torch.equal(a.adv_images, b.adv_images) and torch.equal(a.indices, b.indices)
+    with pytest.raises(ValueError, match="labels are required"):
+        generate(tiny_model, images.float(), attack="fgsm", suite=suite, progress=False)
+    with pytest.raises(ValueError, match="\\[0, 1\\]"):
+        generate(tiny_model, images.float() * 255, images.labels, attack="fgsm", suite=suite, progress=False)
+
+
+def test_suites_and_overrides():
+    mnist, cifar = get_suite("mnist"), get_suite("cifar10")
+    assert mnist["pgd"].eps == 0.3 and cifar["pgd"].eps == pytest.approx(8 / 255)
+    assert mnist["cw-l2"].eps is None and mnist["deepfool"].eps is None
+    assert {"fgsm", "bim", "pgd", "pgd-l2", "cw-l2", "deepfool", "apgd-ce", "apgd-dlr", "square",
+            "noise-linf", "noise-l2"} <= set(mnist.names) == set(cifar.names)
+    assert cifar["apgd-dlr"].params["loss"] == "dlr" and cifar["square"].params["n_queries"] <= 5000
+    half = get_suite("cifar10", eps=4 / 255)
+    assert half["pgd"].params["alpha"] == pytest.approx(cifar["pgd"].params["alpha"] / 2)
+    assert half["noise-linf"].eps == pytest.approx(4 / 255)
+    o = get_suite("mnist", overrides={"cw-l2": {"c": 20.0}, "pgd": {"eps": 0.2}})
+    assert o["cw-l2"].params["c"] == 20.0 and o["cw-l2"].params["steps"] == mnist["cw-l2"].params["steps"]
+    assert o["pgd"].eps == 0.2 and o.name != mnist.name
+    with pytest.raises(ValueError, match="unknown attack suite"):
+        get_suite("imagenet-huge")
+    with pytest.raises(ValueError, match="has no attack"):
+        mnist["pgd-l7"]
+    with pytest.raises(ValueError, match="unknown attack"):
+        get_suite("mnist", overrides={"pgd-l7": {}})
