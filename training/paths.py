@@ -480,22 +480,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--checkpoint-dir")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    train, test = load_dataset(a.data, a.data_root)
-    clf = build_classifier(a.model, train, a.weights)
-    common: dict[str, Any] = {"layers": a.layers.split(",") if a.layers else None, "device": a.device,
-                              "seed": a.seed, "checkpoint_dir": a.checkpoint_dir, "progress": not a.no_progress}
-    common |= {k: v for k, v in (("epochs", a.epochs), ("batch_size", a.batch_size), ("lr", a.lr)) if v is not None}
-    if a.schedule == "joint":
-        model = fit_paths(clf, train, test, target_keep=a.target_keep, **common)
-    else:
-        model = fit_paths_nad(clf, train, test, beta=a.beta, **common)
-    if int(os.environ.get("RANK", "0")) == 0:
-        model.save(a.out)
-        summary = {k: model.metrics_.get(k) for k in ("kept_fraction_mean", "subnet_accuracy_on_correct_mean",
-                                                      "subnet_accuracy_on_correct_min", "subnet_other_rate_mean",
-                                                      "train_seconds")}
-        print(json.dumps({"out": a.out, **summary}))
+    summary = fit_and_save(a.model, a.data, a.out, weights=a.weights, data_root=a.data_root, schedule=a.schedule,
+                           layers=a.layers.split(",") if a.layers else None, epochs=a.epochs,
+                           batch_size=a.batch_size, lr=a.lr, target_keep=a.target_keep, beta=a.beta,
+                           device=a.device, seed=a.seed, checkpoint_dir=a.checkpoint_dir, progress=not a.no_progress)
+    if summary is not None:
+        print(json.dumps(summary))
 
+
+def fit_and_save(model: str, data: str, out: str | Path, *, weights: str | None = None, data_root: str | None = None,
+                 schedule: str = "joint", layers: Sequence[str] | None = None, epochs: int | None = None,
+                 batch_size: int | None = None, lr: float | None = None, target_keep: float = 0.25,
+                 beta: float = 1.0, device: str = "auto", seed: int = 0, checkpoint_dir: str | None = None,
+                 progress: bool = True) -> dict[str, Any] | None:
+    """Load data and classifier, learn the paths with ``schedule`` and save the artifact to ``out``
+    (rank 0 only under torchrun). Returns a summary of the metrics on rank 0, else ``None``."""
+    train, test = load_dataset(data, data_root)
+    clf = build_classifier(model, train, weights)
+    common: dict[str, Any] = {"layers": layers, "device": device, "seed": seed, "checkpoint_dir": checkpoint_dir,
+                              "progress": progress}
+    common |= {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
+    if schedule == "joint":
+        pm = fit_paths(clf, train, test, target_keep=target_keep, **common)
+    elif schedule == "nad":
+        pm = fit_paths_nad(clf, train, test, beta=beta, **common)
+    else:
+        raise ValueError(f"schedule must be 'joint' or 'nad', got {schedule!r}")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    pm.save(out)
+    return {"out": str(out), **{k: pm.metrics_.get(k) for k in (
+        "kept_fraction_mean", "subnet_accuracy_on_correct_mean", "subnet_accuracy_on_correct_min",
+        "subnet_other_rate_mean", "train_seconds")}}
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,194 @@
+"""A guard: classifier + class sub-architectures + a calibrated detector, in one directory.
+
+:class:`Guard` answers, for a batch of images ``(N, C, H, W)`` float in ``[0, 1]``, the prediction and
+whether to trust it, from one forward pass of the classifier (the path features are read from the
+predicting pass; see :mod:`nad_guard.paths`).
+
+Detector input (:func:`detector_matrix`), two encodings:
+
+``summary``
+    :attr:`PathFeatures.X`: the documented per-layer divergence features plus confidence signals.
+``rich`` (default)
+    ``summary`` plus, per layer and class, ``s_k - s_p``: how much better class ``k``'s
+    sub-architecture matches the input's path than the predicted class's (``L * K`` columns, all
+    ``<= 0`` when the path agrees with the prediction everywhere).
+
+Per-layer *divergence* reported to users is ``1 - mass_share``: the share of the layer's pooled
+activation that lies outside the predicted class's sub-architecture (0 = entirely inside).
+
+Artifact layout (one directory): ``meta.json`` and ``paths.safetensors`` (:class:`PathModel`),
+``classifier.safetensors`` (the classifier's weights) with ``meta["classifier"]`` saying how to
+rebuild it, and ``detector.skops`` with ``meta["detector"]`` (method, encoding, threshold, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nad_guard.detectors import PathDetector, load_detector, save_detector
+from nad_guard.models import (REFERENCE_MODELS, Classifier, InputSpec, load_state_dict_file, resolve_device,
+                              torchvision_classifier)
+from nad_guard.paths import META_FILE, ArtifactError, PathFeatures, PathModel, _read_meta
+
+ENCODINGS = ("summary", "rich")
+DEFAULT_GUARD_DIR = Path(__file__).resolve().parent / "default_guard"
+CLASSIFIER_FILE = "classifier.safetensors"
+DETECTOR_FILE = "detector.skops"
+
+
+def detector_matrix(f: PathFeatures, encoding: str = "rich") -> np.ndarray:
+    """``(N, F)`` float64 detector input from path features (see the module docstring)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    cols = [f.X.double()]
+    if encoding == "rich":
+        s = f.class_scores.double()  # (N, L, K)
+        sp = s.gather(2, f.pred.view(-1, 1, 1).expand(-1, s.shape[1], 1))
+        cols.append((s - sp).flatten(1))
+    return torch.cat(cols, 1).numpy()
+
+
+def classifier_reference(clf: Classifier) -> dict[str, Any]:
+    """How to rebuild ``clf`` (architecture; the weights are stored beside it)."""
+    if clf.name in REFERENCE_MODELS:
+        return {"builder": "reference", "name": clf.name, "spec": clf.spec.to_dict()}
+    import torchvision
+
+    if clf.name in torchvision.models.list_models(module=torchvision.models):
+        return {"builder": "torchvision", "name": clf.name, "spec": clf.spec.to_dict()}
+    return {"builder": "custom", "name": clf.name, "spec": clf.spec.to_dict()}
+
+
+def _rebuild_classifier(ref: dict[str, Any], weights: Path) -> Classifier:
+    spec = InputSpec.from_dict(ref["spec"])
+    if ref["builder"] == "reference":
+        clf = REFERENCE_MODELS[ref["name"]](spec.class_names)
+    elif ref["builder"] == "torchvision":
+        clf = torchvision_classifier(ref["name"], len(spec.class_names), input_size=spec.height,
+                                     channels=spec.channels, mean=spec.mean, std=spec.std,
+                                     class_names=spec.class_names)
+    elif ref["builder"] == "custom":
+        raise ArtifactError(f"the guard was built for a custom classifier {ref['name']!r}: pass it to Guard.load "
+                            "(classifier=...) or name its factory (service: NAD_GUARD_CLASSIFIER=package.module:function)")
+    else:
+        raise ArtifactError(f"unknown classifier builder {ref['builder']!r}")
+    sd = load_state_dict_file(weights)
+    try:
+        clf.net.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{weights} does not fit {ref['name']}: {str(e)[:300]}") from e
+    return clf
+
+
+@dataclass
+class GuardResult:
+    """Results for a batch; every field has the batch as its first dimension."""
+
+    features: PathFeatures
+    score: np.ndarray       # (N,) higher = more suspicious
+    trust: np.ndarray       # (N,) conformal p-value in (0, 1], higher = more trustworthy
+    flag: np.ndarray        # (N,) bool, score > threshold
+    threshold: float
+
+    def records(self, class_names: list[str]) -> list[dict[str, Any]]:
+        """One JSON-ready dict per input (the service's response items)."""
+        f = self.features
+        probs = f.logits.softmax(1)
+        out = []
+        for i in range(len(self.score)):
+            p = int(f.pred[i])
+            nearest = torch.mode(f.nearest_class[i]).values.item()
+            out.append({
+                "label": p, "class_name": class_names[p], "confidence": float(probs[i, p]),
+                "trust_score": float(self.trust[i]), "suspicion_score": float(self.score[i]),
+                "is_suspicious": bool(self.flag[i]), "threshold": self.threshold,
+                "nearest_path_class": int(nearest), "nearest_path_class_name": class_names[int(nearest)],
+                "per_layer": [{"layer": name, "divergence": float(1 - f.mass_share[i, j]),
+                               "nearest_class": int(f.nearest_class[i, j]), "margin": float(f.margin[i, j])}
+                              for j, name in enumerate(f.layers)],
+            })
+        return out
+
+
+class Guard:
+    """Classifier + :class:`PathModel` + fitted, calibrated :class:`PathDetector`.
+
+    ``nearest_path_class`` in results is the class whose sub-architecture is nearest to the input's
+    path at the most gate points (lowest index on ties).
+    """
+
+    def __init__(self, paths: PathModel, detector: PathDetector, encoding: str = "rich",
+                 meta: dict[str, Any] | None = None):
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        if not hasattr(detector, "threshold_"):
+            raise ValueError("the detector has no threshold: call infer_threshold on held-out clean features")
+        self.paths, self.detector, self.encoding = paths, detector, encoding
+        self.meta = dict(meta or {})
+
+    @property
+    def classifier(self) -> Classifier:
+        return self.paths.classifier
+
+    def to(self, device: str | torch.device) -> "Guard":
+        self.classifier.to(resolve_device(str(device)) if isinstance(device, str) else device)
+        return self
+
+    def run(self, x: torch.Tensor, batch_size: int = 256) -> GuardResult:
+        """Predict and score ``x`` float ``(N, C, H, W)`` in ``[0, 1]`` (one forward pass per batch)."""
+        f = self.paths.features(x, batch_size=batch_size)
+        X = detector_matrix(f, self.encoding)
+        s = self.detector.score(X)
+        return GuardResult(f, s, self.detector._trust(s), s > self.detector.threshold_, self.detector.threshold_)
+
+    def predict(self, x: torch.Tensor, batch_size: int = 256) -> list[dict[str, Any]]:
+        return self.run(x, batch_size).records(self.classifier.class_names)
+
+    # ---- artifact
+    def save(self, path: str | Path, detector_info: dict[str, Any] | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        path = self.paths.save(path)
+        ref = classifier_reference(self.classifier)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.classifier.net.state_dict().items()},
+                  str(path / CLASSIFIER_FILE))
+        save_detector(self.detector, path / DETECTOR_FILE)
+        meta = json.loads((path / META_FILE).read_text())
+        meta["classifier"] = {**ref, "file": CLASSIFIER_FILE}
+        meta["detector"] = {"file": DETECTOR_FILE, "method": self.detector.method, "encoding": self.encoding,
+                            "threshold": self.detector.threshold_, "fpr": self.detector.fpr_,
+                            "n_features": int(self.detector.n_features_in_),
+                            **(detector_info or self.meta.get("detector_info", {}))}
+        (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", classifier: Classifier | None = None) -> "Guard":
+        """Load a guard directory; raises :class:`ArtifactError` with a clear message if anything is
+        missing, corrupt or inconsistent. ``classifier`` replaces the stored one (needed for custom
+        classifiers, whose architecture cannot be rebuilt from the directory); its weights must match."""
+        path = Path(path)
+        meta = _read_meta(path)
+        ref, det_meta = meta.get("classifier"), meta.get("detector")
+        if not isinstance(ref, dict) or not isinstance(det_meta, dict):
+            raise ArtifactError(f"{path} holds paths but no {'classifier' if not isinstance(ref, dict) else 'detector'}"
+                                "; build the guard with `nad-guard fit-detector`")
+        try:
+            clf = classifier or _rebuild_classifier(ref, path / ref.get("file", CLASSIFIER_FILE))
+            paths = PathModel.load(path, clf)
+            det = load_detector(path / det_meta.get("file", DETECTOR_FILE))
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+            raise ArtifactError(f"cannot load guard {path}: {e}") from e
+        guard = cls(paths, det, det_meta.get("encoding", "rich"), meta)
+        n = len(detector_matrix(paths.features(torch.zeros(1, *clf.spec.shape)), guard.encoding)[0])
+        if n != det.n_features_in_:
+            raise ArtifactError(f"detector in {path} expects {det.n_features_in_} features, the paths give {n}")
+        return guard.to(device)

@@ -1,0 +1,89 @@
+"""Guard: fit-detector on the tiny digits CNN, predictions, trust records and the artifact round trip."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from nad_guard.guard import Guard, detector_matrix
+from nad_guard.metrics import auroc
+from nad_guard.paths import ArtifactError
+from training.detector import correct_subset, fit_guard, holdout_splits
+from training.paths import fit_paths
+
+
+@pytest.fixture(scope="module")
+def guard(tiny_model, digits, tmp_path_factory):
+    train, test = digits
+    torch.set_num_threads(1)
+    paths = fit_paths(tiny_model, train, None, epochs=12, batch_size=64, target_keep=0.3, device="cpu", progress=False)
+    fit, calib, _ = holdout_splits(test)
+    g = fit_guard(paths, fit, calib, suite="fast", attacks=["fgsm", "pgd"],
+                  method="gboost", cache_dir=tmp_path_factory.mktemp("atk"), progress=False)
+    return g
+
+
+def test_guard_flags_attacks_on_held_out_images(guard, digits):
+    from nad_guard.attacks import generate
+
+    _, test = digits
+    *_, evaluation = holdout_splits(test)
+    clean = correct_subset(guard.paths, evaluation)
+    res = generate(guard.classifier, clean, attack="pgd", suite="fast", progress=False)
+    s_clean = guard.run(clean.float()).score
+    s_adv = guard.run(res.adv_images).score
+    y = np.r_[np.zeros(len(s_clean)), np.ones(len(s_adv))]
+    assert auroc(y, np.r_[s_clean, s_adv]) > 0.85  # clearly better than chance on unseen images
+    fpr = (s_clean > guard.detector.threshold_).mean()
+    assert fpr < 0.15  # threshold set on the other (calibration) half at 5%
+
+
+def test_records_schema_and_batch_independence(guard, digits):
+    x = digits[1].float(0, 9)
+    recs = guard.predict(x)
+    assert len(recs) == 9
+    r = recs[0]
+    assert set(r) >= {"label", "class_name", "confidence", "trust_score", "is_suspicious", "threshold",
+                      "nearest_path_class", "per_layer"}
+    assert 0 < r["trust_score"] <= 1 and 0 <= r["confidence"] <= 1
+    assert len(r["per_layer"]) == len(guard.paths.layer_names_)
+    assert all(0 <= layer["divergence"] <= 1 for layer in r["per_layer"])
+    single = [guard.predict(x[i:i + 1])[0] for i in range(9)]
+    for a, b in zip(recs, single):
+        assert a["label"] == b["label"] and a["is_suspicious"] == b["is_suspicious"]
+        assert a["trust_score"] == pytest.approx(b["trust_score"], abs=1e-6)
+        assert a["suspicion_score"] == pytest.approx(b["suspicion_score"], abs=1e-4)
+
+
+def test_artifact_round_trip_and_errors(guard, digits, tmp_path, tiny_model):
+    d = guard.save(tmp_path / "g")
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["detector"]["method"] == "gboost" and meta["classifier"]["builder"] == "custom"
+    with pytest.raises(ArtifactError, match="custom classifier"):
+        Guard.load(d)
+    back = Guard.load(d, classifier=tiny_model)
+    x = digits[1].float(0, 20)
+    assert np.array_equal(back.run(x).score, guard.run(x).score)
+    broken = tmp_path / "broken"
+    shutil.copytree(d, broken)
+    (broken / "detector.skops").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="detector"):
+        Guard.load(broken, classifier=tiny_model)
+    (tmp_path / "nodet").mkdir()
+    guard.paths.save(tmp_path / "nodet")
+    with pytest.raises(ArtifactError, match="no classifier"):
+        Guard.load(tmp_path / "nodet", classifier=tiny_model)
+
+
+def test_encodings(guard, digits):
+    f = guard.paths.features(digits[1].float(0, 5))
+    summary, rich = detector_matrix(f, "summary"), detector_matrix(f, "rich")
+    n_layers, k = len(f.layers), 10
+    assert rich.shape == (5, summary.shape[1] + n_layers * k)
+    # the predicted class's own column of s_k - s_p is zero at every layer
+    rel = rich[:, summary.shape[1]:].reshape(5, n_layers, k)
+    assert np.allclose(rel[np.arange(5), :, f.pred.numpy()], 0)
+    with pytest.raises(ValueError, match="encoding"):
+        detector_matrix(f, "raw")

@@ -1,0 +1,127 @@
+"""Fit a guard's detector: attacks on a fit split, features, detector, threshold on held-out clean data."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from nad_guard.attacks import generate, get_suite
+from nad_guard.data import ImageSet
+from nad_guard.detectors import CLEAN_ONLY, PathDetector
+from nad_guard.guard import Guard, detector_matrix
+from nad_guard.models import resolve_device
+from nad_guard.paths import PathModel
+
+
+def correct_subset(paths: PathModel, images: ImageSet, batch_size: int = 256) -> ImageSet:
+    """The images the classifier labels correctly (the only clean images detectors see)."""
+    device = next(paths.classifier.parameters()).device
+    keep = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            pred = paths.classifier(images.float(s, s + batch_size).to(device)).argmax(1).cpu()
+            keep.append(pred == images.labels[s:s + batch_size])
+    idx = torch.cat(keep).nonzero().flatten()
+    return images.subset(idx, f"{images.name}[correct]")
+
+
+def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *, suite: str = "mnist",
+              attacks: Sequence[str] | None = None, method: str = "gboost", encoding: str = "rich",
+              fpr: float = 0.05, device: str = "auto", batch_size: int = 128,
+              cache_dir: str | Path | None = None, progress: bool = True, seed: int = 0) -> Guard:
+    """Train a detector on clean vs adversarial path features of ``fit_set`` and calibrate its threshold
+    on the correctly classified images of ``calibration_set`` (held out, clean only).
+
+    Clean-only methods (``isoforest``, ``gaussian``) generate no attacks.
+    """
+    t0 = time.time()
+    dev = resolve_device(device)
+    paths.classifier.to(dev)
+    clean = correct_subset(paths, fit_set)
+    X_clean = detector_matrix(paths.features(clean.float()), encoding)
+    blocks, ys, per_attack = [X_clean], [np.zeros(len(X_clean))], {}
+    suite_obj = get_suite(suite, seed=seed)
+    if method not in CLEAN_ONLY:
+        for name in attacks or [a for a in suite_obj.names if not a.startswith("noise")]:
+            res = generate(paths.classifier, clean, attack=name, suite=suite_obj, batch_size=batch_size,
+                           device=dev, cache_dir=cache_dir, progress=progress)
+            if len(res.adv_images):
+                blocks.append(detector_matrix(paths.features(res.adv_images), encoding))
+                ys.append(np.ones(len(res.adv_images)))
+            per_attack[name] = {"success_rate": res.stats.success_rate, "kept": res.stats.n_kept,
+                                "seconds": res.stats.seconds}
+    det = PathDetector(method, random_state=seed).fit(np.vstack(blocks), np.concatenate(ys))
+    calib = correct_subset(paths, calibration_set)
+    det.infer_threshold(detector_matrix(paths.features(calib.float()), encoding), fpr=fpr)
+    info: dict[str, Any] = {"suite": suite, "attacks": per_attack, "fit_set": fit_set.name,
+                            "fit_clean": len(X_clean), "fit_adversarial": int(sum(len(y) for y in ys[1:])),
+                            "calibration_set": calibration_set.name, "calibration_clean": len(calib),
+                            "seconds": round(time.time() - t0, 1)}
+    paths.classifier.cpu()
+    return Guard(paths, det, encoding, {"detector_info": info})
+
+
+HOLDOUT_FRACTIONS = (0.4, 0.2, 0.4)
+
+
+def holdout_splits(test: ImageSet, seed: int = 0) -> tuple[ImageSet, ImageSet, ImageSet]:
+    """Seeded stratified split of a held-out (test) set into ``(fit, calibration, evaluation)`` parts,
+    40/20/40. The detector learns on ``fit`` (clean images and their attacks), the threshold is set on
+    ``calibration`` (clean only), and reports that judge the guard use ``evaluation``.
+
+    Held-out images, not the classifier's training images, are used to fit the detector: the
+    classifier is over-confident on images it was trained on, and a detector fitted on them learns
+    that confidence level as "clean" (measured on the tiny digits CNN: AUROC 0.66 on held-out PGD
+    when fitted on training images).
+    """
+    from nad_guard.data import stratified_split
+
+    labels = test.labels.numpy()
+    rest, evaluation = stratified_split(labels, test_size=int(round(len(test) * HOLDOUT_FRACTIONS[2])), seed=seed)
+    fit_pos, cal_pos = stratified_split(labels[rest], test_size=int(round(len(test) * HOLDOUT_FRACTIONS[1])),
+                                        seed=seed)
+    return (test.subset(rest[fit_pos], f"{test.name}[detector-fit]"),
+            test.subset(rest[cal_pos], f"{test.name}[calibration]"),
+            test.subset(evaluation, f"{test.name}[evaluation]"))
+
+
+def build_guard(artifact: str | Path, model: str, data: str, *, weights: str | None = None,
+                data_root: str | None = None, suite: str = "mnist", attacks: Sequence[str] | None = None,
+                method: str = "gboost", encoding: str = "rich", fpr: float = 0.05,
+                device: str = "auto", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """``nad-guard fit-detector``: load the path artifact, fit and calibrate a detector, save the guard."""
+    from nad_guard.attacks import default_cache_dir
+    from nad_guard.data import load_dataset
+    from training.paths import build_classifier
+
+    train, test = load_dataset(data, data_root)
+    paths = PathModel.load(artifact, build_classifier(model, train, weights))
+    fit, calibration, _ = holdout_splits(test, seed)
+    guard = fit_guard(paths, fit, calibration, suite=suite, attacks=attacks,
+                      method=method, encoding=encoding, fpr=fpr, device=device, seed=seed,
+                      cache_dir=default_cache_dir(), progress=progress)
+    guard.save(artifact)
+    return {"artifact": str(artifact), "method": method, "encoding": encoding,
+            "threshold": guard.detector.threshold_, **guard.meta["detector_info"]}
+
+
+DEFAULT_RECIPE: dict[str, Any] = {"model": "mnist-cnn", "data": "mnist5k", "schedule": "joint", "target_keep": 0.25,
+                                  "epochs": 10, "suite": "mnist", "method": "gboost", "encoding": "rich",
+                                  "fpr": 0.05, "seed": 0}
+
+
+def build_default(out: str | Path, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Rebuild the bundled default guard with :data:`DEFAULT_RECIPE` (``nad-guard build-default``)."""
+    from training.paths import fit_and_save
+
+    r = DEFAULT_RECIPE
+    t0 = time.time()
+    paths_summary = fit_and_save(r["model"], r["data"], out, schedule=r["schedule"], target_keep=r["target_keep"],
+                                 epochs=r["epochs"], device=device, seed=r["seed"], progress=progress)
+    det = build_guard(out, r["model"], r["data"], suite=r["suite"], method=r["method"], encoding=r["encoding"],
+                      fpr=r["fpr"], device=device, seed=r["seed"], progress=progress)
+    return {"recipe": r, "paths": paths_summary, "detector": det, "seconds": round(time.time() - t0, 1)}
