@@ -25,3 +25,13 @@ def tiny_model(digits: tuple[ImageSet, ImageSet]) -> Classifier:
         return train_tiny(tiny_digits_cnn(), digits[0], epochs=10)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads'
+    waiting makes each step several times slower. Use with ``pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,14 +9,7 @@ from nad_guard.attacks import AttackResult, cache_key, data_hash, generate, get_
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads'
-    waiting makes each step several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,7 @@ from nad_guard.baselines import (LID, MSP, DeepKNN, Energy, Features, Mahalanobi
 from nad_guard.models import mnist_cnn, resnet20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads'
-    waiting makes each step several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gaussian_features(n_per_class=150, seed=0):

@@ -13,11 +13,12 @@ from nad_guard.paths import ArtifactError
 from training.detector import correct_subset, fit_guard, holdout_splits
 from training.paths import fit_paths
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
-def guard(tiny_model, digits, tmp_path_factory):
+def guard(tiny_model, digits, tmp_path_factory, one_thread):
     train, test = digits
-    torch.set_num_threads(1)
     paths = fit_paths(tiny_model, train, None, epochs=12, batch_size=64, target_keep=0.3, device="cpu", progress=False)
     fit, calib, _ = holdout_splits(test)
     g = fit_guard(paths, fit, calib, suite="fast", attacks=["fgsm", "pgd"],
