@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from nad_guard.data import ImageSet, load_dataset
-from nad_guard.models import REFERENCE_MODELS, WEIGHTS_DIR, Classifier, accuracy, resolve_device
+from nad_guard.models import REFERENCE_MODELS, WEIGHTS_DIR, Classifier, accuracy, load_reference, resolve_device
 
 
 @dataclass
@@ -126,17 +126,27 @@ def versions() -> dict[str, str]:
 
 
 def train_reference(name: str, out_dir: str | Path = WEIGHTS_DIR, device: str = "auto", epochs: int | None = None,
-                    seed: int = 0, data_root: str | Path | None = None, progress: bool = True) -> dict:
-    """Train a reference model and write ``<name>.safetensors`` and ``<name>.json`` into ``out_dir``."""
+                    seed: int = 0, data_root: str | Path | None = None, progress: bool = True,
+                    init: str | Path | None = None, lr: float | None = None) -> dict:
+    """Train a reference model and write ``<name>.safetensors`` and ``<name>.json`` into ``out_dir``.
+
+    ``init``: start from these weights (fine-tuning; the record keeps the earlier run's record under
+    ``"init"``); ``lr``: override the recipe's peak learning rate."""
     from safetensors.torch import save_file
 
     if name not in RECIPES:
         raise ValueError(f"unknown reference model {name!r}; choose one of {', '.join(RECIPES)}")
     data_name, recipe = RECIPES[name]
-    recipe = Recipe(**{**asdict(recipe), "seed": seed, **({"epochs": epochs} if epochs else {})})
+    recipe = Recipe(**{**asdict(recipe), "seed": seed, **({"epochs": epochs} if epochs else {}),
+                       **({"lr": lr} if lr else {})})
     dev = resolve_device(device)
     train, test = load_dataset(data_name, data_root)
     model = REFERENCE_MODELS[name](train.classes)
+    init_record = None
+    if init is not None:
+        model = load_reference(name, init)
+        rec_path = Path(init).with_suffix(".json")
+        init_record = json.loads(rec_path.read_text()) if rec_path.is_file() else {"weights": str(init)}
     t0 = time.time()
     hist = train_classifier(model, train, recipe, dev, test=test, progress=progress)
     seconds = time.time() - t0
@@ -149,7 +159,9 @@ def train_reference(name: str, out_dir: str | Path = WEIGHTS_DIR, device: str = 
         "model": name, "data": data_name, "train_images": len(train), "test_images": len(test),
         "test_accuracy": acc, "recipe": asdict(recipe), "device": str(dev), "train_seconds": round(seconds, 1),
         "command": " ".join(["nad-guard", "train-reference", name, "--seed", str(seed)]
-                            + (["--epochs", str(epochs)] if epochs else [])),
+                            + (["--epochs", str(epochs)] if epochs else []) + (["--lr", str(lr)] if lr else [])
+                            + (["--init", str(init)] if init else [])),
+        "init": init_record,
         "versions": versions(), "history": hist["history"],
         "input_spec": model.spec.to_dict(),
     }
