@@ -12,6 +12,13 @@ Detector input (:func:`detector_matrix`), two encodings:
     ``summary`` plus, per layer and class, ``s_k - s_p``: how much better class ``k``'s
     sub-architecture matches the input's path than the predicted class's (``L * K`` columns, all
     ``<= 0`` when the path agrees with the prediction everywhere).
+``full``
+    ``rich`` plus the path itself, per gate point: ``log(||a||_2 + 1e-12)`` of the absolute pooled
+    activation ``a = |pool(out)|`` (its strength, 1 column) and its direction ``a / ||a||_2``
+    (``C_l`` columns; the quantity the cosine class scores are taken of). It needs the pooled
+    activations of the predicting pass (:func:`path_inputs`); 1 + 352 extra columns per input for
+    the CIFAR ResNet-20's 10 gate points. On the tiny digits CNN (the development set; seen attacks,
+    logistic detector) it lifts mean AUROC over six attacks from 0.974 (``rich``) to 0.997.
 
 Per-layer *divergence* reported to users is ``1 - mass_share``: the share of the layer's pooled
 activation that lies outside the predicted class's sub-architecture (0 = entirely inside).
@@ -36,22 +43,58 @@ from nad_guard.models import (REFERENCE_MODELS, Classifier, InputSpec, load_stat
                               torchvision_classifier)
 from nad_guard.paths import META_FILE, ArtifactError, PathFeatures, PathModel, _read_meta
 
-ENCODINGS = ("summary", "rich")
+ENCODINGS = ("summary", "rich", "full")
+POOLED_ENCODINGS = ("full",)  # need the pooled gate-point activations (see path_inputs)
 DEFAULT_GUARD_DIR = Path(__file__).resolve().parent / "default_guard"
 CLASSIFIER_FILE = "classifier.safetensors"
 DETECTOR_FILE = "detector.skops"
 
 
-def detector_matrix(f: PathFeatures, encoding: str = "rich") -> np.ndarray:
-    """``(N, F)`` float64 detector input from path features (see the module docstring)."""
+def detector_matrix(f: PathFeatures, encoding: str = "rich", pooled: list[torch.Tensor] | None = None) -> np.ndarray:
+    """``(N, F)`` float64 detector input from path features (see the module docstring). ``pooled``
+    (per gate point ``(N, C_l)``, from :func:`path_inputs`) is needed by the ``full`` encoding only."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     cols = [f.X.double()]
-    if encoding == "rich":
+    if encoding in ("rich", "full"):
         s = f.class_scores.double()  # (N, L, K)
         sp = s.gather(2, f.pred.view(-1, 1, 1).expand(-1, s.shape[1], 1))
         cols.append((s - sp).flatten(1))
+    if encoding in POOLED_ENCODINGS:
+        if pooled is None or len(pooled) != len(f.layers):
+            raise ValueError(f"encoding {encoding!r} needs the pooled activations of every gate point "
+                             "(use nad_guard.guard.path_inputs)")
+        for a in pooled:
+            a = a.detach().double().cpu().abs()
+            norm = a.norm(dim=1, keepdim=True)
+            cols += [torch.log(norm + 1e-12), a / norm.clamp_min(1e-12)]
     return torch.cat(cols, 1).numpy()
+
+
+def path_inputs(paths: PathModel, x: torch.Tensor, batch_size: int = 256) -> tuple[PathFeatures, list[torch.Tensor]]:
+    """:meth:`PathModel.features` of ``x`` plus the pooled gate-point activations ``(N, C_l)`` (CPU) read
+    from the same forward passes (what the ``full`` encoding needs)."""
+    from nad_guard.paths import hooked, pool
+
+    names = paths.layer_names_
+    store: list[list[torch.Tensor]] = [[] for _ in names]
+
+    def record(i: int, out: torch.Tensor) -> None:
+        store[i].append(pool(out).detach().float().cpu())
+
+    with hooked(paths.classifier.net, names, record):
+        f = paths.features(x, batch_size=batch_size)
+    return f, [torch.cat(v) for v in store]
+
+
+def guard_matrix(paths: PathModel, x: torch.Tensor, encoding: str, batch_size: int = 256
+                 ) -> tuple[PathFeatures, np.ndarray]:
+    """Path features of ``x`` and the detector input in ``encoding`` (one forward pass per batch)."""
+    if encoding in POOLED_ENCODINGS:
+        f, pooled = path_inputs(paths, x, batch_size)
+        return f, detector_matrix(f, encoding, pooled)
+    f = paths.features(x, batch_size=batch_size)
+    return f, detector_matrix(f, encoding)
 
 
 def classifier_reference(clf: Classifier) -> dict[str, Any]:
@@ -142,8 +185,7 @@ class Guard:
 
     def run(self, x: torch.Tensor, batch_size: int = 256) -> GuardResult:
         """Predict and score ``x`` float ``(N, C, H, W)`` in ``[0, 1]`` (one forward pass per batch)."""
-        f = self.paths.features(x, batch_size=batch_size)
-        X = detector_matrix(f, self.encoding)
+        f, X = guard_matrix(self.paths, x, self.encoding, batch_size)
         s = self.detector.score(X)
         return GuardResult(f, s, self.detector._trust(s), s > self.detector.threshold_, self.detector.threshold_)
 
@@ -188,7 +230,7 @@ class Guard:
         except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
             raise ArtifactError(f"cannot load guard {path}: {e}") from e
         guard = cls(paths, det, det_meta.get("encoding", "rich"), meta)
-        n = len(detector_matrix(paths.features(torch.zeros(1, *clf.spec.shape)), guard.encoding)[0])
+        n = len(guard_matrix(paths, torch.zeros(1, *clf.spec.shape), guard.encoding)[1][0])
         if n != det.n_features_in_:
             raise ArtifactError(f"detector in {path} expects {det.n_features_in_} features, the paths give {n}")
         return guard.to(device)

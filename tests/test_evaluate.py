@@ -1,0 +1,151 @@
+"""The evaluation harness end to end on the tiny digits CNN, its adaptive surrogate, and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nad_guard.evaluate import PROTOCOLS, EvalConfig, run_evaluation, soft_detector_matrix, write_outputs
+from nad_guard.guard import guard_matrix
+from nad_guard.paths import LAYER_FEATURES
+from training.paths import fit_paths
+
+ROW_KEYS = {"protocol", "detector", "attack", "trained_on", "auroc", "auroc_ci", "aupr", "aupr_ci", "tpr", "tpr_ci",
+            "threshold", "target_fpr", "test_fpr", "n_clean", "n_suspicious"}
+FAST = dict(suite="fast", attacks=["fgsm", "pgd"], n_resamples=200, adaptive_images=40, progress=False)
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_model, digits):
+    torch.set_num_threads(1)
+    return fit_paths(tiny_model, digits[0], None, epochs=12, batch_size=64, target_keep=0.3, device="cpu",
+                     progress=False)
+
+
+@pytest.fixture(scope="module")
+def result(paths, digits, tmp_path_factory):
+    return run_evaluation(paths, *digits, EvalConfig(**FAST), cache_dir=tmp_path_factory.mktemp("atk"))
+
+
+def test_every_protocol_reports_rows_with_intervals(result):
+    protocols = {r["protocol"] for r in result["rows"]}
+    assert protocols == set(PROTOCOLS) - {"adaptive"}
+    for r in result["rows"]:
+        assert ROW_KEYS <= set(r)
+        assert r["auroc_ci"][0] <= r["auroc"] <= r["auroc_ci"][1]
+        assert 0 <= r["tpr"] <= 1 and r["n_clean"] > 0 and r["n_suspicious"] > 0
+    seen = {(r["detector"], r["attack"]) for r in result["rows"] if r["protocol"] == "seen"}
+    for det in ("nad-guard", "nad-guard[gboost,full]", "nad-guard[logistic,rich]", "nad-guard[gboost,rich]", "mahalanobis-lr", "lid-lr", "msp", "energy", "deep-knn"):
+        assert {(det, "fgsm"), (det, "pgd")} <= seen
+    clean_only = {r["detector"] for r in result["rows"] if r["protocol"] == "clean-only"}
+    assert {"nad-guard", "msp", "energy", "mahalanobis", "lid", "deep-knn"} <= clean_only
+    unseen = [r for r in result["rows"] if r["protocol"] == "unseen" and r["detector"] == "nad-guard"]
+    assert {(r["attack"], r["trained_on"]) for r in unseen} == {("fgsm", "pgd"), ("pgd", "fgsm")}
+    assert set(result["summary"]) == protocols
+    for split in ("fit", "evaluation"):
+        for a in ("fgsm", "pgd"):
+            s = result["attacks"][split][a]
+            assert 0 < s["success_rate"] <= 1 and s["mean_linf"] <= 0.3 + 1e-6 and s["seconds"] >= 0
+
+
+def test_splits_are_disjoint_and_clean_sets_correct(result):
+    d = result["data"]
+    assert d["fit_images"] + d["calibration_images"] + d["evaluation_images"] == 360
+    assert d["fit_clean"] <= d["fit_images"] and d["evaluation_clean"] + d["evaluation_mispredicted"] == \
+        d["evaluation_images"]
+
+
+def test_path_detector_beats_chance_clearly(result):
+    seen = {r["attack"]: r for r in result["rows"] if r["protocol"] == "seen" and r["detector"] == "nad-guard"}
+    for attack, r in seen.items():
+        assert r["auroc"] > 0.85, attack
+        assert r["auroc_ci"][0] > 0.75, attack
+        assert r["test_fpr"] < 0.2  # threshold from the separate calibration part
+    assert result["summary"]["clean-only"]["nad_guard_mean_auroc"] > 0.75
+
+
+def test_adaptive_attack_is_reported_for_both_detectors(result):
+    a = result["adaptive"]
+    assert a["images"] == 40 and a["eps"] == pytest.approx(0.3)
+    for det in ("nad-guard", "mahalanobis-lr"):
+        v = a["detectors"][det]
+        assert 0 <= v["plain_pgd_evades"] <= 1 and 0 <= v["adaptive_evades"] <= 1
+        assert set(v["per_lambda"]) == {"0.0", "1.0", "10.0"}
+        assert v["adaptive_evades"] >= max(v["per_lambda"][k] for k in ("1.0", "10.0"))
+
+
+@pytest.mark.parametrize("encoding", ["rich", "full"])
+def test_soft_surrogate_matches_the_detector_input(paths, digits, encoding):
+    x = digits[1].float(0, 32).requires_grad_(True)
+    logits, pooled = paths.pooled_forward(x)
+    masks = [paths.masks_[n] for n in paths.layer_names_]
+    soft = soft_detector_matrix([p.double() for p in pooled], logits.double(), masks, encoding, tau=1e-4)
+    hard = torch.as_tensor(guard_matrix(paths, x.detach(), encoding)[1])
+    assert soft.shape == hard.shape
+    # continuous columns are exact; with a tiny temperature the step columns agree too (ties aside)
+    L = len(paths.layer_names_)
+    step_cols = [j * len(LAYER_FEATURES) + LAYER_FEATURES.index(f) for j in range(L)
+                 for f in ("nearest_is_pred", "pred_rank")] + [L * len(LAYER_FEATURES)]
+    cont = [c for c in range(hard.shape[1]) if c not in step_cols]
+    assert torch.allclose(soft.detach()[:, cont], hard[:, cont], atol=1e-4)
+    assert (soft.detach()[:, step_cols] - hard[:, step_cols]).abs().mean() < 0.05
+    (g,) = torch.autograd.grad(soft.sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_outputs_and_cli(paths, tiny_model, digits, result, tmp_path):
+    from safetensors.torch import save_file
+
+    from nad_guard.cli import main
+
+    files = write_outputs(result, tmp_path / "lib", command="test")
+    assert (tmp_path / "lib" / "results.md").read_text().startswith("# Detection evaluation")
+    assert json.loads((tmp_path / "lib" / "results.json").read_text())["command"] == "test"
+    assert any(p.suffix == ".png" for p in files.values())
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.net.state_dict().items()}, str(weights))
+    paths.save(tmp_path / "artifact")
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(main, [
+        "evaluate", "--artifact", str(tmp_path / "artifact"), "--model", "tiny_models:tiny_digits_cnn",
+        "--weights", str(weights), "--data", "digits", "--suite", "fast", "--attacks", "fgsm,pgd",
+        "--protocols", "seen,clean-only,adaptive", "--out", str(out), "--device", "cpu", "--bootstrap", "100",
+        "--adaptive-images", "20", "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(summary["summary"]) == {"seen", "clean-only"} and set(summary["adaptive"]) == {"nad-guard",
+                                                                                              "mahalanobis-lr"}
+    md = (out / "results.md").read_text()
+    assert "## seen: AUROC" in md and "## Adaptive white-box attack" in md and "nad-guard evaluate" in md
+    js = json.loads((out / "results.json").read_text())
+    assert {r["protocol"] for r in js["rows"]} == {"seen", "clean-only"}
+    assert js["machine"]["start"]["cores"] >= 1 and js["seconds"] > 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "roc_seen.png" in pngs and "roc_clean-only_pgd.png" in pngs
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_unknown_protocol_is_refused(paths, digits):
+    with pytest.raises(ValueError, match="unknown protocols"):
+        run_evaluation(paths, *digits, EvalConfig(**{**FAST, "protocols": ["seen", "nope"]}))
+
+
+def test_guard_with_the_full_encoding_round_trips(paths, digits, tmp_path):
+    from nad_guard.detectors import PathDetector
+    from nad_guard.guard import Guard
+
+    x = digits[1].float(0, 80)
+    _, X = guard_matrix(paths, x, "full")
+    assert X.shape[1] > guard_matrix(paths, x, "rich")[1].shape[1]
+    y = (np.arange(80) % 2).astype(int)  # any labels: only the plumbing is checked here
+    det = PathDetector("logistic").fit(X, y).infer_threshold(X[:40])
+    guard = Guard(paths, det, "full")
+    guard.classifier.net.cpu()
+    save_weights = tmp_path / "g"
+    guard.save(save_weights)
+    loaded = Guard.load(save_weights, classifier=paths.classifier)
+    assert loaded.encoding == "full"
+    np.testing.assert_allclose(loaded.run(x).score, det.score(X), rtol=1e-6, atol=1e-9)
