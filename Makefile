@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP)
 
+# The service on http://HOST:PORT (POST /predict_with_trust, /predict; /healthz, /readyz, /metrics)
+# with the bundled default guard; NAD_GUARD_DIR=DIR or NAD_GUARD_MODEL_TAG=TAG serve another.
+HOST ?= 0.0.0.0
+PORT ?= 3000
 run: install
-	$(VENV)/bin/nad-guard quickstart
+	BENTOML_DO_NOT_TRACK=True $(VENV)/bin/bentoml serve service.service:NadGuard --host $(HOST) --port $(PORT)
 
 test: install
 	BENTOML_DO_NOT_TRACK=True $(PY) -m pytest

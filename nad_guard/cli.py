@@ -35,15 +35,18 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--data-root", type=click.Path(), default=None,
               help="CIFAR-10 folder (default: $NAD_GUARD_CIFAR10 or ../shared/data/cifar10).")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Start from these weights (fine-tuning); their JSON record is kept in the new one.")
+@click.option("--lr", type=float, default=None, help="Override the recipe's peak learning rate.")
 def train_reference_cmd(name: str, out_dir: str | None, epochs: int | None, seed: int, device: str,
-                        data_root: str | None) -> None:
+                        data_root: str | None, init: str | None, lr: float | None) -> None:
     """Train a reference classifier (mnist-cnn on mnist5k, cifar10-resnet20 on CIFAR-10) and write its
     weights and a JSON training record."""
     from nad_guard.models import WEIGHTS_DIR
     from training.classifier import train_reference
 
     rec = train_reference(name, out_dir or WEIGHTS_DIR, device=device, epochs=epochs, seed=seed,
-                          data_root=data_root)
+                          data_root=data_root, init=init, lr=lr)
     click.echo(f"{name}: test accuracy {rec['test_accuracy']:.4f} on {rec['test_images']} images "
                f"after {rec['train_seconds']:.0f} s")
 
@@ -110,7 +113,7 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
                   target_keep: float, beta: float, device: str, seed: int, checkpoint_dir: str | None) -> None:
     """Learn every class's sub-architecture of a frozen classifier and write the path artifact.
 
-    Runs under `torchrun --nproc_per_node N -m nad_guard.cli fit-paths ...` as well."""
+    For several processes use `torchrun --nproc_per_node N -m training.paths` with the same options."""
     from training.paths import fit_and_save
 
     summary = fit_and_save(model, data, out, weights=weights, data_root=data_root, schedule=schedule,
@@ -162,6 +165,79 @@ def build_default_cmd(out: str | None, device: str) -> None:
     from training.detector import build_default
 
     click.echo(json.dumps(build_default(out or DEFAULT_GUARD_DIR, device=device)))
+
+
+@main.command("evaluate")
+@click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Path artifact from fit-paths (a detector in it is not used: each protocol fits its own).")
+@click.option("--model", required=True, help="The classifier the paths were learned for (as in fit-paths).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--data", required=True, type=click.Choice(DATASETS))
+@click.option("--data-root", type=click.Path(), default=None)
+@click.option("--suite", default="mnist", show_default=True, help="Attack suite: mnist, cifar10 or fast.")
+@click.option("--attacks", default=None, help="Comma-separated attacks of the suite (default: all but the noise controls).")
+@click.option("--protocols", default="seen,unseen,fgsm-only,clean-only,mispredictions,adaptive", show_default=True,
+              help="Comma-separated protocols.")
+@click.option("--method", "methods", default="logistic,gboost", show_default=True,
+              help="Supervised nad-guard detectors to fit; the first (with the first encoding) is 'nad-guard'.")
+@click.option("--encoding", "encodings", default="full,rich", show_default=True,
+              help="Comma-separated detector encodings (see nad_guard.guard).")
+@click.option("--clean-method", "clean_methods", default="gaussian,isoforest", show_default=True,
+              help="nad-guard's clean-only detectors; the first is 'nad-guard' in the clean-only protocol.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for results.md, results.json and roc_*.png.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--max-images", type=int, default=None, help="Use a seeded stratified sample of this many test images.")
+@click.option("--train-images", type=int, default=5000, show_default=True,
+              help="Training images for the baselines' unsupervised parts (Gaussians, kNN, LID reference).")
+@click.option("--adaptive-images", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Bounds memory; part of the attack cache key.")
+@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the intervals.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Attack cache (default: $NAD_GUARD_CACHE/attacks).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data_root: str | None, suite: str,
+                 attacks: str | None, protocols: str, methods: str, encodings: str, clean_methods: str, out: str,
+                 device: str, max_images: int | None, train_images: int, adaptive_images: int, batch_size: int,
+                 bootstrap: int, seed: int, cache_dir: str | None, quiet: bool) -> None:
+    """Judge nad-guard against MSP, Energy, Mahalanobis, LID and deep kNN under the honest protocols
+    (seen, unseen, fgsm-only, clean-only, mispredictions, adaptive) on the test split's held-out parts,
+    and write a Markdown table, a JSON file and ROC plots into --out."""
+    import shlex
+
+    from nad_guard.attacks import default_cache_dir
+    from nad_guard.data import load_dataset
+    from nad_guard.evaluate import EvalConfig, run_evaluation, write_outputs
+    from nad_guard.models import resolve_device
+    from nad_guard.paths import PathModel
+    from training.paths import build_classifier
+
+    split = lambda v: [s.strip() for s in v.split(",") if s.strip()]  # noqa: E731
+    m, e = split(methods), split(encodings)
+    cfg = EvalConfig(suite=suite, attacks=split(attacks) if attacks else None, protocols=split(protocols),
+                     methods=m, encodings=e, primary=(m[0], e[0]), clean_methods=split(clean_methods),
+                     batch_size=batch_size, n_resamples=bootstrap, seed=seed, max_images=max_images,
+                     train_images=train_images, adaptive_images=adaptive_images,
+                     device=str(resolve_device(device)), progress=not quiet)
+    train, test = load_dataset(data, data_root)
+    paths = PathModel.load(artifact, build_classifier(model, train, weights))
+    result = run_evaluation(paths, train, test, cfg, cache_dir=cache_dir or default_cache_dir(),
+                            log=lambda msg: click.echo(msg, err=True))
+    ctx = click.get_current_context()
+    given = []
+    for param in ctx.command.params:
+        if param.name is None or ctx.get_parameter_source(param.name) == click.core.ParameterSource.DEFAULT:
+            continue
+        value, flag = ctx.params[param.name], param.opts[0]
+        given += [flag] if isinstance(param, click.Option) and param.is_flag else [flag, shlex.quote(str(value))]
+    command = " ".join(["nad-guard evaluate", *given])
+    files = write_outputs(result, out, command=command)
+    click.echo(json.dumps({"out": out, "seconds": result["seconds"], "summary": {
+        p: {"nad_guard": s["nad_guard_mean_auroc"], "best_baseline": s["best_baseline"],
+            "best_baseline_auroc": s["best_baseline_mean_auroc"]} for p, s in result["summary"].items()},
+        "adaptive": {k: v["adaptive_evades"] for k, v in (result["adaptive"] or {}).get("detectors", {}).items()},
+        "files": sorted(str(f) for f in files.values())}))
 
 
 if __name__ == "__main__":

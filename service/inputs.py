@@ -1,0 +1,135 @@
+"""Turn what a client sends into a batch the guard takes: float32 ``(N, C, H, W)`` in ``[0, 1]``.
+
+Pure functions, no BentoML: the service calls them and maps :class:`InputError` to HTTP 400.
+
+Two kinds of input:
+
+* an image file (PNG or JPEG), converted to the model's input (:func:`decode_image`):
+
+  1. the EXIF orientation is applied (photos from phones come upright);
+  2. transparency is composited onto black (MNIST-style digits are light on dark);
+  3. 16-bit grey is scaled to 8 bits; then ``L`` (ITU-R 601-2 luma) for 1-channel models, ``RGB``
+     for 3-channel models (a grey image is repeated into the three channels);
+  4. resized to the model's ``H x W`` with Pillow's bilinear filter (antialiased when shrinking),
+     stretched: the aspect ratio is not kept, so crop or pad first if it matters;
+  5. divided by 255. Nothing else: no inversion, no centring, no normalisation (the classifier
+     normalises inside).
+
+* a JSON array (:func:`check_batch`): exactly ``(N, C, H, W)`` numbers in ``[0, 1]``, no resizing or
+  reshaping; anything else is refused with a message saying what was expected.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from nad_guard.models import InputSpec
+
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+class InputError(ValueError):
+    """The client's input is wrong; the message says what is wrong and what is expected."""
+
+
+def expected_shape(spec: InputSpec) -> str:
+    return f"(N, {spec.channels}, {spec.height}, {spec.width})"
+
+
+def check_batch(images: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
+    """``images`` (nested lists or an array) as float32 ``(N, C, H, W)`` in ``[0, 1]``; raises
+    :class:`InputError` for anything else (wrong rank, channel count or size, empty or too large a
+    batch, non-numbers, NaN/Inf, values outside ``[0, 1]``)."""
+    want = expected_shape(spec)
+    try:
+        a = np.asarray(images)
+    except ValueError as e:  # ragged nesting
+        raise InputError(f"images is not a rectangular array ({e}); expected numbers shaped {want}") from e
+    if a.dtype.kind not in "iuf":
+        raise InputError(f"images holds {_kind(a)}, not numbers; expected numbers in [0, 1] shaped {want}")
+    if a.ndim >= 1 and a.shape[0] == 0:
+        raise InputError(f"images is an empty batch (shape {a.shape}); send at least one image shaped {want}")
+    if a.ndim != 4:
+        hint = " (one image: wrap it in a list)" if a.shape == spec.shape else ""
+        raise InputError(f"images has shape {a.shape}; expected {want}{hint}")
+    n, c, h, w = a.shape
+    if n > max_batch:
+        raise InputError(f"images holds {n} images, more than the limit of {max_batch} per request; "
+                         "split the batch (the server's limit is NAD_GUARD_MAX_BATCH)")
+    if c != spec.channels:
+        raise InputError(f"images has {c} channel(s) (shape {a.shape}); this model takes {spec.channels} "
+                         f"({_channels_name(spec.channels)}): expected {want}")
+    if (h, w) != (spec.height, spec.width):
+        raise InputError(f"images are {h}x{w} (shape {a.shape}); this model takes {spec.height}x{spec.width}: "
+                         f"expected {want}; resize on the client, or upload an image file as 'image'")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        where = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        raise InputError(f"images contains NaN or infinite values (first at index {where}); "
+                         "expected finite numbers in [0, 1]")
+    lo, hi = a.min(), a.max()
+    if lo < 0 or hi > 1:
+        raise InputError(f"images has values in [{lo:g}, {hi:g}], outside [0, 1]; expected numbers in [0, 1] "
+                         "(divide 8-bit pixel values by 255)")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
+    """A PNG or JPEG file's bytes as float32 ``(1, C, H, W)`` in ``[0, 1]`` for ``spec`` (see the
+    module docstring for the conversion). Raises :class:`InputError` for an empty, non-image,
+    truncated or corrupt file, or one with more than ``max_pixels`` pixels (checked from the header,
+    before decoding: decompression bombs are never decoded)."""
+    if spec.channels not in (1, 3):
+        raise InputError(f"image files can be converted for 1- or 3-channel models; this model takes "
+                         f"{spec.channels} channels: send a JSON array 'images' shaped {expected_shape(spec)}")
+    if not data:
+        raise InputError("the image file is empty; expected a PNG or JPEG file")
+    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        w, h = img.size
+        if w * h > max_pixels:
+            raise InputError(f"the image is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
+                             "(NAD_GUARD_MAX_IMAGE_PIXELS); shrink it before uploading")
+        if w == 0 or h == 0:
+            raise InputError(f"the image is {w}x{h} pixels; expected a non-empty PNG or JPEG image")
+        img = ImageOps.exif_transpose(img)  # decodes the pixels
+        img.load()
+    except InputError:
+        raise
+    except UnidentifiedImageError as e:
+        raise InputError(f"the file is not a PNG or JPEG image (it starts with {data[:8]!r}); "
+                         "expected a PNG or JPEG file") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"the image is too large to decode ({e}); the limit is {max_pixels:,} pixels") from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        raise InputError(f"the image cannot be decoded ({e}); the file may be truncated or corrupt: "
+                         "expected a complete PNG or JPEG file") from e
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone switched Pillow to accept truncated files
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on; the service refuses to run with it")
+    return _to_array(img, spec)
+
+
+def _to_array(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey PNG
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    img = img.convert("L" if spec.channels == 1 else "RGB")
+    if img.size != (spec.width, spec.height):
+        img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    a = a[None, None] if a.ndim == 2 else a.transpose(2, 0, 1)[None]
+    return np.ascontiguousarray(a)
+
+
+def _kind(a: np.ndarray) -> str:
+    names = {"b": "booleans", "U": "strings", "S": "bytes", "O": "mixed or nested values"}
+    return names.get(a.dtype.kind, str(a.dtype))
+
+
+def _channels_name(c: int) -> str:
+    return {1: "grey", 3: "RGB"}.get(c, f"{c}-channel")

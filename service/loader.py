@@ -1,0 +1,158 @@
+"""Where the service's guard comes from, its settings, and the BentoML model store.
+
+The guard is, in this order of precedence (setting both variables is an error):
+
+``NAD_GUARD_MODEL_TAG``
+    a tag in the BentoML model store (``nad-guard:latest``, ``nad-guard:abc123``); put a guard
+    directory there with ``python -m service.store DIR``.
+``NAD_GUARD_DIR``
+    a guard directory written by ``nad-guard fit-detector`` (or ``Guard.save``).
+neither
+    the bundled default guard (``nad_guard/default_guard``: the MNIST reference CNN).
+
+A guard built for a custom classifier (not a reference or torchvision model) names its factory
+with ``NAD_GUARD_CLASSIFIER=package.module:function`` (a function returning a
+:class:`nad_guard.models.Classifier` with the guard's weights).
+
+Anything missing, corrupt or inconsistent raises :class:`GuardStartupError` at start-up, naming
+the source and what to do; the server then does not start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from nad_guard.guard import DEFAULT_GUARD_DIR, Guard
+from nad_guard.models import Classifier, InputSpec
+from nad_guard.paths import ArtifactError
+
+ENV_TAG, ENV_DIR, ENV_CLASSIFIER = "NAD_GUARD_MODEL_TAG", "NAD_GUARD_DIR", "NAD_GUARD_CLASSIFIER"
+
+
+class GuardStartupError(RuntimeError):
+    """The service cannot start: the guard is missing, corrupt or incompatible."""
+
+
+def _int_env(env: Mapping[str, str], name: str, default: int, lo: int = 1) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise GuardStartupError(f"{name}={raw!r} is not an integer") from None
+    if value < lo:
+        raise GuardStartupError(f"{name}={value} must be at least {lo}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service limits and runtime settings, from environment variables (defaults in brackets)."""
+
+    max_batch: int = 256                  # NAD_GUARD_MAX_BATCH: images per request [256]
+    max_image_pixels: int = 50_000_000    # NAD_GUARD_MAX_IMAGE_PIXELS: uploaded image w*h [50 M]
+    max_request_bytes: int = 64 << 20     # NAD_GUARD_MAX_REQUEST_BYTES: request body [64 MiB]
+    max_latency_ms: int = 10_000          # NAD_GUARD_MAX_LATENCY_MS: adaptive batching bound [10 s]
+    min_forward_batch: int = 8            # NAD_GUARD_MIN_FORWARD_BATCH: pad forward passes to this [8]
+    device: str = "cpu"                   # NAD_GUARD_DEVICE: cpu, cuda[:N] or auto [cpu]
+    torch_threads: int = 0                # NAD_GUARD_TORCH_THREADS: 0 = cores - 1 (one for HTTP) [0]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        d = cls()
+        return cls(max_batch=_int_env(env, "NAD_GUARD_MAX_BATCH", d.max_batch),
+                   max_image_pixels=_int_env(env, "NAD_GUARD_MAX_IMAGE_PIXELS", d.max_image_pixels),
+                   max_request_bytes=_int_env(env, "NAD_GUARD_MAX_REQUEST_BYTES", d.max_request_bytes),
+                   max_latency_ms=_int_env(env, "NAD_GUARD_MAX_LATENCY_MS", d.max_latency_ms),
+                   min_forward_batch=_int_env(env, "NAD_GUARD_MIN_FORWARD_BATCH", d.min_forward_batch),
+                   device=env.get("NAD_GUARD_DEVICE") or d.device,
+                   torch_threads=_int_env(env, "NAD_GUARD_TORCH_THREADS", d.torch_threads, lo=0))
+
+
+@dataclass(frozen=True)
+class GuardSource:
+    """Where the guard is: ``kind`` is ``store``, ``dir`` or ``default``; ``path`` its directory."""
+
+    kind: str
+    name: str
+    path: Path
+
+    def __str__(self) -> str:
+        return {"store": f"model store tag {self.name} ({self.path})", "dir": f"{ENV_DIR}={self.name}",
+                "default": f"the bundled default guard ({self.path})"}[self.kind]
+
+
+def resolve_source(env: Mapping[str, str] | None = None) -> GuardSource:
+    """The guard's source from ``NAD_GUARD_MODEL_TAG`` / ``NAD_GUARD_DIR`` (see the module docstring)."""
+    env = os.environ if env is None else env
+    tag, directory = env.get(ENV_TAG) or None, env.get(ENV_DIR) or None
+    if tag and directory:
+        raise GuardStartupError(f"both {ENV_TAG}={tag!r} and {ENV_DIR}={directory!r} are set; set only one")
+    if tag:
+        import bentoml
+        from bentoml.exceptions import BentoMLException
+
+        try:
+            model = bentoml.models.get(tag)
+        except (BentoMLException, ValueError) as e:
+            raise GuardStartupError(f"{ENV_TAG}={tag!r}: no such model in the BentoML model store "
+                                    f"({e}); list them with `bentoml models list`, add one with "
+                                    "`python -m service.store GUARD_DIR`") from e
+        return GuardSource("store", str(model.tag), Path(model.path))
+    if directory:
+        return GuardSource("dir", directory, Path(directory).expanduser().resolve())
+    return GuardSource("default", "default", DEFAULT_GUARD_DIR)
+
+
+def _classifier_from_env(env: Mapping[str, str]) -> Classifier | None:
+    ref = env.get(ENV_CLASSIFIER)
+    if not ref:
+        return None
+    module, _, func = ref.partition(":")
+    if not module or not func:
+        raise GuardStartupError(f"{ENV_CLASSIFIER}={ref!r} must look like package.module:function")
+    try:
+        clf = getattr(importlib.import_module(module), func)()
+    except (ImportError, AttributeError) as e:
+        raise GuardStartupError(f"{ENV_CLASSIFIER}={ref!r} cannot be imported: {e}") from e
+    if not isinstance(clf, Classifier):
+        raise GuardStartupError(f"{ENV_CLASSIFIER}={ref!r} returned {type(clf).__name__}, not a nad_guard Classifier")
+    return clf
+
+
+def load_guard(source: GuardSource, device: str = "cpu", env: Mapping[str, str] | None = None) -> Guard:
+    """The guard at ``source``, validated (:meth:`Guard.load`), on ``device``."""
+    env = os.environ if env is None else env
+    hint = {"default": "the package data is missing or damaged: reinstall nad-guard, or rebuild it with "
+                       "`nad-guard build-default`",
+            "dir": "point it at a directory written by `nad-guard fit-detector`",
+            "store": "re-import the guard with `python -m service.store GUARD_DIR`"}[source.kind]
+    if not source.path.is_dir():
+        raise GuardStartupError(f"cannot load the guard from {source}: not a directory; {hint}")
+    try:
+        return Guard.load(source.path, device=device, classifier=_classifier_from_env(env))
+    except (ArtifactError, FileNotFoundError, ValueError, KeyError, TypeError) as e:
+        raise GuardStartupError(f"cannot load the guard from {source}: {e}; {hint}") from e
+
+
+def read_spec(source: GuardSource) -> tuple[InputSpec, dict]:
+    """The classifier's input spec and the detector's metadata from ``meta.json`` alone (no weights),
+    for the HTTP front end; raises :class:`GuardStartupError` if they are missing or malformed."""
+    meta_file = source.path / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+        spec = InputSpec.from_dict(meta["classifier"]["spec"])
+        detector = dict(meta["detector"])
+    except FileNotFoundError:
+        raise GuardStartupError(f"cannot load the guard from {source}: {meta_file} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise GuardStartupError(f"cannot load the guard from {source}: {meta_file} has no valid classifier "
+                                f"spec and detector ({e!r}); build the guard with `nad-guard fit-detector`") from e
+    return spec, detector

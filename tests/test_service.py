@@ -1,0 +1,412 @@
+"""The BentoML service for real: `bentoml serve` on a free loopback port, called over HTTP.
+
+One server for the module (the bundled default guard, or ``$NAD_GUARD_TEST_GUARD_DIR`` if set),
+with small limits (64 images, 4 MiB bodies) so the limit checks stay cheap. Plus: a corrupt guard
+stops start-up, and `bentoml build` packs a guard from the model store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import psutil
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from nad_guard.data import load_dataset
+from nad_guard.guard import DEFAULT_GUARD_DIR, Guard
+from nad_guard.models import InputSpec
+from service.inputs import InputError, check_batch, decode_image
+from service.loader import GuardStartupError, Settings, resolve_source
+
+ROOT = Path(__file__).resolve().parents[1]
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+GUARD_DIR = Path(os.environ.get("NAD_GUARD_TEST_GUARD_DIR") or DEFAULT_GUARD_DIR)
+MAX_BATCH, MAX_BYTES = 64, 4 << 20
+START_TIMEOUT = 240  # 2 shared cores can be busy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NAD_GUARD_")}
+    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(ROOT), **extra)
+    if GUARD_DIR != DEFAULT_GUARD_DIR and "NAD_GUARD_MODEL_TAG" not in extra:
+        env.setdefault("NAD_GUARD_DIR", str(GUARD_DIR))
+    return env
+
+
+def _stop(proc: subprocess.Popen, log: Path) -> str:
+    """Stop a server we started, and its workers (circus gives them their own process groups); return
+    its log."""
+    try:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    for w in workers:  # normally already stopped by the server
+        try:
+            w.wait(10)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            w.kill()
+    return log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bentoml_home")
+
+
+@pytest.fixture(scope="module")
+def url(home):
+    port = _free_port()
+    env = _env(home, NAD_GUARD_MAX_BATCH=str(MAX_BATCH), NAD_GUARD_MAX_REQUEST_BYTES=str(MAX_BYTES))
+    log = home / "server.log"  # kept in pytest's temporary directory
+    with log.open("wb") as out:
+        proc = subprocess.Popen([BENTOML, "serve", "service.service:NadGuard", "--host", "127.0.0.1", "--port",
+                                 str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + START_TIMEOUT
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited at start-up:\n{_stop(proc, log)[-4000:]}")
+            try:
+                if requests.get(f"{base}/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or busy starting
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"the server was not ready after {START_TIMEOUT} s:\n{_stop(proc, log)[-4000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        _stop(proc, log)
+
+
+@pytest.fixture(scope="module")
+def guard() -> Guard:
+    return Guard.load(GUARD_DIR)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return load_dataset("mnist5k")[1].float(0, 48).numpy()
+
+
+def _post(url: str, path: str, **kwargs) -> requests.Response:
+    return requests.post(url + path, timeout=60, **kwargs)
+
+
+def _png(a: np.ndarray, mode: str = "L", size: tuple[int, int] | None = None, fmt: str = "PNG") -> bytes:
+    img = Image.fromarray(np.round(a * 255).astype(np.uint8), "L").convert(mode)
+    if size:
+        img = img.resize(size, Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------ happy paths
+def test_json_batch_matches_the_library(url, guard, images):
+    x = images[:16]
+    with bentoml.SyncHTTPClient(url) as client:  # the client sends images as form data
+        got = client.predict_with_trust(images=x.tolist())
+    assert isinstance(got, list) and len(got) == 16
+    want = guard.predict(torch.from_numpy(x))
+    for g, w in zip(got, want):
+        assert set(g) == set(w)
+        assert (g["label"], g["class_name"], g["is_suspicious"], g["nearest_path_class"]) == \
+               (w["label"], w["class_name"], w["is_suspicious"], w["nearest_path_class"])
+        for key in ("confidence", "trust_score", "suspicion_score", "threshold"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
+        assert [lay["layer"] for lay in g["per_layer"]] == [lay["layer"] for lay in w["per_layer"]]
+        assert all(0 <= lay["divergence"] <= 1 for lay in g["per_layer"])
+        assert 0 < g["trust_score"] <= 1 and g["is_suspicious"] == (g["suspicion_score"] > g["threshold"])
+    labels = np.array([g["label"] for g in got])
+    assert (labels == load_dataset("mnist5k")[1].labels[:16].numpy()).mean() >= 0.9
+
+
+def test_raw_json_and_plain_predict_agree(url, images):
+    x = images[:10].tolist()
+    trust = _post(url, "/predict_with_trust", json={"images": x})
+    plain = _post(url, "/predict", json={"images": x})
+    assert trust.status_code == plain.status_code == 200
+    assert trust.headers["content-type"].startswith("application/json")
+    for t, p in zip(trust.json(), plain.json()):
+        assert set(p) == {"label", "class_name", "confidence"}
+        assert (t["label"], t["class_name"]) == (p["label"], p["class_name"])
+        assert t["confidence"] == pytest.approx(p["confidence"], abs=1e-6)
+
+
+def test_image_upload_equals_the_same_pixels_as_json(url, images, tmp_path):
+    x = images[3:4]
+    want = _post(url, "/predict_with_trust", json={"images": x.tolist()}).json()
+    for data, mime in ((_png(x[0, 0]), "image/png"), (_png(x[0, 0], "RGB"), "image/png"),
+                       (_png(x[0, 0], "RGBA"), "application/octet-stream")):
+        r = _post(url, "/predict_with_trust", files={"image": ("digit.png", data, mime)})
+        assert r.status_code == 200, r.text
+        assert r.json() == want  # grey, RGB and opaque RGBA PNGs of the same pixels: identical results
+    path = tmp_path / "digit.png"
+    path.write_bytes(_png(x[0, 0]))
+    with bentoml.SyncHTTPClient(url) as client:
+        assert client.predict_with_trust(image=path) == want
+
+
+def test_larger_and_jpeg_images_are_resized(url, images):
+    big = _png(images[5, 0], size=(112, 112))
+    jpeg = _png(images[5, 0], "RGB", size=(56, 70), fmt="JPEG")
+    want = _post(url, "/predict", json={"images": images[5:6].tolist()}).json()[0]["label"]
+    for data in (big, jpeg):
+        r = _post(url, "/predict_with_trust", files={"image": ("x", data)})
+        assert r.status_code == 200, r.text
+        assert len(r.json()) == 1 and r.json()[0]["label"] == want
+
+
+def test_batched_and_single_results_are_identical_under_concurrency(url, images):
+    x = images[:32]
+    whole = _post(url, "/predict_with_trust", json={"images": x.tolist()}).json()
+
+    def one(i: int) -> dict:
+        r = _post(url, "/predict_with_trust", json={"images": x[i:i + 1].tolist()})
+        assert r.status_code == 200, r.text
+        return r.json()[0]
+
+    with ThreadPoolExecutor(16) as pool:  # 128 calls: BentoML 1.4 used to drop some past 100 (see service.py)
+        concurrent = list(pool.map(one, [i % 32 for i in range(128)]))
+    sequential = [one(i) for i in (0, 7, 31)]
+    assert concurrent == whole * 4  # bit for bit, whatever each input was batched with
+    assert sequential == [whole[0], whole[7], whole[31]]
+    # and the runner did merge requests into batches
+    hist = _series(requests.get(url + "/metrics", timeout=30).text, "bentoml_service_adaptive_batch_size")
+    trust = {k: v for k, v in hist.items() if 'method_name="trust"' in k}
+    count = sum(v for k, v in trust.items() if k.startswith("bentoml_service_adaptive_batch_size_count"))
+    ones = sum(v for k, v in trust.items() if 'le="1.0"' in k)
+    assert count > ones, "no batch held more than one request"
+
+
+def _series(text: str, prefix: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _png_with_size(width: int, height: int) -> bytes:
+    """A valid small PNG whose header claims ``width x height`` (a decompression bomb's header)."""
+    data = bytearray(_png(np.zeros((4, 4))))
+    ihdr = bytearray(data[12:29])  # type + 13 bytes of data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def _json_text(text: str) -> dict:
+    return {"data": text.encode(), "headers": {"Content-Type": "application/json"}}
+
+
+Z = np.zeros((2, 1, 28, 28))
+BAD = {
+    "rank": ({"json": {"images": Z[0].tolist()}}, 400, r"shape \(1, 28, 28\); expected \(N, 1, 28, 28\)"),
+    "channels": ({"json": {"images": np.zeros((1, 3, 28, 28)).tolist()}}, 400, r"3 channel.*takes 1 \(grey\)"),
+    "size": ({"json": {"images": np.zeros((1, 1, 32, 32)).tolist()}}, 400, r"32x32.*takes 28x28"),
+    "nan": (_json_text('{"images": [[[' + ",".join(["[" + ",".join(["NaN"] * 28) + "]"] * 28) + "]]]}"),
+            400, "NaN or infinite"),
+    "inf": (_json_text('{"images": [[[' + ",".join(["[" + ",".join(["1e999"] * 28) + "]"] * 28) + "]]]}"),
+            400, "NaN or infinite"),
+    "range": ({"json": {"images": (Z + 255).tolist()}}, 400, r"outside \[0, 1\]"),
+    "negative": ({"json": {"images": (Z - 0.5).tolist()}}, 400, r"outside \[0, 1\]"),
+    "empty": ({"json": {"images": []}}, 400, "empty batch"),
+    "too_many": ({"json": {"images": np.zeros((MAX_BATCH + 1, 1, 28, 28), np.uint8).tolist()}}, 400,
+                 f"{MAX_BATCH + 1} images, more than the limit of {MAX_BATCH}"),
+    "strings": ({"json": {"images": [["a"]]}}, 400, "not numbers"),
+    "ragged": ({"json": {"images": [[[[0.1] * 28] * 28], [[[0.1] * 3]]]}}, 400, "images"),
+    "neither": ({"json": {}}, 400, "neither 'image' and 'images'"),
+    "both": ({"files": {"image": ("d.png", _png(np.zeros((28, 28)))), "images": (None, json.dumps(Z.tolist()))}},
+             400, "both 'image' and 'images'"),
+    "unknown_field": ({"json": {"imgs": Z.tolist()}}, 400, "unknown field.*'imgs'"),
+    "bad_json": (_json_text('{"images": [1, 2'), 400, "not valid JSON"),
+    "json_array_body": ({"json": Z.tolist()}, 400, "must be an object"),
+    "image_in_json": ({"json": {"image": "aGVsbG8="}}, 400, "file part of a multipart"),
+    "not_an_image": ({"files": {"image": ("d.png", b"%PDF-1.4 not an image at all")}}, 400, "not a PNG or JPEG"),
+    "empty_file": ({"files": {"image": ("d.png", b"")}}, 400, "empty"),
+    "truncated": ({"files": {"image": ("d.png", _png(np.random.default_rng(0).random((64, 64)))[:300])}}, 400,
+                  "truncated or corrupt"),
+    "bomb": ({"files": {"image": ("bomb.png", _png_with_size(20_000, 20_000))}}, 400, "pixels|too large"),
+    "over_pixel_limit": ({"files": {"image": ("big.png", _png_with_size(8_000, 7_000))}}, 400,
+                         "56,000,000 pixels, more than the limit"),
+    "image_as_text": ({"files": {"image": (None, "digit.png")}}, 400, "must be a file part"),
+    "images_as_binary": ({"files": {"images": ("d.png", _png(np.zeros((28, 28))))}}, 400, "must be JSON text"),
+    "two_images": ({"files": [("image", ("a.png", _png(np.zeros((28, 28))))),
+                              ("image", ("b.png", _png(np.zeros((28, 28)))))]}, 400, "given 2 times"),
+    "bad_multipart": ({"data": b"--x\r\nnot a part", "headers": {"Content-Type": "multipart/form-data"}}, 400,
+                      "malformed multipart"),
+    "content_type": ({"data": b"images=1", "headers": {"Content-Type": "text/plain"}}, 415,
+                     "unsupported Content-Type 'text/plain'"),
+    "too_large": ({"data": b"x" * (MAX_BYTES + 1), "headers": {"Content-Type": "application/json"}}, 413,
+                  "larger than the limit"),
+}
+
+
+@pytest.mark.parametrize("path", ["/predict_with_trust", "/predict"])
+def test_bad_input_is_a_client_error_with_a_useful_message(url, path):
+    for name, (kwargs, status, pattern) in BAD.items():
+        r = _post(url, path, **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        body = r.json()
+        assert isinstance(body, list) and isinstance(body[0]["error"], str), (name, body)
+        assert re.search(pattern, body[0]["error"]), (name, body[0]["error"])
+    # still up, and still right
+    assert requests.get(url + "/healthz", timeout=10).status_code == 200
+    r = _post(url, path, json={"images": Z.tolist()})
+    assert r.status_code == 200 and len(r.json()) == 2
+
+
+def test_metrics_have_the_default_and_custom_series(url, images):
+    noise = np.random.default_rng(1).random((4, 1, 28, 28))
+    assert _post(url, "/predict_with_trust", json={"images": np.concatenate([images[:4], noise]).tolist()}).ok
+    assert _post(url, "/predict_with_trust", json={"images": [[1]]}).status_code == 400
+    text = requests.get(url + "/metrics", timeout=30).text
+    predictions = _series(text, "nad_guard_predictions_total")
+    assert sum(predictions.values()) >= 8
+    assert _series(text, "nad_guard_flagged_total")  # one series per class, zero or not
+    assert _series(text, "nad_guard_trust_score_count")[
+        "nad_guard_trust_score_count"] == sum(predictions.values())
+    assert 'nad_guard_trust_score_bucket{le="0.05"}' in text
+    assert _series(text, 'nad_guard_refused_requests_total{endpoint="predict_with_trust"}')
+    assert "bentoml_service_request_total" in text and 'endpoint="/predict_with_trust"' in text
+    assert requests.get(url + "/readyz", timeout=10).status_code == 200
+
+
+# ------------------------------------------------------------------------------------ start-up, build
+def test_a_corrupt_guard_stops_start_up_with_a_clear_message(home, tmp_path):
+    broken = tmp_path / "broken_guard"
+    shutil.copytree(GUARD_DIR, broken)
+    (broken / "detector.skops").write_bytes(b"not a skops file")
+    env = _env(home, NAD_GUARD_DIR=str(broken))
+    r = subprocess.run([BENTOML, "serve", "service.service:NadGuard", "--host", "127.0.0.1", "--port",
+                        str(_free_port())], cwd=ROOT, env=env, capture_output=True, timeout=START_TIMEOUT)
+    log = (r.stdout + r.stderr).decode(errors="replace")
+    assert r.returncode != 0
+    assert f"cannot load the guard from NAD_GUARD_DIR={broken}" in log and "detector.skops" in log
+
+
+def test_bentoml_build_packs_the_service_and_a_stored_guard(home):
+    env = _env(home)
+    env.pop("NAD_GUARD_DIR", None)
+    stored = subprocess.run([sys.executable, "-m", "service.store", str(GUARD_DIR), "--name", "test-guard"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert stored.returncode == 0, stored.stderr[-2000:]
+    tag = stored.stdout.strip().splitlines()[-1]
+    assert tag.startswith("test-guard:")
+    build = subprocess.run([BENTOML, "build", "--output", "tag"], cwd=ROOT, capture_output=True, text=True,
+                           env={**env, "NAD_GUARD_MODEL_TAG": "test-guard:latest"}, timeout=300)
+    assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
+    bento_dir = next((home / "bentos" / "nad-guard").glob("[!l]*"))
+    src = bento_dir / "src"
+    assert (src / "service" / "service.py").is_file() and (src / "nad_guard" / "guard.py").is_file()
+    assert (src / "nad_guard" / "default_guard" / "meta.json").is_file()
+    assert not list(src.rglob("__pycache__"))
+    assert tag in (bento_dir / "bento.yaml").read_text()  # the stored guard travels with the bento
+    assert (home / "models" / "test-guard").is_dir()
+
+
+# ------------------------------------------------------------------------------------ pieces, no server
+SPEC = InputSpec(1, 28, 28, (0.5,), (0.5,), [str(i) for i in range(10)])
+
+
+def test_decode_image_conversions():
+    a = np.zeros((10, 20), np.uint8)
+    a[2:8, 5:15] = 255
+    grey = decode_image(_png(a / 255.0), SPEC, 10_000)
+    assert grey.shape == (1, 1, 28, 28) and grey.dtype == np.float32 and grey.max() == 1.0 and grey.min() == 0.0
+    rgb = InputSpec(3, 8, 8, (0.5,) * 3, (0.5,) * 3, ["a", "b"])
+    assert decode_image(_png(a / 255.0), rgb, 10_000).shape == (1, 3, 8, 8)
+    transparent = Image.new("RGBA", (28, 28), (255, 255, 255, 0))  # white but fully transparent
+    buf = io.BytesIO()
+    transparent.save(buf, "PNG")
+    assert decode_image(buf.getvalue(), SPEC, 10_000).max() == 0.0  # composited onto black
+    deep = Image.fromarray(np.full((28, 28), 65535, np.uint16))  # 16-bit grey
+    buf = io.BytesIO()
+    deep.save(buf, "PNG")
+    assert decode_image(buf.getvalue(), SPEC, 10_000).min() == 1.0
+    with pytest.raises(InputError, match="more than the limit"):
+        decode_image(_png(a / 255.0), SPEC, 199)
+
+
+def test_check_batch_accepts_only_the_exact_shape_and_range():
+    x = check_batch(np.zeros((2, 1, 28, 28), np.int64).tolist(), SPEC, 4)
+    assert x.dtype == np.float32 and x.shape == (2, 1, 28, 28)
+    with pytest.raises(InputError, match="one image: wrap it in a list"):
+        check_batch(np.zeros((1, 28, 28)), SPEC, 4)
+    with pytest.raises(InputError, match="booleans"):
+        check_batch(np.zeros((1, 1, 28, 28), bool), SPEC, 4)
+
+
+def test_settings_and_sources_fail_clearly(tmp_path):
+    with pytest.raises(GuardStartupError, match="set only one"):
+        resolve_source({"NAD_GUARD_MODEL_TAG": "a:b", "NAD_GUARD_DIR": str(tmp_path)})
+    with pytest.raises(GuardStartupError, match="NAD_GUARD_MAX_BATCH='many' is not an integer"):
+        Settings.from_env({"NAD_GUARD_MAX_BATCH": "many"})
+    assert resolve_source({}).path == DEFAULT_GUARD_DIR
+    assert Settings.from_env({"NAD_GUARD_MAX_BATCH": "32"}).max_batch == 32
+
+
+def test_timeout_middleware_releases_each_request_at_once():
+    """BentoML 1.4's TimeoutMiddleware kept every request's context alive for `timeout` seconds."""
+    import asyncio
+
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from service import bentoml_fixes
+
+    assert bentoml_fixes.apply()
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send(message):
+        pass
+
+    async def main() -> list:
+        mw = TimeoutMiddleware(app, timeout=120)
+        for _ in range(20):
+            await mw({"type": "http"}, None, send)
+        loop = asyncio.get_running_loop()
+        return [h for h in loop._scheduled if not h.cancelled() and h.when() - loop.time() > 60]
+
+    assert asyncio.run(main()) == []
