@@ -41,16 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from nad_guard.data import load_dataset  # noqa: E402
 from nad_guard.guard import DEFAULT_GUARD_DIR, Guard  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from paths_common import cpu_model  # noqa: E402  (bench/ is on sys.path when a script there runs)
 
 
 def other_busy_processes(seconds: float = 1.0) -> list[str]:
