@@ -29,6 +29,8 @@ Features are global-average-pooled activations ``(N, C)`` of named modules (see
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import contextlib
 import inspect
 from dataclasses import dataclass
@@ -250,7 +252,7 @@ def _targets(features: Features | None, targets: Any) -> np.ndarray | None:
 
 # --------------------------------------------------------------------------- base class
 
-class BaseDetector(BaseEstimator):
+class BaseDetector(BaseEstimator, metaclass=ABCMeta):
     """Shared raw-input path. Subclasses implement ``fit_features`` and ``score_features``, and
     set ``uses_layers`` (False: logits are enough)."""
 
@@ -292,11 +294,13 @@ class BaseDetector(BaseEstimator):
         layers = getattr(self, "layers_", []) if self.uses_layers else []
         return self.score_features(self._extract(model, images, layers, batch_size, device))
 
+    @abstractmethod
     def fit_features(self, features: Features, labels: Any = None, **kwargs: Any) -> "BaseDetector":
-        raise NotImplementedError
+        """Fit on precomputed features; every detector defines it."""
 
+    @abstractmethod
     def score_features(self, features: Features) -> np.ndarray:
-        raise NotImplementedError
+        """Suspicion scores from precomputed features (higher = more suspicious); every detector defines it."""
 
     def _select_layers(self, features: Features) -> list[str]:
         """The ``layers`` parameter (default: every layer of ``features``), checked against them."""

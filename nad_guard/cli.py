@@ -86,6 +86,26 @@ def data_info(name: str, root: str | None) -> None:
 DEVICE_HELP = "auto (CUDA when available), cpu or cuda[:N]."
 
 
+def _artifact_options(artifact_help: str):
+    """The options fit-detector and evaluate share: the path artifact, its classifier, data and attacks."""
+    options = [
+        click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False), help=artifact_help),
+        click.option("--model", required=True, help="The classifier the paths were learned for (as in fit-paths)."),
+        click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None),
+        click.option("--data", required=True, type=click.Choice(DATASETS)),
+        click.option("--data-root", type=click.Path(), default=None),
+        click.option("--suite", default="mnist", show_default=True, help="Attack suite: mnist, cifar10 or fast."),
+        click.option("--attacks", default=None,
+                     help="Comma-separated attacks of the suite (default: all but the noise controls)."),
+    ]
+
+    def apply(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return apply
+
+
 @main.command("fit-paths")
 @click.option("--model", required=True,
               help="Reference model (mnist-cnn, cifar10-resnet20), a torchvision architecture name, or "
@@ -125,14 +145,7 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
 
 
 @main.command("fit-detector")
-@click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Path artifact from fit-paths; the guard is written into it.")
-@click.option("--model", required=True, help="The classifier the paths were learned for (as in fit-paths).")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--data", required=True, type=click.Choice(DATASETS))
-@click.option("--data-root", type=click.Path(), default=None)
-@click.option("--suite", default="mnist", show_default=True, help="Attack suite: mnist, cifar10 or fast.")
-@click.option("--attacks", default=None, help="Comma-separated attacks of the suite (default: all but the noise controls).")
+@_artifact_options("Path artifact from fit-paths; the guard is written into it.")
 @click.option("--method", type=click.Choice(["gboost", "logistic", "isoforest", "gaussian"]), default="gboost",
               show_default=True, help="gboost/logistic are trained on attacks; isoforest/gaussian on clean data only.")
 @click.option("--encoding", type=click.Choice(["rich", "summary"]), default="rich", show_default=True)
@@ -168,14 +181,7 @@ def build_default_cmd(out: str | None, device: str) -> None:
 
 
 @main.command("evaluate")
-@click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Path artifact from fit-paths (a detector in it is not used: each protocol fits its own).")
-@click.option("--model", required=True, help="The classifier the paths were learned for (as in fit-paths).")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--data", required=True, type=click.Choice(DATASETS))
-@click.option("--data-root", type=click.Path(), default=None)
-@click.option("--suite", default="mnist", show_default=True, help="Attack suite: mnist, cifar10 or fast.")
-@click.option("--attacks", default=None, help="Comma-separated attacks of the suite (default: all but the noise controls).")
+@_artifact_options("Path artifact from fit-paths (a detector in it is not used: each protocol fits its own).")
 @click.option("--protocols", default="seen,unseen,fgsm-only,clean-only,mispredictions,adaptive", show_default=True,
               help="Comma-separated protocols.")
 @click.option("--method", "methods", default="logistic,gboost", show_default=True,
