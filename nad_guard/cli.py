@@ -38,15 +38,17 @@ def main() -> None:
 @click.option("--init", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start from these weights (fine-tuning); their JSON record is kept in the new one.")
 @click.option("--lr", type=float, default=None, help="Override the recipe's peak learning rate.")
+@click.option("--label-smoothing", type=float, default=None, help="Override the recipe's label smoothing.")
 def train_reference_cmd(name: str, out_dir: str | None, epochs: int | None, seed: int, device: str,
-                        data_root: str | None, init: str | None, lr: float | None) -> None:
+                        data_root: str | None, init: str | None, lr: float | None,
+                        label_smoothing: float | None) -> None:
     """Train a reference classifier (mnist-cnn on mnist5k, cifar10-resnet20 on CIFAR-10) and write its
     weights and a JSON training record."""
     from nad_guard.models import WEIGHTS_DIR
     from training.classifier import train_reference
 
     rec = train_reference(name, out_dir or WEIGHTS_DIR, device=device, epochs=epochs, seed=seed,
-                          data_root=data_root, init=init, lr=lr)
+                          data_root=data_root, init=init, lr=lr, label_smoothing=label_smoothing)
     click.echo(f"{name}: test accuracy {rec['test_accuracy']:.4f} on {rec['test_images']} images "
                f"after {rec['train_seconds']:.0f} s")
 

