@@ -315,6 +315,13 @@ def feature_matrix(parts: Mapping[str, torch.Tensor], layers: Sequence[str]) -> 
     return torch.stack(cols, 1), names
 
 
+def path_similarity(class_scores: torch.Tensor) -> torch.Tensor:
+    """Whole-path similarity ``(N, K)`` from the per-layer class scores ``s_k`` ``(N, L, K)``: the mean over
+    gate points of ``s_k``, in ``[0, 1]``; higher means class ``k``'s sub-architecture matches the input's
+    path better."""
+    return class_scores.mean(1)
+
+
 def mask_similarity(masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """``(K, K)`` similarity of class sub-architectures: mean over layers of the Jaccard index of the
     binary masks ``(K, C_l)``; two empty masks have Jaccard index 1."""
@@ -358,6 +365,25 @@ class PathFeatures:
     energy: torch.Tensor
     subnet_confidence: torch.Tensor | None = None
     subnet_drop: torch.Tensor | None = None
+
+    @property
+    def path_similarity(self) -> torch.Tensor:
+        """``(N, K)``: how well each class's sub-architecture matches the input's whole path (higher =
+        nearer); see :func:`path_similarity`."""
+        return path_similarity(self.class_scores)
+
+    @property
+    def nearest_path_class(self) -> torch.Tensor:
+        """``(N,)`` int64: the class whose sub-architecture is nearest the input's whole path (the argmax
+        of :attr:`path_similarity`, lowest index on ties)."""
+        return self.path_similarity.argmax(1)
+
+    def true_class_rank(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` int64 in ``1..K``: rank of class ``labels[i]``'s sub-architecture among all K by
+        :attr:`path_similarity` (1 = nearest; ties counted in the class's favour)."""
+        sim = self.path_similarity
+        own = sim.gather(1, labels.view(-1, 1).to(sim.device))
+        return 1 + (sim > own).sum(1)
 
 
 class PathModel:
