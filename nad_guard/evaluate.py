@@ -29,17 +29,19 @@ Protocols (``PROTOCOLS``):
 ``mispredictions``
     natural errors: positives are the evaluation part's misclassified clean images, negatives its
     correctly classified ones. nad-guard as deployed (the primary method trained on all attacks of
-    the fit part), its clean-only detector, and one trained on the fit part's own mispredictions
-    when it holds at least ``MIN_MISPREDICTIONS`` of them.
+    the fit part and the fit part's natural mispredictions, as ``nad-guard fit-detector`` does), the
+    same trained on the attacks only, its clean-only detector, and one trained on the fit part's own
+    mispredictions only when it holds at least ``MIN_MISPREDICTIONS`` of them.
 ``adaptive``
     a white-box L-inf PGD (the suite's ``pgd`` budget) that lowers the classifier's margin and the
     detector's score at once, through differentiable path features
     (:meth:`PathModel.pooled_forward` and :func:`soft_detector_matrix`, a smooth surrogate of the
     detector input) and a differentiable stand-in for the detector (the logistic detector itself,
     or a logistic detector fitted on the same data for a gradient-boosting one). Reported: the share
-    of attacked images for which some iterate is misclassified *and* not flagged by the real
-    detector at its calibrated threshold, next to the same figure for Mahalanobis-LR (attacked
-    through its exact, differentiable distance) and for plain PGD.
+    of attacked images for which, for some lambda (0, plain PGD, included) and some iterate, the image
+    is misclassified *and* not flagged by the real detector at its calibrated threshold, next to the
+    same figure for Mahalanobis-LR (attacked through its exact, differentiable distance) and for plain
+    PGD alone.
 
 Outputs (:func:`write_outputs`): ``results.md`` (tables), ``results.json`` (everything, with the
 configuration and timing) and ``roc_<protocol>.png`` plots.
@@ -87,8 +89,8 @@ class EvalConfig:
     attacks: Sequence[str] | None = None
     protocols: Sequence[str] = PROTOCOLS
     methods: Sequence[str] = ("logistic", "gboost")
-    encodings: Sequence[str] = ("full", "rich")
-    primary: tuple[str, str] = ("logistic", "full")
+    encodings: Sequence[str] = ("rich", "full")
+    primary: tuple[str, str] = ("logistic", "rich")
     clean_methods: Sequence[str] = ("gaussian", "isoforest")
     fpr: float = 0.05
     batch_size: int = 128
@@ -156,18 +158,20 @@ def _concat(sets: Sequence[FeatureSet]) -> FeatureSet:
 # --------------------------------------------------------------------------- differentiable surrogate
 
 def soft_detector_matrix(pooled: Sequence[torch.Tensor], logits: torch.Tensor, masks: Sequence[torch.Tensor],
-                         encoding: str = "rich", *, tau: float = 0.01, top_k: float = 0.25) -> torch.Tensor:
+                         stats: Sequence[Any], encoding: str = "rich", *, tau: float = 0.01,
+                         top_k: float = 0.25) -> torch.Tensor:
     """A smooth surrogate of :func:`nad_guard.guard.detector_matrix` ``(N, F)`` for attacks.
 
     Same columns in the same order. The continuous features (``mass_share``, ``margin``, the
     confidence signals and the rich encoding's ``s_k - s_p``) are exact; the step functions are
     replaced: ``nearest_is_pred`` by ``sigmoid(margin / tau)``, ``pred_rank`` by
     ``1 + sum_{k != p} sigmoid((s_k - s_p) / tau)``, ``agree_fraction`` by their mean; ``topk_overlap``
-    is the exact value without gradient. The predicted class ``p`` is the current argmax.
+    is the exact value without gradient. The predicted class ``p`` is the current argmax. ``stats``: the
+    path model's :class:`~nad_guard.paths.ChannelStats` per gate point.
     """
     from nad_guard.paths import path_features
 
-    parts = path_features(pooled, logits, masks, top_k=top_k)
+    parts = path_features(pooled, logits, masks, stats, top_k=top_k)
     s, pred = parts["class_scores"], parts["pred"]
     idx = pred.view(-1, 1, 1).expand(-1, s.shape[1], 1)
     sp = s.gather(2, idx)
@@ -176,11 +180,12 @@ def soft_detector_matrix(pooled: Sequence[torch.Tensor], logits: torch.Tensor, m
     others = torch.ones_like(s).scatter(2, idx, 0.0)
     soft_rank = 1 + (torch.sigmoid(diff / tau) * others).sum(2)
     per_layer = {"mass_share": parts["mass_share"], "topk_overlap": parts["topk_overlap"].detach(),
-                 "margin": parts["margin"], "nearest_is_pred": soft_is_pred, "pred_rank": soft_rank}
+                 "margin": parts["margin"], "nearest_is_pred": soft_is_pred, "pred_rank": soft_rank,
+                 "centroid_dist": parts["centroid_dist"], "centroid_margin": parts["centroid_margin"]}
     cols = []
     for j in range(s.shape[1]):
         cols += [per_layer[f][:, j] for f in LAYER_FEATURES]
-    cols += [soft_is_pred.mean(1), parts["msp"], parts["softmax_margin"], parts["energy"]]
+    cols += [soft_is_pred.mean(1), parts["msp"], parts["softmax_margin"], parts["energy"], parts["logit_margin"]]
     out = [torch.stack(cols, 1)]
     if encoding in ("rich", "full"):
         out.append(diff.flatten(1))
@@ -215,15 +220,13 @@ class _Data:
                  log: Callable[[str], None]):
         from tqdm.auto import tqdm
 
-        from training.detector import correct_subset, holdout_splits
+        from training.detector import correct_subset, holdout_splits, sample_heldout
 
         self.cfg, self.paths = cfg, paths
         clf = paths.classifier
         dev = torch.device(cfg.device)
         clf.to(dev)
-        if cfg.max_images is not None and cfg.max_images < len(test):
-            _, keep = stratified_split(test.labels.numpy(), cfg.max_images, seed=cfg.seed)
-            test = test.subset(keep, f"{test.name}[{cfg.max_images}]")
+        test = sample_heldout(test, cfg.max_images, cfg.seed)[0]
         fit, cal, ev = holdout_splits(test, cfg.seed)
         self.splits = {"fit": fit, "calibration": cal, "evaluation": ev}
         self.clean = {k: correct_subset(paths, v) for k, v in self.splits.items()}
@@ -379,11 +382,13 @@ def _mispredictions(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[
     method, enc = cfg.primary
     keys = {"clean": "evaluation:clean", "adv": "evaluation:wrong", "cal": "calibration:clean"}
     dets: dict[str, Callable[[str], np.ndarray]] = {}
-    train_keys = ["fit:clean"] + [f"fit:{a}" for a in d.usable]
-    X = np.vstack([d.f[k].path[enc] for k in train_keys])
-    y = np.concatenate([np.zeros(len(d.f["fit:clean"]))] + [np.ones(len(d.f[k])) for k in train_keys[1:]])
-    deployed = PathDetector(method, random_state=cfg.seed).fit(X, y)
-    dets["nad-guard"] = lambda k: deployed.score(d.f[k].path[enc])
+    attack_keys = ["fit:clean"] + [f"fit:{a}" for a in d.usable]
+    deployed_keys = attack_keys + (["fit:wrong"] if "fit:wrong" in d.f else [])
+    for name, train_keys in (("nad-guard", deployed_keys), (f"nad-guard[{method},{enc},attacks only]", attack_keys)):
+        X = np.vstack([d.f[k].path[enc] for k in train_keys])
+        y = np.concatenate([np.zeros(len(d.f["fit:clean"]))] + [np.ones(len(d.f[k])) for k in train_keys[1:]])
+        det = PathDetector(method, random_state=cfg.seed).fit(X, y)
+        dets[name] = lambda k, det=det: det.score(d.f[k].path[enc])
     clean_det = PathDetector(cfg.clean_methods[0], random_state=cfg.seed).fit(d.f["fit:clean"].path[enc])
     dets[f"nad-guard[{cfg.clean_methods[0]},{enc}]"] = lambda k: clean_det.score(d.f[k].path[enc])
     if d.n_wrong["fit"] >= MIN_MISPREDICTIONS:
@@ -397,8 +402,9 @@ def _mispredictions(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[
     for name, fn in dets.items():
         s = {r: fn(k) for r, k in keys.items()}
         scores[name] = s
+        trained_on = {"nad-guard": "all attacks + fit mispredictions"}.get(name, "all attacks" if "attacks only" in name else "")
         rows.append({**_metrics_row(name, "mispredictions", s["clean"], s["adv"], s["cal"], cfg),
-                     "trained_on": "all attacks" if name == "nad-guard" else ""})
+                     "trained_on": trained_on})
     keep_scores["mispredictions"] = scores
     return rows
 
@@ -443,7 +449,8 @@ def _adaptive(d: _Data, b: _Baselines, cfg: EvalConfig, log: Callable[[str], Non
         raise ValueError("the adaptive attack uses the suite's L-inf pgd budget")
     eps, alpha = float(spec.eps), float(spec.params["alpha"])
     steps = int(cfg.adaptive_steps or spec.params["steps"])
-    train_keys = ["fit:clean"] + [f"fit:{a}" for a in d.usable]
+    # the detector as deployed: all attacks and the natural mispredictions of the fit part
+    train_keys = ["fit:clean"] + [f"fit:{a}" for a in d.usable] + (["fit:wrong"] if "fit:wrong" in d.f else [])
     y = np.concatenate([np.zeros(len(d.f["fit:clean"]))] + [np.ones(len(d.f[k])) for k in train_keys[1:]])
     X = np.vstack([d.f[k].path[enc] for k in train_keys])
     real = PathDetector(method, random_state=cfg.seed).fit(X, y)
@@ -452,10 +459,11 @@ def _adaptive(d: _Data, b: _Baselines, cfg: EvalConfig, log: Callable[[str], Non
     surrogate_det = real if method == "logistic" else PathDetector("logistic", random_state=cfg.seed).fit(X, y)
     lin = _torch_linear(surrogate_det.estimator_, torch.float64, dev)
     masks = [paths.masks_[n].to(dev) for n in paths.layer_names_]
+    stats = [paths.stats_[n].to(dev) for n in paths.layer_names_]
 
     def nad_surrogate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, pooled = paths.pooled_forward(x)
-        feats = soft_detector_matrix([p.double() for p in pooled], logits.double(), masks, enc)
+        feats = soft_detector_matrix([p.double() for p in pooled], logits.double(), masks, stats, enc)
         return logits, lin(feats)
 
     def nad_flag(x: torch.Tensor) -> torch.Tensor:
@@ -497,8 +505,7 @@ def _adaptive(d: _Data, b: _Baselines, cfg: EvalConfig, log: Callable[[str], Non
                                           cfg.seed + s).cpu())
             succ = torch.cat(succ)
             per_lam[str(lam)] = float(succ.float().mean())
-            if lam > 0:
-                any_success |= succ
+            any_success |= succ  # the attacker may pick any lambda per image, plain PGD (0) included
         out["detectors"][name] = {
             "threshold": threshold,
             "plain_pgd_evades": per_lam["0.0"],  # lam 0: the classifier-only attack, same budget

@@ -8,6 +8,15 @@ same single forward pass that predicts: at each gate point the output is pooled 
 ``a in R^C_l`` (mean over all positions of an ``(N, C, H, W)`` output; a 2-D ``(N, C)`` output is
 used as is). Nothing is run twice and no gradient is taken.
 
+Channel statistics (:meth:`PathModel.fit_stats`, from the classifier's correctly classified training
+images): per gate point the mean ``mu_c`` and standard deviation ``sigma_c`` of every channel's pooled
+activation, and per class ``k`` the *centroid* ``m_k``, the mean standardised path of class ``k``'s
+images. The standardised path is ``z_c = (a_c - mu_c) / sigma_c``: how much more (or less) than usual
+channel ``c`` fires. Without standardisation a few channels that fire strongly for every input dominate
+any comparison of paths (measured on the MNIST CNN: the layer-wise nearest sub-architecture agreed
+with the prediction on 19% / 13% / 25% / 94% of correctly classified test images, against 29% / 30% /
+77% / 96% standardised).
+
 Features (columns of :attr:`PathFeatures.X`, in this order; ``p`` is the predicted class,
 ``M_k`` class ``k``'s binary mask at the layer, ``|a|`` the channel-wise absolute pooled activation,
 which equals ``a`` after a ReLU):
@@ -18,17 +27,24 @@ Per gate point, named ``"<layer>:<feature>"``:
     ``sum_{c in M_p} |a_c| / sum_c |a_c|`` in ``[0, 1]`` (0 for an all-zero path). Higher: more of
     the activation lies inside the predicted class's sub-architecture.
 ``topk_overlap``
-    Share of the input's strongest channels that lie in ``M_p``, in ``[0, 1]``. The strongest
-    channels are those with ``|a_c| > 0`` and ``|a_c|`` at least the ``ceil(top_k * C_l)``-th largest
-    value (ties included, so the set does not depend on tie-breaking); 0 if there are none.
+    Share of the input's most unusually active channels that lie in ``M_p``, in ``[0, 1]``. Those
+    channels are the ones with ``z_c`` at least the ``ceil(top_k * C_l)``-th largest value (ties
+    included, so the set does not depend on tie-breaking).
 ``margin``
-    ``s_p - max_{k != p} s_k`` in ``[-1, 1]``, where the class score ``s_k = cos(|a|, M_k)`` is the
-    cosine similarity between the activation magnitudes and the 0/1 mask (0 for an empty mask or an
-    all-zero path). Positive: the predicted class's mask matches the path better than any other.
+    ``s_p - max_{k != p} s_k``, where the class score ``s_k = mean_{c in M_k} z_c - mean_{c not in M_k} z_c``
+    (a mean over an empty set is 0) says how much more the channels of class ``k``'s sub-architecture
+    fire than the rest, in standard deviations. Positive: the predicted class's sub-architecture
+    matches the path better than any other.
 ``nearest_is_pred``
     1.0 if the nearest class ``argmax_k s_k`` (lowest index on ties) is ``p``, else 0.0.
 ``pred_rank``
     ``1 + #{k : s_k > s_p}``, in ``1..K``; 1 means no class matches the path better than ``p``.
+``centroid_dist``
+    ``sqrt(mean_c (z_c - m_{p,c})^2)``: root-mean-square distance, in standard deviations, between the
+    path and the predicted class's typical path. Higher: the input does not flow like the class's images.
+``centroid_margin``
+    ``centroid_dist - min_k sqrt(mean_c (z_c - m_{k,c})^2)`` (``>= 0``): 0 when the predicted class's
+    typical path is the nearest one.
 
 Global:
 
@@ -40,6 +56,9 @@ Global:
     Top-1 minus top-2 softmax probability, in ``[0, 1]``; higher is more confident.
 ``energy``
     ``-logsumexp(logits)``; *lower* is more confident (Liu et al. 2020).
+``logit_margin``
+    Top-1 minus top-2 logit, ``>= 0``; higher is more confident (unlike ``softmax_margin`` it does not
+    saturate for confident inputs).
 
 Only with ``subnetwork=True`` (a second pass in which every gate point's output is multiplied by
 ``M_p``: the predicted class's subnetwork, Wang, Hu & Su 2019):
@@ -50,16 +69,21 @@ Only with ``subnetwork=True`` (a second pass in which every gate point's output 
     ``msp - subnet_confidence``; positive when the input loses confidence inside its own
     class's subnetwork.
 
+The whole-path similarity of class ``k`` (:func:`path_similarity`) is the mean of ``s_k`` over gate
+points; the input's *nearest sub-architecture* is its argmax.
+
 Every feature of sample ``i`` depends on sample ``i`` only: no batch statistics. The feature math
 is the pure, differentiable function :func:`path_features` of ``(pooled activations, logits,
-masks)``; :meth:`PathModel.pooled_forward` gives those inputs with gradients when called outside
-``torch.no_grad``.
+masks, statistics)``; :meth:`PathModel.pooled_forward` gives those inputs with gradients when called
+outside ``torch.no_grad``.
 
 Artifacts: :meth:`PathModel.save` writes a directory with ``meta.json`` (format, version, model
 reference, layers, class names, training config and metrics, library versions, and a ``detector``
 key reserved for a detector saved later into the same directory) and ``paths.safetensors``
-(``gates/<layer>`` float32 ``(K, C_l)`` and ``masks/<layer>`` bool ``(K, C_l)``).
-:meth:`PathModel.load` validates all of it against the classifier and raises :class:`ArtifactError`.
+(``gates/<layer>`` float32 ``(K, C_l)``, ``masks/<layer>`` bool ``(K, C_l)``, and the statistics
+``stats/mean/<layer>``, ``stats/std/<layer>`` float32 ``(C_l,)`` and ``stats/centroids/<layer>``
+float32 ``(K, C_l)``). :meth:`PathModel.load` validates all of it against the classifier and raises
+:class:`ArtifactError`.
 """
 
 from __future__ import annotations
@@ -69,7 +93,7 @@ import json
 import math
 import platform
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -82,15 +106,16 @@ from nad_guard import __version__
 from nad_guard.models import BasicBlock, CifarResNet, Classifier
 
 ARTIFACT_FORMAT = "nad-guard-paths"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: channel statistics (version 1 artifacts must be refitted)
 META_FILE, TENSOR_FILE = "meta.json", "paths.safetensors"
 SPEC_KEYS = ("channels", "height", "width", "mean", "std")
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                nn.Mish, nn.Hardswish, nn.Hardtanh)
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-LAYER_FEATURES = ("mass_share", "topk_overlap", "margin", "nearest_is_pred", "pred_rank")
-GLOBAL_FEATURES = ("agree_fraction", "msp", "softmax_margin", "energy")
+LAYER_FEATURES = ("mass_share", "topk_overlap", "margin", "nearest_is_pred", "pred_rank", "centroid_dist",
+                  "centroid_margin")
+GLOBAL_FEATURES = ("agree_fraction", "msp", "softmax_margin", "energy", "logit_margin")
 SUBNET_FEATURES = ("subnet_confidence", "subnet_drop")
 
 
@@ -106,6 +131,19 @@ class GatePoint:
 
     name: str
     channels: int
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Statistics of one gate point's pooled activations over clean training images (see the module
+    docstring): ``mean`` and ``std`` ``(C,)``; ``centroids`` ``(K, C)``, class ``k``'s mean standardised path."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    centroids: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "ChannelStats":
+        return ChannelStats(self.mean.to(device), self.std.to(device), self.centroids.to(device))
 
 
 def _unwrap(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[nn.Module, tuple[int, ...]]:
@@ -249,34 +287,46 @@ def apply_gate(out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return out * gate.to(out.dtype).view(*gate.shape, *([1] * (out.ndim - 2)))
 
 
-def path_features(pooled: Sequence[torch.Tensor], logits: torch.Tensor, masks: Sequence[torch.Tensor], *,
-                  top_k: float = 0.25) -> dict[str, torch.Tensor]:
+def path_features(pooled: Sequence[torch.Tensor], logits: torch.Tensor, masks: Sequence[torch.Tensor],
+                  stats: Sequence[ChannelStats], *, top_k: float = 0.25) -> dict[str, torch.Tensor]:
     """The divergence features of the module docstring, as a pure differentiable function.
 
     Args:
         pooled: per gate point, pooled activations ``(N, C_l)``.
         logits: ``(N, K)`` classifier logits.
         masks: per gate point, the class masks ``(K, C_l)`` (bool or 0/1 float).
+        stats: per gate point, the channel statistics.
         top_k: fraction in ``(0, 1]`` of each layer's channels counted as the input's strongest.
 
     Returns:
-        ``pred`` ``(N,)`` int64; ``class_scores`` ``(N, L, K)`` cosine scores ``s_k`` in ``[0, 1]``;
+        ``pred`` ``(N,)`` int64; ``class_scores`` ``(N, L, K)`` scores ``s_k`` (standard deviations);
         ``nearest_class`` and ``pred_rank`` ``(N, L)`` int64; ``mass_share``, ``topk_overlap``,
-        ``margin``, ``nearest_is_pred`` ``(N, L)`` float; ``agree_fraction``, ``msp``,
-        ``softmax_margin``, ``energy`` ``(N,)`` float. Gradients flow through the continuous ones.
+        ``margin``, ``nearest_is_pred``, ``centroid_dist``, ``centroid_margin`` ``(N, L)`` float;
+        ``agree_fraction``, ``msp``, ``softmax_margin``, ``energy``, ``logit_margin`` ``(N,)`` float.
+        Gradients flow through the continuous ones.
     """
     if not 0 < top_k <= 1:
         raise ValueError(f"top_k must be a fraction in (0, 1], got {top_k}")
     pred = logits.argmax(1)
-    share, overlap, scores = [], [], []
-    for a, m in zip(pooled, masks, strict=True):
-        a, mb = a.abs(), m.bool()
+    rows = torch.arange(len(pred), device=pred.device)
+    share, overlap, scores, cdist, cmargin = [], [], [], [], []
+    for a, m, st in zip(pooled, masks, stats, strict=True):
+        mb = m.bool()
         mf = mb.to(a.dtype)
-        share.append((a * mf[pred]).sum(1) / a.sum(1).clamp_min(1e-12))
-        kth = a.topk(max(1, math.ceil(top_k * a.shape[1])), dim=1).values[:, -1:]
-        strong = (a >= kth) & (a > 0)
+        mag = a.abs()
+        share.append((mag * mf[pred]).sum(1) / mag.sum(1).clamp_min(1e-12))
+        z = (a - st.mean.to(a.dtype)) / st.std.to(a.dtype)
+        kth = z.topk(max(1, math.ceil(top_k * z.shape[1])), dim=1).values[:, -1:]
+        strong = z >= kth
         overlap.append((strong & mb[pred]).sum(1) / strong.sum(1).clamp_min(1))
-        scores.append(F.normalize(a, dim=1) @ (mf / mf.sum(1, keepdim=True).sqrt().clamp_min(1)).T)
+        inside = z @ (mf / mf.sum(1, keepdim=True).clamp_min(1)).T
+        outside = z @ ((1 - mf) / (1 - mf).sum(1, keepdim=True).clamp_min(1)).T
+        scores.append(inside - outside)
+        c = st.centroids.to(a.dtype)
+        d2 = z.pow(2).sum(1, keepdim=True) - 2 * z @ c.T + c.pow(2).sum(1)[None]  # (N, K) squared distances
+        d = (d2 / z.shape[1]).clamp_min(1e-12).sqrt()
+        cdist.append(d[rows, pred])
+        cmargin.append(d[rows, pred] - d.amin(1))
     s = torch.stack(scores, 1)  # (N, L, K)
     idx = pred.view(-1, 1, 1).expand(-1, s.shape[1], 1)
     s_pred = s.gather(2, idx).squeeze(2)
@@ -284,13 +334,16 @@ def path_features(pooled: Sequence[torch.Tensor], logits: torch.Tensor, masks: S
     is_pred = (nearest == pred[:, None]).to(s.dtype)
     probs = logits.softmax(1)
     top2 = probs.topk(2, dim=1).values
+    ltop2 = logits.topk(2, dim=1).values
     return {
         "pred": pred, "class_scores": s, "nearest_class": nearest,
         "pred_rank": 1 + (s > s_pred[..., None]).sum(2),
         "mass_share": torch.stack(share, 1), "topk_overlap": torch.stack(overlap, 1).to(s.dtype),
         "margin": s_pred - s.scatter(2, idx, float("-inf")).amax(2),
-        "nearest_is_pred": is_pred, "agree_fraction": is_pred.mean(1),
+        "nearest_is_pred": is_pred, "centroid_dist": torch.stack(cdist, 1), "centroid_margin": torch.stack(cmargin, 1),
+        "agree_fraction": is_pred.mean(1),
         "msp": top2[:, 0], "softmax_margin": top2[:, 0] - top2[:, 1], "energy": -torch.logsumexp(logits, 1),
+        "logit_margin": ltop2[:, 0] - ltop2[:, 1],
     }
 
 
@@ -317,8 +370,8 @@ def feature_matrix(parts: Mapping[str, torch.Tensor], layers: Sequence[str]) -> 
 
 def path_similarity(class_scores: torch.Tensor) -> torch.Tensor:
     """Whole-path similarity ``(N, K)`` from the per-layer class scores ``s_k`` ``(N, L, K)``: the mean over
-    gate points of ``s_k``, in ``[0, 1]``; higher means class ``k``'s sub-architecture matches the input's
-    path better."""
+    gate points of ``s_k`` (standard deviations); higher means class ``k``'s sub-architecture matches the
+    input's path better."""
     return class_scores.mean(1)
 
 
@@ -342,8 +395,9 @@ class PathFeatures:
 
     ``X`` ``(N, F)`` float32 with column ``names``; ``layers`` the gate points (``L``); ``logits``
     ``(N, K)``; ``pred`` ``(N,)``; per layer ``(N, L)``: ``mass_share``, ``topk_overlap``, ``margin``,
-    ``nearest_class``, ``nearest_is_pred``, ``pred_rank``; ``class_scores`` ``(N, L, K)``;
-    ``msp``, ``softmax_margin``, ``energy``, ``agree_fraction`` ``(N,)``; ``subnet_confidence`` and
+    ``nearest_class``, ``nearest_is_pred``, ``pred_rank``, ``centroid_dist``, ``centroid_margin``;
+    ``class_scores`` ``(N, L, K)``;
+    ``msp``, ``softmax_margin``, ``energy``, ``logit_margin``, ``agree_fraction`` ``(N,)``; ``subnet_confidence`` and
     ``subnet_drop`` ``(N,)`` or ``None``.
     """
 
@@ -359,12 +413,20 @@ class PathFeatures:
     nearest_class: torch.Tensor
     nearest_is_pred: torch.Tensor
     pred_rank: torch.Tensor
+    centroid_dist: torch.Tensor
+    centroid_margin: torch.Tensor
     agree_fraction: torch.Tensor
     msp: torch.Tensor
     softmax_margin: torch.Tensor
     energy: torch.Tensor
+    logit_margin: torch.Tensor
     subnet_confidence: torch.Tensor | None = None
     subnet_drop: torch.Tensor | None = None
+
+    def rows(self, index: slice) -> "PathFeatures":
+        """The features of the rows ``index`` of the batch (every per-input tensor sliced)."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
+                                if torch.is_tensor(getattr(self, f.name))})
 
     @property
     def path_similarity(self) -> torch.Tensor:
@@ -395,7 +457,8 @@ class PathModel:
 
     Learned state (set by :meth:`set_gates`, which :func:`training.paths.fit_paths` and :meth:`load`
     call): ``gate_points_``, ``gates_`` and ``masks_`` (layer name -> ``(K, C_l)`` float in ``(0, 1)``
-    / bool), ``class_names_``, ``training_`` (config) and ``metrics_``.
+    / bool), ``class_names_``, ``training_`` (config) and ``metrics_``; and ``stats_`` (layer name ->
+    :class:`ChannelStats`), set by :meth:`fit_stats` (or passed to :meth:`set_gates`). Features need both.
     """
 
     def __init__(self, classifier: Classifier, layers: Sequence[str] | None = None):
@@ -408,9 +471,12 @@ class PathModel:
 
     # ---- learned state
     def set_gates(self, gates: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None, *,
-                  training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> "PathModel":
+                  stats: Mapping[str, ChannelStats] | None = None, training: dict[str, Any] | None = None,
+                  metrics: dict[str, Any] | None = None) -> "PathModel":
         """Install learned gates (layer name -> ``(K, C_l)`` in ``[0, 1]``); ``masks`` default to
-        ``gates > 0.5``. Raises ``ValueError`` if names or shapes do not fit the classifier."""
+        ``gates > 0.5``; ``stats`` (layer name -> :class:`ChannelStats`) are kept if given, else
+        :meth:`fit_stats` must run before features are read. Raises ``ValueError`` if names or shapes do
+        not fit the classifier."""
         points = find_gate_points(self.classifier, self.layers)
         names = [p.name for p in points]
         if set(gates) != set(names) or (masks is not None and set(masks) != set(names)):
@@ -426,15 +492,95 @@ class PathModel:
             if not torch.isfinite(g).all() or g.min() < 0 or g.max() > 1:
                 raise ValueError(f"gates for {p.name!r} must lie in [0, 1]")
             new_gates[p.name], new_masks[p.name] = g, m
+        new_stats = None
+        if stats is not None:
+            if set(stats) != set(names):
+                raise ValueError(f"statistics are for layers {sorted(stats)}, the model's gate points are {names}")
+            new_stats = {}
+            for p in points:
+                st = stats[p.name]
+                st = ChannelStats(*(t.detach().float().cpu() for t in (st.mean, st.std, st.centroids)))
+                if (tuple(st.mean.shape), tuple(st.std.shape), tuple(st.centroids.shape)) != \
+                        ((p.channels,), (p.channels,), (k, p.channels)):
+                    raise ValueError(f"statistics for {p.name!r} have shapes {tuple(st.mean.shape)}, "
+                                     f"{tuple(st.std.shape)}, {tuple(st.centroids.shape)}; expected ({p.channels},), "
+                                     f"({p.channels},), ({k}, {p.channels})")
+                if not all(torch.isfinite(t).all() for t in (st.mean, st.std, st.centroids)) or st.std.min() <= 0:
+                    raise ValueError(f"statistics for {p.name!r} must be finite with positive std")
+                new_stats[p.name] = st
         self.gate_points_, self.gates_, self.masks_ = points, new_gates, new_masks
+        if new_stats is not None:
+            self.stats_ = new_stats
+        elif hasattr(self, "stats_"):
+            del self.stats_
         self.class_names_ = list(self.classifier.class_names)
         self.training_, self.metrics_ = dict(training or {}), dict(metrics or {})
         return self
 
-    def _check_fitted(self) -> None:
+    def _check_fitted(self, stats: bool = False) -> None:
         if not hasattr(self, "masks_"):
             raise NotFittedError("this PathModel has no masks yet: fit it with training.paths.fit_paths "
                                  "or load a saved artifact with PathModel.load")
+        if stats and not hasattr(self, "stats_"):
+            raise NotFittedError("this PathModel has masks but no channel statistics: call "
+                                 "fit_stats(training images) before reading features")
+
+    @torch.no_grad()
+    def fit_stats(self, images: Any, labels: torch.Tensor | None = None, *, batch_size: int = 256,
+                  progress: bool = False) -> "PathModel":
+        """Fit the channel statistics (see the module docstring) from clean training images, streamed.
+
+        ``images``: an :class:`~nad_guard.data.ImageSet`, or a float ``(N, C, H, W)`` tensor in ``[0, 1]``
+        with ``labels`` ``(N,)``. Means, standard deviations and class centroids are taken over the
+        images the classifier labels correctly (all images if it labels none correctly; a class without
+        correctly labelled images gets the centroid of all its images). Memory does not grow with N.
+        """
+        from tqdm.auto import tqdm
+
+        self._check_fitted()
+        names, k = self.layer_names_, self.classifier.num_classes
+        if labels is None:
+            get = lambda s, e: images.float(s, e)  # noqa: E731
+            labels = images.labels
+        else:
+            get = lambda s, e: images[s:e]  # noqa: E731
+        n = len(labels)
+        if n == 0:
+            raise ValueError("fit_stats needs at least one image")
+        device = _device_of(self.classifier)
+        # per layer: [sum, sumsq] over correct and over all rows; per-class sums and counts (correct, all)
+        acc = {key: [None] * len(names) for key in ("s_ok", "q_ok", "s_all", "q_all", "c_ok", "c_all")}
+        cnt_ok, cnt_all = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+        for s in tqdm(range(0, n, batch_size), desc="channel stats", disable=not progress, leave=False):
+            x, y = get(s, s + batch_size).to(device), labels[s:s + batch_size].to(device)
+            logits, pooled = self.pooled_forward(x)
+            ok = (logits.argmax(1) == y).double()
+            onehot = F.one_hot(y, k).double()
+            cnt_ok += (onehot * ok[:, None]).sum(0).cpu()
+            cnt_all += onehot.sum(0).cpu()
+            for i, a in enumerate(pooled):
+                a = a.double()
+                for key, val in (("s_ok", (a * ok[:, None]).sum(0)), ("q_ok", (a * a * ok[:, None]).sum(0)),
+                                 ("s_all", a.sum(0)), ("q_all", (a * a).sum(0)),
+                                 ("c_ok", (onehot * ok[:, None]).T @ a), ("c_all", onehot.T @ a)):
+                    val = val.cpu()
+                    acc[key][i] = val if acc[key][i] is None else acc[key][i] + val
+        use_ok = cnt_ok.sum() > 0
+        total = cnt_ok.sum() if use_ok else cnt_all.sum()
+        stats = {}
+        for i, name in enumerate(names):
+            mean = (acc["s_ok"][i] if use_ok else acc["s_all"][i]) / total
+            var = ((acc["q_ok"][i] if use_ok else acc["q_all"][i]) / total - mean ** 2).clamp_min(0)
+            std = var.sqrt()
+            std = std.clamp_min(1e-3 * float(std.mean()) + 1e-12)
+            class_mean = torch.where((cnt_ok > 0)[:, None], acc["c_ok"][i] / cnt_ok.clamp_min(1)[:, None],
+                                     acc["c_all"][i] / cnt_all.clamp_min(1)[:, None])
+            centroids = torch.where((cnt_all > 0)[:, None], (class_mean - mean) / std, torch.zeros_like(class_mean))
+            stats[name] = ChannelStats(mean.float(), std.float(), centroids.float())
+        self.stats_ = stats
+        self.metrics_ = {**self.metrics_, "stats_images": int(total), "stats_from": "correct" if use_ok else "all",
+                         "stats_classes_without_images": [self.class_names_[j] for j in range(k) if cnt_all[j] == 0]}
+        return self
 
     @property
     def layer_names_(self) -> list[str]:
@@ -483,17 +629,18 @@ class PathModel:
         One forward pass per batch of ``batch_size`` under ``torch.no_grad`` (two with
         ``subnetwork=True``). Sample ``i``'s features do not depend on the rest of the batch.
         """
-        self._check_fitted()
+        self._check_fitted(stats=True)
         self.classifier.check_input(x)
         names = self.layer_names_
         device = _device_of(self.classifier)
         masks = [self.masks_[n].to(device) for n in names]
+        stats = [self.stats_[n].to(device) for n in names]
         chunks: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():
             for xb in x.split(batch_size):
                 xb = xb.to(device)
                 logits, pooled = self.pooled_forward(xb)
-                parts = path_features(pooled, logits, masks, top_k=top_k)
+                parts = path_features(pooled, logits, masks, stats, top_k=top_k)
                 if subnetwork:
                     parts |= subnetwork_features(self.subnetwork_logits(xb, parts["pred"]), parts["pred"],
                                                  parts["msp"])
@@ -513,13 +660,17 @@ class PathModel:
         """
         from safetensors.torch import save_file
 
-        self._check_fitted()
+        self._check_fitted(stats=True)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for n in self.layer_names_:
             tensors[f"gates/{n}"] = self.gates_[n].contiguous()
             tensors[f"masks/{n}"] = self.masks_[n].contiguous()
+            st = self.stats_[n]
+            tensors[f"stats/mean/{n}"] = st.mean.contiguous()
+            tensors[f"stats/std/{n}"] = st.std.contiguous()
+            tensors[f"stats/centroids/{n}"] = st.centroids.contiguous()
         save_file(tensors, str(path / TENSOR_FILE))
         meta = {
             "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION,
@@ -581,11 +732,13 @@ class PathModel:
         try:
             gates = {n: tensors[f"gates/{n}"] for n, _ in layers}
             masks = {n: tensors[f"masks/{n}"] for n, _ in layers}
+            stats = {n: ChannelStats(tensors[f"stats/mean/{n}"], tensors[f"stats/std/{n}"],
+                                     tensors[f"stats/centroids/{n}"]) for n, _ in layers}
         except KeyError as e:
             raise ArtifactError(f"{tfile} lacks tensor {e}") from e
         try:
             return cls(classifier, [n for n, _ in layers]).set_gates(
-                gates, masks, training=meta.get("training"), metrics=meta.get("metrics"))
+                gates, masks, stats=stats, training=meta.get("training"), metrics=meta.get("metrics"))
         except ValueError as e:
             raise ArtifactError(f"artifact {path} does not fit the classifier: {e}") from e
 
@@ -607,8 +760,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{meta_file} is not a {ARTIFACT_FORMAT} artifact")
     if meta.get("version") != ARTIFACT_VERSION:
+        hint = (" (version 1 artifacts lack the channel statistics: refit with `nad-guard fit-paths`)"
+                if meta.get("version") == 1 else "")
         raise ArtifactError(f"{meta_file} has format version {meta.get('version')!r}; this nad-guard "
-                            f"({__version__}) reads version {ARTIFACT_VERSION}")
+                            f"({__version__}) reads version {ARTIFACT_VERSION}{hint}")
     return meta
 
 

@@ -14,7 +14,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def images(digits):
-    return digits[1].subset(range(60), name="digits/test[:60]")
+    """60 test digits, three of them deliberately mislabelled so that the set always holds images the
+    model gets "wrong" (the tiny model may classify all 60 real labels correctly)."""
+    part = digits[1].subset(range(60), name="digits/test[:60]")
+    labels = part.labels.clone()
+    labels[[3, 17, 41]] = (labels[[3, 17, 41]] + 1) % 10
+    return type(part)(part.images, labels, part.classes, part.name + "[3 relabelled]")
 
 
 def _check_invariants(model, images, r: AttackResult, eps: float | None, norm: str = "Linf"):

@@ -20,7 +20,8 @@ from torch import nn
 import training.paths as tp
 from nad_guard.data import ImageSet
 from nad_guard.models import Classifier, InputSpec, from_module, mnist_cnn, resnet20, torchvision_classifier
-from nad_guard.paths import ArtifactError, PathModel, find_gate_points, mask_similarity, path_features
+from nad_guard.paths import (ArtifactError, ChannelStats, PathModel, find_gate_points, mask_similarity,
+                             path_features)
 from tiny_models import DIGITS_SPEC, tiny_digits_cnn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,8 +88,9 @@ def test_torchvision_models_give_gate_points_and_features(arch: str, count: int,
     assert len(points) == count
     assert (points[0].name, points[0].channels) == first and (points[-1].name, points[-1].channels) == last
     pm = PathModel(clf).set_gates({p.name: torch.rand(10, p.channels) for p in points})
+    pm.fit_stats(torch.rand(20, 3, 32, 32), torch.arange(20) % 10)
     f = pm.features(torch.rand(2, 3, 32, 32), subnetwork=True)
-    assert f.X.shape == (2, 5 * count + 6) == (2, len(f.names))
+    assert f.X.shape == (2, 7 * count + 7) == (2, len(f.names))
     assert f.class_scores.shape == (2, count, 10) and torch.isfinite(f.X).all()
     assert forward_hook_count(clf) == 0
 
@@ -207,18 +209,24 @@ def test_two_processes_give_the_masks_of_one(fitted: tuple[PathModel, dict], tin
 # --------------------------------------------------------------------------- features
 
 def test_path_features_hand_checked() -> None:
-    pooled = [torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])]
+    pooled = [torch.tensor([[4.0, 2.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])]
     masks = [torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)]
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    f = path_features(pooled, logits, masks, top_k=0.25)
-    s0, s1 = 3 / math.sqrt(20), 1 / math.sqrt(20)
+    # channel means 1, std 1: z = a - 1 = [3, 1, 0, 0] and [0, 0, 0, 0]
+    stats = [ChannelStats(torch.ones(4), torch.ones(4), torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))]
+    f = path_features(pooled, logits, masks, stats, top_k=0.25)
     assert f["pred"].tolist() == [0, 1]
-    assert torch.allclose(f["mass_share"][:, 0], torch.tensor([0.75, 0.0]))
-    assert f["topk_overlap"][:, 0].tolist() == [1.0, 0.0]  # strongest channel 0 is in class 0's mask; no path
-    assert torch.allclose(f["class_scores"][0, 0], torch.tensor([s0, s1]))
-    assert torch.allclose(f["margin"][:, 0], torch.tensor([s0 - s1, 0.0]))
+    assert torch.allclose(f["mass_share"][:, 0], torch.tensor([5 / 8, 0.5]))
+    # strongest standardised channel of row 0 is channel 0 (in class 0's mask); row 1 ties everywhere
+    assert f["topk_overlap"][:, 0].tolist() == [1.0, 0.5]
+    # s_0 = mean(z0, z2) - mean(z1, z3) = 1.5 - 0.5; s_1 = -1
+    assert torch.allclose(f["class_scores"][:, 0], torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+    assert torch.allclose(f["margin"][:, 0], torch.tensor([2.0, 0.0]))
     assert f["nearest_class"][:, 0].tolist() == [0, 0] and f["pred_rank"][:, 0].tolist() == [1, 1]
     assert f["nearest_is_pred"][:, 0].tolist() == [1.0, 0.0]
+    # centroid distances: row 0 to class 0 sqrt((4 + 1) / 4), to class 1 sqrt((9 + 0 + 0 + 0) / 4) = 1.5
+    assert torch.allclose(f["centroid_dist"][:, 0], torch.tensor([math.sqrt(5 / 4), 0.5]))
+    assert torch.allclose(f["centroid_margin"][:, 0], torch.tensor([0.0, 0.0]))
     p = 1 / (1 + math.exp(-2))
     assert f["msp"][0].item() == pytest.approx(p) and f["softmax_margin"][0].item() == pytest.approx(2 * p - 1)
     assert f["energy"][0].item() == pytest.approx(-math.log(math.exp(2) + 1))
@@ -238,9 +246,10 @@ def test_features_do_not_depend_on_the_batch(fitted: tuple[PathModel, dict], dig
     with torch.no_grad():
         logits, pooled = pm.pooled_forward(x)
     masks = [pm.masks_[n] for n in pm.layer_names_]
-    whole = path_features(pooled, logits, masks)
+    stats = [pm.stats_[n] for n in pm.layer_names_]
+    whole = path_features(pooled, logits, masks, stats)
     for i in (0, 7, 23):  # the feature math is row-wise; only BLAS rounds a 1-row matmul differently
-        row = path_features([p[i:i + 1] for p in pooled], logits[i:i + 1], masks)
+        row = path_features([p[i:i + 1] for p in pooled], logits[i:i + 1], masks, stats)
         for k in whole:
             if whole[k].is_floating_point():
                 assert torch.allclose(whole[k][i:i + 1], row[k], rtol=1e-6, atol=1e-6), k
@@ -253,15 +262,16 @@ def test_features_do_not_depend_on_the_batch(fitted: tuple[PathModel, dict], dig
     for field in ("pred", "nearest_class", "pred_rank"):
         assert torch.equal(torch.cat([getattr(s, field) for s in single]), getattr(batch, field))
     assert torch.equal(pm.features(x, subnetwork=True, batch_size=5).X, batch.X)
-    assert batch.subnet_drop is not None and batch.X.shape == (24, 5 * 3 + 6)
+    assert batch.subnet_drop is not None and batch.X.shape == (24, 7 * 3 + 7)
 
 
 def test_feature_math_is_differentiable(fitted: tuple[PathModel, dict], digits: tuple[ImageSet, ImageSet]) -> None:
     pm, _ = fitted
     x = digits[1].float(0, 4).requires_grad_()
     logits, pooled = pm.pooled_forward(x)
-    parts = path_features(pooled, logits, [pm.masks_[n] for n in pm.layer_names_])
-    (parts["mass_share"].sum() + parts["margin"].sum() + parts["msp"].sum()).backward()
+    parts = path_features(pooled, logits, [pm.masks_[n] for n in pm.layer_names_],
+                          [pm.stats_[n] for n in pm.layer_names_])
+    (parts["mass_share"].sum() + parts["margin"].sum() + parts["centroid_dist"].sum() + parts["msp"].sum()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert torch.allclose(parts["mass_share"].detach(), pm.features(x.detach()).mass_share, atol=1e-6)
 
@@ -300,6 +310,11 @@ def test_unfitted_and_bad_inputs(tiny_model: Classifier, fitted: tuple[PathModel
         fitted[0].features(torch.rand(2, 1, 8, 8), top_k=0.0)
     with pytest.raises(ValueError, match=r"expected \(10, 16\)"):
         PathModel(tiny_model).set_gates({n: torch.rand(10, 3) for n in fitted[0].layer_names_})
+    no_stats = PathModel(tiny_model).set_gates(fitted[0].gates_)
+    with pytest.raises(NotFittedError, match="fit_stats"):
+        no_stats.features(torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="at least one image"):
+        no_stats.fit_stats(torch.rand(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -313,7 +328,7 @@ def test_save_then_load_gives_identical_features(fitted: tuple[PathModel, dict],
                                                  tiny_model: Classifier, digits: tuple[ImageSet, ImageSet]) -> None:
     pm = fitted[0]
     meta = json.loads((saved / "meta.json").read_text())
-    assert meta["format"] == "nad-guard-paths" and meta["version"] == 1 and meta["detector"] is None
+    assert meta["format"] == "nad-guard-paths" and meta["version"] == 2 and meta["detector"] is None
     assert meta["model"]["name"] == "tiny-digits-cnn"
     assert meta["model"]["input_spec"] == json.loads(json.dumps(tiny_model.spec.to_dict()))
     assert [d["name"] for d in meta["layers"]] == pm.layer_names_ and "torch" in meta["versions"]
@@ -341,7 +356,8 @@ BAD_ARTIFACTS = {
     "missing meta": (lambda p: (p / "meta.json").unlink(), "meta.json is missing"),
     "meta not JSON": (lambda p: (p / "meta.json").write_text("{not json"), "not valid JSON"),
     "other format": (lambda p: _edit_meta(p, lambda m: m.update(format="something")), "not a nad-guard-paths"),
-    "newer version": (lambda p: _edit_meta(p, lambda m: m.update(version=2)), "format version 2"),
+    "newer version": (lambda p: _edit_meta(p, lambda m: m.update(version=3)), "format version 3"),
+    "version 1 (no statistics)": (lambda p: _edit_meta(p, lambda m: m.update(version=1)), "refit with"),
     "no layers field": (lambda p: _edit_meta(p, lambda m: m.pop("layers")), "lacks a required field"),
     "unknown layer": (lambda p: _edit_meta(p, lambda m: m["layers"][0].update(name="features.99")),
                       "no module named 'features.99'"),
@@ -353,6 +369,8 @@ BAD_ARTIFACTS = {
     "corrupt tensors": (lambda p: (p / "paths.safetensors").write_bytes(b"\x00garbage" * 10), "cannot read"),
     "missing tensor": (lambda p: _edit_tensors(p, lambda t: t.pop("masks/2")), "lacks tensor"),
     "tensor shape": (lambda p: _edit_tensors(p, lambda t: t.update({"gates/5": torch.rand(10, 15)})), "shape"),
+    "missing statistics": (lambda p: _edit_tensors(p, lambda t: t.pop("stats/std/2")), "lacks tensor"),
+    "zero std": (lambda p: _edit_tensors(p, lambda t: t.update({"stats/std/2": torch.zeros(16)})), "positive std"),
 }
 
 

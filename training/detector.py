@@ -12,55 +12,74 @@ import torch
 from nad_guard.attacks import generate, get_suite
 from nad_guard.data import ImageSet
 from nad_guard.detectors import CLEAN_ONLY, PathDetector
-from nad_guard.guard import Guard, detector_matrix
+from nad_guard.guard import Guard, guard_matrix
 from nad_guard.models import resolve_device
 from nad_guard.paths import PathModel
 
 
-def correct_subset(paths: PathModel, images: ImageSet, batch_size: int = 256) -> ImageSet:
-    """The images the classifier labels correctly (the only clean images detectors see)."""
+def partition_correct(paths: PathModel, images: ImageSet, batch_size: int = 256) -> tuple[ImageSet, ImageSet]:
+    """``(correct, wrong)``: the images the classifier labels correctly, and those it gets wrong."""
     device = next(paths.classifier.parameters()).device
     keep = []
     with torch.no_grad():
         for s in range(0, len(images), batch_size):
             pred = paths.classifier(images.float(s, s + batch_size).to(device)).argmax(1).cpu()
             keep.append(pred == images.labels[s:s + batch_size])
-    idx = torch.cat(keep).nonzero().flatten()
-    return images.subset(idx, f"{images.name}[correct]")
+    ok = torch.cat(keep)
+    return (images.subset(ok.nonzero().flatten(), f"{images.name}[correct]"),
+            images.subset((~ok).nonzero().flatten(), f"{images.name}[mispredicted]"))
+
+
+def correct_subset(paths: PathModel, images: ImageSet, batch_size: int = 256) -> ImageSet:
+    """The images the classifier labels correctly (the only clean images detectors see)."""
+    return partition_correct(paths, images, batch_size)[0]
 
 
 def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *, suite: str = "mnist",
-              attacks: Sequence[str] | None = None, method: str = "gboost", encoding: str = "rich",
-              fpr: float = 0.05, device: str = "auto", batch_size: int = 128,
+              attacks: Sequence[str] | None = None, method: str = "logistic", encoding: str = "rich",
+              mispredictions: bool = True, fpr: float = 0.05, device: str = "auto", batch_size: int = 128,
               cache_dir: str | Path | None = None, progress: bool = True, seed: int = 0) -> Guard:
-    """Train a detector on clean vs adversarial path features of ``fit_set`` and calibrate its threshold
-    on the correctly classified images of ``calibration_set`` (held out, clean only).
+    """Train a detector on path features of ``fit_set`` and calibrate its threshold on the correctly
+    classified images of ``calibration_set`` (held out, clean only).
 
-    Clean-only methods (``isoforest``, ``gaussian``) generate no attacks.
+    Supervised methods learn the correctly classified images (label 0) against the suite's successful
+    attacks on them and, with ``mispredictions``, the images the classifier gets wrong (label 1): the
+    guard's question is whether a prediction can be trusted, whatever the cause. Clean-only methods
+    (``isoforest``, ``gaussian``) generate no attacks and see only the correct images.
     """
     t0 = time.time()
     dev = resolve_device(device)
     paths.classifier.to(dev)
-    clean = correct_subset(paths, fit_set)
-    X_clean = detector_matrix(paths.features(clean.float()), encoding)
+
+    def matrix(x: torch.Tensor) -> np.ndarray:
+        return guard_matrix(paths, x, encoding, batch_size)[1]
+
+    clean, wrong = partition_correct(paths, fit_set)
+    X_clean = matrix(clean.float())
     blocks, ys, per_attack = [X_clean], [np.zeros(len(X_clean))], {}
     suite_obj = get_suite(suite, seed=seed)
+    n_wrong = 0
     if method not in CLEAN_ONLY:
         for name in attacks or [a for a in suite_obj.names if not a.startswith("noise")]:
             res = generate(paths.classifier, clean, attack=name, suite=suite_obj, batch_size=batch_size,
                            device=dev, cache_dir=cache_dir, progress=progress)
             if len(res.adv_images):
-                blocks.append(detector_matrix(paths.features(res.adv_images), encoding))
+                blocks.append(matrix(res.adv_images))
                 ys.append(np.ones(len(res.adv_images)))
             per_attack[name] = {"success_rate": res.stats.success_rate, "kept": res.stats.n_kept,
                                 "seconds": res.stats.seconds}
+        if mispredictions and len(wrong):
+            blocks.append(matrix(wrong.float()))
+            ys.append(np.ones(len(wrong)))
+            n_wrong = len(wrong)
     det = PathDetector(method, random_state=seed).fit(np.vstack(blocks), np.concatenate(ys))
     calib = correct_subset(paths, calibration_set)
-    det.infer_threshold(detector_matrix(paths.features(calib.float()), encoding), fpr=fpr)
+    det.infer_threshold(matrix(calib.float()), fpr=fpr)
     info: dict[str, Any] = {"suite": suite, "attacks": per_attack, "fit_set": fit_set.name,
-                            "fit_clean": len(X_clean), "fit_adversarial": int(sum(len(y) for y in ys[1:])),
+                            "fit_clean": len(X_clean), "fit_adversarial": int(sum(len(y) for y in ys[1:])) - n_wrong,
+                            "fit_mispredicted": n_wrong,
                             "calibration_set": calibration_set.name, "calibration_clean": len(calib),
-                            "seconds": round(time.time() - t0, 1)}
+                            "seed": seed, "seconds": round(time.time() - t0, 1)}
     paths.classifier.cpu()
     return Guard(paths, det, encoding, {"detector_info": info})
 
@@ -68,41 +87,63 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
 HOLDOUT_FRACTIONS = (0.4, 0.2, 0.4)
 
 
+def sample_heldout(test: ImageSet, max_images: int | None, seed: int = 0) -> tuple[ImageSet, np.ndarray]:
+    """A seeded stratified sample of ``max_images`` images of a held-out set, named ``<name>[<max_images>]``,
+    and its sorted positions in ``test``; all of ``test`` when ``max_images`` is ``None`` or not smaller.
+    ``nad-guard evaluate``, ``fit-detector`` and ``audit`` draw the same sample for the same arguments,
+    so attacks cached by one are reused by the others and the audit knows which images a detector saw."""
+    from nad_guard.data import stratified_split
+
+    if max_images is None or max_images >= len(test):
+        return test, np.arange(len(test))
+    _, keep = stratified_split(test.labels.numpy(), max_images, seed=seed)
+    return test.subset(keep, f"{test.name}[{max_images}]"), keep
+
+
+def holdout_indices(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions ``(fit, calibration, evaluation)`` of :func:`holdout_splits`'s parts for a held-out set
+    with ``labels`` ``(N,)``: seeded, stratified, 40/20/40, each sorted."""
+    from nad_guard.data import stratified_split
+
+    labels = np.asarray(labels)
+    rest, evaluation = stratified_split(labels, test_size=int(round(len(labels) * HOLDOUT_FRACTIONS[2])), seed=seed)
+    fit_pos, cal_pos = stratified_split(labels[rest], test_size=int(round(len(labels) * HOLDOUT_FRACTIONS[1])),
+                                        seed=seed)
+    return rest[fit_pos], rest[cal_pos], evaluation
+
+
 def holdout_splits(test: ImageSet, seed: int = 0) -> tuple[ImageSet, ImageSet, ImageSet]:
     """Seeded stratified split of a held-out (test) set into ``(fit, calibration, evaluation)`` parts,
-    40/20/40. The detector learns on ``fit`` (clean images and their attacks), the threshold is set on
-    ``calibration`` (clean only), and reports that judge the guard use ``evaluation``.
+    40/20/40 (positions: :func:`holdout_indices`). The detector learns on ``fit`` (clean images and
+    their attacks), the threshold is set on ``calibration`` (clean only), and reports that judge the
+    guard use ``evaluation``.
 
     Held-out images, not the classifier's training images, are used to fit the detector: the
     classifier is over-confident on images it was trained on, and a detector fitted on them learns
     that confidence level as "clean" (measured on the tiny digits CNN: AUROC 0.66 on held-out PGD
     when fitted on training images).
     """
-    from nad_guard.data import stratified_split
-
-    labels = test.labels.numpy()
-    rest, evaluation = stratified_split(labels, test_size=int(round(len(test) * HOLDOUT_FRACTIONS[2])), seed=seed)
-    fit_pos, cal_pos = stratified_split(labels[rest], test_size=int(round(len(test) * HOLDOUT_FRACTIONS[1])),
-                                        seed=seed)
-    return (test.subset(rest[fit_pos], f"{test.name}[detector-fit]"),
-            test.subset(rest[cal_pos], f"{test.name}[calibration]"),
+    fit, cal, evaluation = holdout_indices(test.labels.numpy(), seed)
+    return (test.subset(fit, f"{test.name}[detector-fit]"), test.subset(cal, f"{test.name}[calibration]"),
             test.subset(evaluation, f"{test.name}[evaluation]"))
 
 
 def build_guard(artifact: str | Path, model: str, data: str, *, weights: str | None = None,
                 data_root: str | None = None, suite: str = "mnist", attacks: Sequence[str] | None = None,
-                method: str = "gboost", encoding: str = "rich", fpr: float = 0.05,
-                device: str = "auto", seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """``nad-guard fit-detector``: load the path artifact, fit and calibrate a detector, save the guard."""
+                method: str = "logistic", encoding: str = "rich", mispredictions: bool = True, fpr: float = 0.05,
+                max_images: int | None = None, device: str = "auto", seed: int = 0,
+                progress: bool = True) -> dict[str, Any]:
+    """``nad-guard fit-detector``: load the path artifact, fit and calibrate a detector, save the guard.
+    ``max_images``: use a seeded stratified sample of the test split (:func:`sample_heldout`)."""
     from nad_guard.attacks import default_cache_dir
     from nad_guard.data import load_dataset
     from training.paths import build_classifier
 
     train, test = load_dataset(data, data_root)
     paths = PathModel.load(artifact, build_classifier(model, train, weights))
-    fit, calibration, _ = holdout_splits(test, seed)
+    fit, calibration, _ = holdout_splits(sample_heldout(test, max_images, seed)[0], seed)
     guard = fit_guard(paths, fit, calibration, suite=suite, attacks=attacks,
-                      method=method, encoding=encoding, fpr=fpr, device=device, seed=seed,
+                      method=method, encoding=encoding, mispredictions=mispredictions, fpr=fpr, device=device, seed=seed,
                       cache_dir=default_cache_dir(), progress=progress)
     guard.save(artifact)
     return {"artifact": str(artifact), "method": method, "encoding": encoding,
@@ -110,7 +151,7 @@ def build_guard(artifact: str | Path, model: str, data: str, *, weights: str | N
 
 
 DEFAULT_RECIPE: dict[str, Any] = {"model": "mnist-cnn", "data": "mnist5k", "schedule": "joint", "target_keep": 0.25,
-                                  "epochs": 10, "suite": "mnist", "method": "gboost", "encoding": "rich",
+                                  "epochs": 10, "suite": "mnist", "method": "logistic", "encoding": "rich",
                                   "fpr": 0.05, "seed": 0}
 
 
