@@ -15,8 +15,10 @@ Two kinds of input:
   5. divided by 255. Nothing else: no inversion, no centring, no normalisation (the classifier
      normalises inside).
 
-* a JSON array (:func:`check_batch`): exactly ``(N, C, H, W)`` numbers in ``[0, 1]``, no resizing or
-  reshaping; anything else is refused with a message saying what was expected.
+* an array (:func:`check_batch`): exactly ``(N, C, H, W)`` numbers in ``[0, 1]``, no resizing or
+  reshaping; anything else is refused with a message saying what was expected. It comes as JSON
+  (nested lists) or as a ``.npy`` file (:func:`read_npy`: ``float32`` in ``[0, 1]``, or ``uint8``
+  divided by 255 like an image file's pixels; never unpickled).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from nad_guard.models import InputSpec
 
 IMAGE_FORMATS = ("PNG", "JPEG")
+NPY_USAGE = ("a .npy file (numpy.save) of an array {shape}, float32 in [0, 1] or uint8 (0-255, divided by "
+             "255 here)")
 
 
 class InputError(ValueError):
@@ -77,6 +81,49 @@ def check_batch(images: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def read_npy(data: bytes, spec: InputSpec, max_batch: int) -> np.ndarray:
+    """A ``.npy`` file's bytes (:func:`numpy.save`) as float32 ``(N, C, H, W)`` in ``[0, 1]``: ``float32``
+    (either byte order) is taken as it is, ``uint8`` is divided by 255 (as :func:`decode_image` does).
+
+    Only the header is parsed (:mod:`numpy.lib.format`, versions 1.0 and 2.0, at most 10,000 header
+    bytes); object and structured dtypes are refused before any data is read, so nothing is ever
+    unpickled, and the data must be exactly as long as the header says (no truncated or trailing
+    bytes). The array is then checked like a JSON one (:func:`check_batch`). Raises
+    :class:`InputError` with what is wrong and what is expected."""
+    usage = "expected " + NPY_USAGE.format(shape=expected_shape(spec))
+    if not data:
+        raise InputError(f"the .npy data is empty; {usage}")
+    fp = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fp)
+    except ValueError:
+        raise InputError(f"the data is not a .npy file (it starts with {data[:8]!r}, not b'\\x93NUMPY'); "
+                         f"{usage}") from None
+    if version not in ((1, 0), (2, 0)):
+        raise InputError(f"unsupported .npy format version {version[0]}.{version[1]} (1.0 and 2.0 are read: "
+                         f"what numpy.save writes for plain arrays); {usage}")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    try:
+        shape, fortran_order, dtype = read_header(fp)
+    except (ValueError, SyntaxError, TypeError, EOFError) as e:  # malformed or truncated header
+        raise InputError(f"the .npy header is malformed or truncated ({e}); {usage}") from None
+    if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None:
+        raise InputError(f"the .npy array has dtype {dtype} (Python objects or records), which is refused "
+                         f"(never unpickled); {usage}")
+    if (dtype.kind, dtype.itemsize) not in (("f", 4), ("u", 1)):
+        raise InputError(f"the .npy array has dtype {dtype}; {usage} (convert with x.astype(numpy.float32))")
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    offset, have = fp.tell(), len(data) - fp.tell()
+    if have != count * dtype.itemsize:
+        what = "truncated" if have < count * dtype.itemsize else "followed by extra bytes"
+        raise InputError(f"the .npy data is {what}: its header says shape {shape} of {dtype} "
+                         f"({count * dtype.itemsize:,} bytes), the file has {have:,} bytes after the header; {usage}")
+    a = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran_order else "C")
+    if dtype.kind == "u":
+        a = a.astype(np.float32) / 255.0  # as decode_image does: float32 / 255
+    return check_batch(a, spec, max_batch)
+
+
 def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
     """A PNG or JPEG file's bytes as float32 ``(1, C, H, W)`` in ``[0, 1]`` for ``spec`` (see the
     module docstring for the conversion). Raises :class:`InputError` for an empty, non-image,
@@ -84,7 +131,8 @@ def decode_image(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
     before decoding: decompression bombs are never decoded)."""
     if spec.channels not in (1, 3):
         raise InputError(f"image files can be converted for 1- or 3-channel models; this model takes "
-                         f"{spec.channels} channels: send a JSON array 'images' shaped {expected_shape(spec)}")
+                         f"{spec.channels} channels: send an array 'images' (JSON) or 'images_npy' (.npy) "
+                         f"shaped {expected_shape(spec)}")
     if not data:
         raise InputError("the image file is empty; expected a PNG or JPEG file")
     try:

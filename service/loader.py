@@ -59,9 +59,9 @@ class Settings:
     max_image_pixels: int = 50_000_000    # NAD_GUARD_MAX_IMAGE_PIXELS: uploaded image w*h [50 M]
     max_request_bytes: int = 64 << 20     # NAD_GUARD_MAX_REQUEST_BYTES: request body [64 MiB]
     max_latency_ms: int = 10_000          # NAD_GUARD_MAX_LATENCY_MS: adaptive batching bound [10 s]
-    min_forward_batch: int = 8            # NAD_GUARD_MIN_FORWARD_BATCH: pad forward passes to this [8]
+    pad_multiple: int = 8                 # NAD_GUARD_PAD_ROWS: pad forward passes to a multiple of this [8]
     device: str = "cpu"                   # NAD_GUARD_DEVICE: cpu, cuda[:N] or auto [cpu]
-    torch_threads: int = 0                # NAD_GUARD_TORCH_THREADS: 0 = cores - 1 (one for HTTP) [0]
+    torch_threads: int = 0                # NAD_GUARD_TORCH_THREADS: 0 = cores - 1, at least 2 [0]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -71,7 +71,7 @@ class Settings:
                    max_image_pixels=_int_env(env, "NAD_GUARD_MAX_IMAGE_PIXELS", d.max_image_pixels),
                    max_request_bytes=_int_env(env, "NAD_GUARD_MAX_REQUEST_BYTES", d.max_request_bytes),
                    max_latency_ms=_int_env(env, "NAD_GUARD_MAX_LATENCY_MS", d.max_latency_ms),
-                   min_forward_batch=_int_env(env, "NAD_GUARD_MIN_FORWARD_BATCH", d.min_forward_batch),
+                   pad_multiple=_int_env(env, "NAD_GUARD_PAD_ROWS", d.pad_multiple),
                    device=env.get("NAD_GUARD_DEVICE") or d.device,
                    torch_threads=_int_env(env, "NAD_GUARD_TORCH_THREADS", d.torch_threads, lo=0))
 

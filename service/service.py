@@ -2,7 +2,7 @@
 
     bentoml serve service.service:NadGuard --port 3000          # from the repository root
 
-Endpoints (``POST``; each takes exactly one of the two inputs below):
+Endpoints (``POST``; each takes exactly one of the three inputs below):
 
 ``/predict_with_trust``
     one record per input image: ``label``, ``class_name``, ``confidence``, ``trust_score``,
@@ -19,23 +19,33 @@ Inputs:
 * ``images``: a batch ``(N, C, H, W)`` of numbers in ``[0, 1]``, as JSON
   (``{"images": [...]}`` with ``Content-Type: application/json``), or as a JSON text part of a
   multipart request.
+* ``images_npy``: the same batch as a ``.npy`` file (``numpy.save``), ``float32`` in ``[0, 1]`` or
+  ``uint8`` (divided by 255): the whole body with ``Content-Type: application/x-npy``
+  (``curl --data-binary @batch.npy -H 'Content-Type: application/x-npy'``), or a multipart file part
+  ``images_npy`` (``curl -F images_npy=@batch.npy``). Parsed from its header alone
+  (:func:`service.inputs.read_npy`; never unpickled) and checked like JSON; the compact input (4 or 1
+  bytes a pixel instead of about 7 characters of JSON, and no number parsing).
 
-Anything else is answered 400 (415 for a body that is neither JSON nor a form, 413 for one over
+Anything else is answered 400 (415 for a body that is none of JSON, .npy or a form, 413 for one over
 ``NAD_GUARD_MAX_REQUEST_BYTES``) with ``[{"error": "<what is wrong; what is expected>"}]``.
 Also ``/healthz`` (= ``/livez``), ``/readyz`` and ``/metrics`` (BentoML's series plus
 ``nad_guard_*``: predictions and flags by predicted class, the trust-score histogram, refused
 requests).
 
-Two BentoML services, one ``bentoml serve``: :class:`NadGuard` answers HTTP (parsing, checks,
-image decoding, metrics) and calls :class:`GuardRunner`, which holds the guard and runs it with
-adaptive batching: concurrent requests are merged into one forward pass. Every forward pass is
-padded to at least ``NAD_GUARD_MIN_FORWARD_BATCH`` rows (8) so that an input's result does not depend
-on what it was batched with (the CPU kernels for very small batches round differently).
-Configuration by environment variables: :mod:`service.loader`.
+One BentoML service in one process: the HTTP event loop parses and checks each request (in
+:meth:`GuardInput.from_http_request`, so bad input is a 400 before it reaches the model), and both
+endpoints are *batchable*: BentoML's adaptive batching merges concurrent requests into one forward
+pass, run in a worker thread while the event loop goes on parsing. (Until November 2026 the guard
+ran in a second BentoML service behind an internal HTTP hop, which about doubled the server's CPU
+per single-image request.) Every forward pass is padded with zero images to a multiple of
+``NAD_GUARD_PAD_ROWS`` rows (8; :func:`nad_guard.guard.pad_rows`) so that an input's result is
+bit-identical whatever it was batched with (CPU kernels round a row differently in batches of other
+sizes). Configuration by environment variables: :mod:`service.loader`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import typing as t
@@ -47,14 +57,16 @@ import bentoml
 import numpy as np
 import prometheus_client
 import pydantic_core
+from _bentoml_sdk.io_models import IORootModel  # BentoML 1.4's base of list outputs (not re-exported)
 from bentoml.exceptions import BentoMLException, InvalidArgument
-from bentoml.validators import ContentType
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from starlette.responses import Response
 
+from nad_guard.guard import PAD_MULTIPLE, pad_rows
 from service import bentoml_fixes
-from service.inputs import InputError, check_batch, decode_image
+from service.inputs import InputError, check_batch, decode_image, read_npy
 from service.loader import ENV_TAG, Settings, load_guard, read_spec, resolve_source
 
 if t.TYPE_CHECKING:
@@ -62,13 +74,14 @@ if t.TYPE_CHECKING:
 
 bentoml_fixes.apply()  # BentoML 1.4 keeps every request alive for `timeout` seconds otherwise
 SETTINGS = Settings.from_env()  # the batching parameters are fixed when the class is defined
-INLINE_CHECK_VALUES = 1 << 18  # arrays up to this many numbers are checked on the event loop (< 1 ms)
-# A fixed response media type: without it BentoML 1.4 rebuilds the output's JSON schema on every
-# response to find the media type (a fifth of the front end's time per request).
-JSON = ContentType("application/json")
+INLINE_CHECK_BYTES = 1 << 20  # requests up to this size are checked on the event loop (about 1 ms or less)
+NPY = "application/x-npy"
+FIELDS = ("image", "images", "images_npy")
 USAGE = ("send exactly one of 'image' (a PNG or JPEG file in a multipart/form-data request, e.g. "
-         "curl -F image=@digit.png) or 'images' (a JSON array (N, C, H, W) of numbers in [0, 1], e.g. "
-         "{\"images\": [...]} with Content-Type: application/json)")
+         "curl -F image=@digit.png), 'images' (a JSON array (N, C, H, W) of numbers in [0, 1], e.g. "
+         "{\"images\": [...]} with Content-Type: application/json) or 'images_npy' (the same array as a .npy "
+         "file, float32 in [0, 1] or uint8: the body with Content-Type: application/x-npy, or a file part "
+         "-F images_npy=@batch.npy)")
 
 # ---------------------------------------------------------------------------------------- metrics
 PREDICTIONS = prometheus_client.Counter(
@@ -85,7 +98,9 @@ REFUSED = prometheus_client.Counter(
 
 # ---------------------------------------------------------------------------------------- schemas
 class GuardInput(bentoml.IODescriptor):
-    """Exactly one of ``image`` (multipart file) or ``images`` (JSON array)."""
+    """Exactly one of ``image`` (multipart file), ``images`` (JSON array) or ``images_npy`` (.npy file,
+    multipart, or the whole body as ``application/x-npy``). The fields document the API (OpenAPI, the
+    BentoML client); requests are parsed and checked by :func:`_parse_request`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -94,10 +109,13 @@ class GuardInput(bentoml.IODescriptor):
                         "model's channels and size (grey/RGB, bilinear resize, /255).")
     images: np.ndarray = Field(None, description="A batch (N, C, H, W) of numbers in [0, 1] in the model's "
                                "exact size; at most NAD_GUARD_MAX_BATCH images.")
+    images_npy: Path = Field(None, description="The same batch as a .npy file (numpy.save), float32 in [0, 1] "
+                             "or uint8 (divided by 255); or send the .npy as the whole body with "
+                             "Content-Type: application/x-npy.")
 
     @classmethod
-    async def from_http_request(cls, request: Request, serde: t.Any) -> GuardInput:
-        return await _parse_request(cls, request)
+    async def from_http_request(cls, request: Request, serde: t.Any) -> CheckedBatch:  # type: ignore[override]
+        return await _parse_request(request)
 
 
 class LayerDivergence(BaseModel):
@@ -105,7 +123,8 @@ class LayerDivergence(BaseModel):
     divergence: float = Field(description="Share of the layer's pooled activation outside the predicted "
                               "class's sub-architecture, in [0, 1] (0 = entirely inside).")
     nearest_class: int = Field(description="Class whose sub-architecture best matches the path at this layer.")
-    margin: float = Field(description="Predicted class's path match minus the best other class's, in [-1, 1].")
+    margin: float = Field(description="Predicted class's path match minus the best other class's, in standard "
+                          "deviations of the channels' activations (positive: the predicted class matches best).")
 
 
 class Prediction(BaseModel):
@@ -120,10 +139,31 @@ class TrustPrediction(Prediction):
     suspicion_score: float = Field(description="Detector score; higher = more suspicious.")
     is_suspicious: bool = Field(description="suspicion_score > threshold.")
     threshold: float = Field(description="Calibrated on clean held-out data at the guard's false-positive rate.")
-    nearest_path_class: int = Field(description="Class whose sub-architecture is nearest the input's path "
-                                    "at most layers.")
+    nearest_path_class: int = Field(description="Class whose sub-architecture is nearest the input's whole path "
+                                    "(class scores averaged over gate points).")
     nearest_path_class_name: str
     per_layer: list[LayerDivergence]
+
+
+class JSONList(IORootModel):
+    """A list of records answered as compact JSON, without BentoML 1.4's output path (which validates
+    every record into its model, dumps it twice and serialises it with the json module: 0.9 ms per
+    32 records against 0.06 ms here). The records are built by this module, so the schema (OpenAPI,
+    the BentoML client) is kept by the subclasses' ``root`` type alone."""
+
+    media_type: t.ClassVar[str] = "application/json"
+
+    @classmethod
+    async def to_http_response(cls, obj: t.Any, serde: t.Any) -> Response:
+        return Response(pydantic_core.to_json(obj), media_type="application/json")
+
+
+class TrustPredictions(JSONList):
+    root: list[TrustPrediction]
+
+
+class Predictions(JSONList):
+    root: list[Prediction]
 
 
 # ---------------------------------------------------------------------------------------- request parsing
@@ -151,71 +191,127 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _parse_request(cls: type[GuardInput], request: Request) -> GuardInput:
+class CheckedBatch:
+    """What :meth:`GuardInput.from_http_request` hands to BentoML: the checked batch as the endpoint's
+    one argument. BentoML 1.4 passes ``{name: getattr(obj, name) for name in obj.model_fields}`` to
+    the endpoint, and a batchable endpoint takes exactly one argument (``image``/``images``/
+    ``images_npy`` all become this float32 ``(N, C, H, W)`` array)."""
+
+    model_fields = {"x": None}
+    __slots__ = ("x",)
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+
+
+async def _parse_request(request: Request) -> CheckedBatch:
+    endpoint = request.url.path.strip("/") or "/"
+    try:
+        return CheckedBatch(await _checked_batch(request))
+    except InputError as e:
+        REFUSED.labels(endpoint=endpoint).inc()
+        raise InvalidArgument(str(e)) from None
+    except BentoMLException:
+        REFUSED.labels(endpoint=endpoint).inc()
+        raise
+
+
+async def _checked_batch(request: Request) -> np.ndarray:
+    """The request's input as a checked float32 ``(N, C, H, W)`` batch in ``[0, 1]``; raises
+    :class:`InputError` (400) or a :class:`BentoMLException` with a 4xx code."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";")[0].strip().lower()
-    if media not in ("application/json", "multipart/form-data", "application/x-www-form-urlencoded"):
+    if media not in (NPY, "application/json", "multipart/form-data", "application/x-www-form-urlencoded"):
         raise _error(f"unsupported Content-Type {content_type or '(none)'!r}; {USAGE}",
                      HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
     body = await _read_body(request, SETTINGS.max_request_bytes)
+    if media == NPY:
+        return await _check(read_npy, body, len(body))
     if media == "application/json":
         try:
             data = pydantic_core.from_json(body) if body.strip() else None
         except ValueError as e:
-            raise InvalidArgument(f"the body is not valid JSON ({e}); {USAGE}") from None
+            raise InputError(f"the body is not valid JSON ({e}); {USAGE}") from None
         if not isinstance(data, dict):
-            raise InvalidArgument(f"the JSON body must be an object like {{\"images\": [...]}}; {USAGE}")
-        if "image" in data:
-            raise InvalidArgument("'image' must be a file part of a multipart/form-data request "
-                                  "(curl -F image=@digit.png); JSON requests send 'images', an (N, C, H, W) array")
+            raise InputError(f"the JSON body must be an object like {{\"images\": [...]}}; {USAGE}")
+        if data.get("image") is not None or data.get("images_npy") is not None:
+            raise InputError(f"{'image' if data.get('image') is not None else 'images_npy'!r} must be a file part "
+                             "of a multipart/form-data request (curl -F image=@digit.png, -F images_npy=@batch.npy); "
+                             "JSON requests send 'images', an (N, C, H, W) array")
     else:
         data = await _parse_form(request, body, multipart=media == "multipart/form-data")
-    unknown = sorted(set(data) - {"image", "images"})
+    unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise InvalidArgument(f"unknown field(s) {', '.join(map(repr, unknown))}; {USAGE}")
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        details = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
-                            for err in e.errors(include_url=False, include_input=False))
-        raise InvalidArgument(f"invalid input ({details}); {USAGE}") from None
+        raise InputError(f"unknown field(s) {', '.join(map(repr, unknown))}; {USAGE}")
+    given = [k for k in FIELDS if data.get(k) is not None]
+    if len(given) != 1:
+        names = [repr(k) for k in (given or FIELDS)]
+        raise InputError((f"neither {', '.join(names[:-1])} nor {names[-1]} given" if not given else
+                          f"both {' and '.join(names)} given" if len(given) == 2 else
+                          f"all of {', '.join(names)} given") + f"; {USAGE}")
+    field = given[0]
+    value = data[field]
+    if field == "image":
+        return await anyio.to_thread.run_sync(decode_image, value, _spec(), SETTINGS.max_image_pixels)
+    if field == "images_npy":
+        return await _check(read_npy, value, len(body))
+    return await _check(check_batch, value, len(body))
+
+
+@functools.cache
+def _spec() -> t.Any:
+    """The served model's :class:`~nad_guard.models.InputSpec` (from the guard's meta.json)."""
+    return read_spec(resolve_source())[0]
+
+
+async def _check(fn: t.Callable[[t.Any, t.Any, int], np.ndarray], value: t.Any, body_bytes: int) -> np.ndarray:
+    """``fn(value, spec, max_batch)``: on the event loop for requests up to ``INLINE_CHECK_BYTES``
+    (a thread hop costs more than checking them), in a thread for larger ones."""
+    if body_bytes <= INLINE_CHECK_BYTES:
+        return fn(value, _spec(), SETTINGS.max_batch)
+    return await anyio.to_thread.run_sync(fn, value, _spec(), SETTINGS.max_batch)
 
 
 async def _parse_form(request: Request, body: bytes, multipart: bool) -> dict[str, t.Any]:
-    """Fields of a multipart or URL-encoded form (the BentoML client sends ``images`` alone URL-encoded)."""
+    """Fields of a multipart or URL-encoded form (the BentoML client sends ``images`` alone URL-encoded);
+    ``image`` and ``images_npy`` as bytes, ``images`` as parsed JSON."""
     async def stream() -> t.AsyncGenerator[bytes, None]:
         yield body
 
     try:
         if multipart:
-            form = await MultiPartParser(request.headers, stream(), max_files=2, max_fields=4,
+            form = await MultiPartParser(request.headers, stream(), max_files=3, max_fields=4,
                                          max_part_size=SETTINGS.max_request_bytes).parse()
         else:
             form = await FormParser(request.headers, stream(), max_fields=4,
                                     max_part_size=SETTINGS.max_request_bytes).parse()
     except (MultiPartException, ValueError, KeyError) as e:
         kind = "multipart/form-data" if multipart else "form"
-        raise InvalidArgument(f"malformed {kind} body ({getattr(e, 'message', e)}); {USAGE}") from None
+        raise InputError(f"malformed {kind} body ({getattr(e, 'message', e)}); {USAGE}") from None
     data: dict[str, t.Any] = {}
-    for key in set(form.keys()):
-        values = form.getlist(key)
-        if len(values) > 1:
-            raise InvalidArgument(f"field {key!r} is given {len(values)} times; send it once "
-                                  "(several images: use 'images', an (N, C, H, W) array)")
-        value = values[0]
-        if key == "image":
-            if not isinstance(value, UploadFile):
-                raise InvalidArgument("'image' must be a file part (curl -F image=@digit.png, not -F image=...)")
-            data[key] = value
-        elif key == "images":
-            text = (await value.read()) if isinstance(value, UploadFile) else value
-            try:
-                data[key] = json.loads(text)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise InvalidArgument(f"'images' must be JSON text of an (N, C, H, W) array ({e}); upload "
-                                      "an image file as 'image' instead") from None
-        else:
-            data[key] = None  # reported as unknown
+    try:
+        for key in set(form.keys()):
+            values = form.getlist(key)
+            if len(values) > 1:
+                raise InputError(f"field {key!r} is given {len(values)} times; send it once "
+                                 "(several images: use 'images' or 'images_npy', an (N, C, H, W) array)")
+            value = values[0]
+            if key in ("image", "images_npy"):
+                if not isinstance(value, UploadFile):
+                    example = "image=@digit.png" if key == "image" else "images_npy=@batch.npy"
+                    raise InputError(f"{key!r} must be a file part (curl -F {example}, not -F {key}=...)")
+                data[key] = await value.read()
+            elif key == "images":
+                text = (await value.read()) if isinstance(value, UploadFile) else value
+                try:
+                    data[key] = json.loads(text)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise InputError(f"'images' must be JSON text of an (N, C, H, W) array ({e}); send a .npy "
+                                     "file as 'images_npy', or an image file as 'image'") from None
+            else:
+                data[key] = None  # reported as unknown
+    finally:
+        await form.close()
     return data
 
 
@@ -227,70 +323,30 @@ def _record_metrics(records: list[dict[str, t.Any]]) -> None:
         TRUST.observe(r["trust_score"])
 
 
-# ---------------------------------------------------------------------------------------- services
+# ---------------------------------------------------------------------------------------- service
 def _torch_threads(requested: int) -> int:
-    """``requested``, or all usable cores but one (left to the HTTP process)."""
+    """``requested``, or all usable cores but one (left to the HTTP event loop), and at least two where
+    there are two: on a 2-core machine two threads give more images/s on batches than one (the event
+    loop's share is small there), and on larger ones one core stays free for HTTP."""
     if requested:
         return requested
-    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, max(2, cores - 1))
 
 
-# runner_connection: BentoML 1.4 replaces its client session to the runner every `max_requests`
-# calls or `max_age` seconds by closing the old one, which drops the calls still in flight on it
-# (500 "Server disconnected" under concurrent load). The runner is a local socket: keep one session.
-@bentoml.service(name="nad_guard_runner", workers=1, threads=1, traffic={"timeout": 120},
-                 runner_connection={"max_requests": 2**31 - 1, "max_age": 1e12},
-                 logging={"access": {"enabled": False}})  # internal calls; the front end logs each request
-class GuardRunner:
-    """Internal service (reachable only from :class:`NadGuard`): holds the guard and runs batches.
-
-    Inputs are already checked float32 ``(N, C, H, W)`` in ``[0, 1]``."""
-
-    if os.environ.get(ENV_TAG):  # so that `bentoml build` packs the stored guard into the bento
-        stored_guard = bentoml.models.BentoModel(os.environ[ENV_TAG])
-
-    def __init__(self) -> None:
-        import torch
-
-        from nad_guard.models import resolve_device
-
-        settings = Settings.from_env()
-        torch.set_num_threads(_torch_threads(settings.torch_threads))
-        self.min_batch = settings.min_forward_batch
-        self.guard = load_guard(resolve_source(), device=str(resolve_device(settings.device)))
-
-    def _padded(self, x: np.ndarray) -> t.Any:
-        import torch
-
-        n = len(x)
-        if n < self.min_batch:
-            x = np.concatenate([x, np.zeros((self.min_batch - n, *x.shape[1:]), dtype=x.dtype)])
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=max(2, SETTINGS.max_batch),
-                 max_latency_ms=SETTINGS.max_latency_ms)
-    def trust(self, x: np.ndarray) -> t.Annotated[list[dict], JSON]:
-        """Guard records for a batch (one forward pass)."""
-        xp = self._padded(x)
-        return self.guard.run(xp, batch_size=len(xp)).records(self.guard.classifier.class_names)[:len(x)]
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=max(2, SETTINGS.max_batch),
-                 max_latency_ms=SETTINGS.max_latency_ms)
-    def classify(self, x: np.ndarray) -> t.Annotated[np.ndarray, JSON]:
-        """Softmax probabilities ``(N, K)`` float32 (one forward pass of the classifier alone)."""
-        import torch
-
-        clf = self.guard.classifier
-        with torch.no_grad():
-            xp = self._padded(x).to(clf.mean.device)
-            return clf(xp).softmax(1)[:len(x)].float().cpu().numpy()
+# Both endpoints: GuardInput parses and checks each request on the event loop; BentoML merges
+# concurrent requests' arrays (up to max_batch_size rows) into one call and splits the returned list
+# of records (one per row) back into each request's share.
+BATCHING = dict(batchable=True, batch_dim=0, max_batch_size=max(2, SETTINGS.max_batch),
+                max_latency_ms=SETTINGS.max_latency_ms, input_spec=GuardInput)
 
 
-@bentoml.service(name="nad_guard", workers=1, traffic={"timeout": 120})
+@bentoml.service(name="nad_guard", workers=1, threads=1, traffic={"timeout": 120})
 class NadGuard:
     """Predictions with a calibrated trust score (see the module docstring)."""
 
-    runner = bentoml.depends(GuardRunner)
+    if os.environ.get(ENV_TAG):  # so that `bentoml build` packs the stored guard into the bento
+        stored_guard = bentoml.models.BentoModel(os.environ[ENV_TAG])
 
     @bentoml.on_deployment
     def check_guard() -> None:
@@ -300,51 +356,38 @@ class NadGuard:
         load_guard(resolve_source(), device="cpu")
 
     def __init__(self) -> None:
-        self.settings = SETTINGS
-        self.source = resolve_source()
-        self.spec, _ = read_spec(self.source)
-        self.class_names = self.spec.class_names
+        import torch
+
+        from nad_guard.models import resolve_device
+
+        self.settings = settings = Settings.from_env()
+        torch.set_num_threads(_torch_threads(settings.torch_threads))
+        self.guard = load_guard(resolve_source(), device=str(resolve_device(settings.device)))
+        self.class_names = self.guard.classifier.class_names
         for name in self.class_names:  # every class's series exists from the start (at 0)
             PREDICTIONS.labels(predicted_class=name)
             FLAGGED.labels(predicted_class=name)
 
-    async def _batch(self, endpoint: str, image: Path | None, images: np.ndarray | None) -> np.ndarray:
-        try:
-            if (image is None) == (images is None):
-                raise InputError(f"{'both' if image is not None else 'neither'} 'image' and 'images' given; {USAGE}")
-            if image is not None:
-                return await anyio.to_thread.run_sync(decode_image, image.read_bytes(), self.spec,
-                                                      self.settings.max_image_pixels)
-            if images.size <= INLINE_CHECK_VALUES:  # fast enough for the event loop; no thread hop
-                return check_batch(images, self.spec, self.settings.max_batch)
-            return await anyio.to_thread.run_sync(check_batch, images, self.spec, self.settings.max_batch)
-        except InputError as e:
-            REFUSED.labels(endpoint=endpoint).inc()
-            raise InvalidArgument(str(e)) from None
-
-    async def _run(self, method: str, x: np.ndarray) -> t.Any:
-        remote = getattr(self.runner, "to_async", None)
-        if remote is not None:  # served: the runner is another process, batching concurrent calls
-            return await getattr(remote, method)(x)
-        return await anyio.to_thread.run_sync(getattr(self.runner, method), x)  # in-process
-
-    @bentoml.api(input_spec=GuardInput)
-    async def predict_with_trust(
-            self, image: t.Optional[Path] = None, images: t.Optional[np.ndarray] = None,
-    ) -> t.Annotated[list[TrustPrediction], JSON]:
+    # `x`: the float32 (N, C, H, W) rows of one or more requests, checked; one forward pass.
+    @bentoml.api(**BATCHING, output_spec=TrustPredictions)
+    def predict_with_trust(self, x: np.ndarray) -> list[dict[str, t.Any]]:
         """The prediction for each input and whether to trust it (one record per image)."""
-        x = await self._batch("predict_with_trust", image, images)
-        records = await self._run("trust", x)
+        import torch
+
+        records = self.guard.run(torch.from_numpy(x), batch_size=len(x) + PAD_MULTIPLE,
+                                 pad_multiple=self.settings.pad_multiple).records(self.class_names)
         _record_metrics(records)
         return records
 
-    @bentoml.api(input_spec=GuardInput)
-    async def predict(
-            self, image: t.Optional[Path] = None, images: t.Optional[np.ndarray] = None,
-    ) -> t.Annotated[list[Prediction], JSON]:
+    @bentoml.api(**BATCHING, output_spec=Predictions)
+    def predict(self, x: np.ndarray) -> list[dict[str, t.Any]]:
         """Plain classification (no trust score), for comparison."""
-        x = await self._batch("predict", image, images)
-        probs = np.asarray(await self._run("classify", x))
+        import torch
+
+        clf = self.guard.classifier
+        xp, n = pad_rows(torch.from_numpy(x), self.settings.pad_multiple)
+        with torch.no_grad():
+            probs = clf(xp.to(clf.mean.device)).softmax(1)[:n].float().cpu().numpy()
         labels = probs.argmax(1)
         return [{"label": int(k), "class_name": self.class_names[int(k)], "confidence": float(p[k])}
                 for k, p in zip(labels, probs)]

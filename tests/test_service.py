@@ -32,7 +32,7 @@ from PIL import Image
 from nad_guard.data import load_dataset
 from nad_guard.guard import DEFAULT_GUARD_DIR, Guard
 from nad_guard.models import InputSpec
-from service.inputs import InputError, check_batch, decode_image
+from service.inputs import InputError, check_batch, decode_image, read_npy
 from service.loader import GuardStartupError, Settings, resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +127,16 @@ def _post(url: str, path: str, **kwargs) -> requests.Response:
     return requests.post(url + path, timeout=60, **kwargs)
 
 
+def _npy(a: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def _npy_body(data: bytes) -> dict:
+    return {"data": data, "headers": {"Content-Type": "application/x-npy"}}
+
+
 def _png(a: np.ndarray, mode: str = "L", size: tuple[int, int] | None = None, fmt: str = "PNG") -> bytes:
     img = Image.fromarray(np.round(a * 255).astype(np.uint8), "L").convert(mode)
     if size:
@@ -182,6 +192,34 @@ def test_image_upload_equals_the_same_pixels_as_json(url, images, tmp_path):
         assert client.predict_with_trust(image=path) == want
 
 
+@pytest.mark.parametrize("path", ["/predict_with_trust", "/predict"])
+def test_npy_input_equals_json_bit_for_bit(url, images, path, tmp_path):
+    x = images[:10]
+    want = _post(url, path, json={"images": x.tolist()})
+    assert want.status_code == 200, want.text
+    want = want.json()
+    f32 = x.astype(np.float32)
+    for name, kwargs in {
+        "body": _npy_body(_npy(f32)),
+        "body; charset": {"data": _npy(f32), "headers": {"Content-Type": "application/x-npy; charset=binary"}},
+        "part": {"files": {"images_npy": ("batch.npy", _npy(f32), "application/octet-stream")}},
+        "big-endian": _npy_body(_npy(f32.astype(">f4"))),
+        "fortran order": _npy_body(_npy(np.asfortranarray(f32))),
+    }.items():
+        r = _post(url, path, **kwargs)
+        assert r.status_code == 200, (name, r.text[:300])
+        assert r.json() == want, name  # the same float32 pixels: identical results, bit for bit
+    # uint8 is divided by 255 exactly as an uploaded image's pixels are
+    u8 = np.round(images[3:4] * 255).astype(np.uint8)
+    png = _post(url, path, files={"image": ("digit.png", _png(u8[0, 0] / 255.0))}).json()
+    assert _post(url, path, **_npy_body(_npy(u8))).json() == png
+    # and the BentoML client sends the file part
+    batch = tmp_path / "batch.npy"
+    batch.write_bytes(_npy(f32))
+    with bentoml.SyncHTTPClient(url) as client:
+        assert getattr(client, path.strip("/"))(images_npy=batch) == want
+
+
 def test_larger_and_jpeg_images_are_resized(url, images):
     big = _png(images[5, 0], size=(112, 112))
     jpeg = _png(images[5, 0], "RGB", size=(56, 70), fmt="JPEG")
@@ -206,9 +244,9 @@ def test_batched_and_single_results_are_identical_under_concurrency(url, images)
     sequential = [one(i) for i in (0, 7, 31)]
     assert concurrent == whole * 4  # bit for bit, whatever each input was batched with
     assert sequential == [whole[0], whole[7], whole[31]]
-    # and the runner did merge requests into batches
+    # and the service did merge requests into batches
     hist = _series(requests.get(url + "/metrics", timeout=30).text, "bentoml_service_adaptive_batch_size")
-    trust = {k: v for k, v in hist.items() if 'method_name="trust"' in k}
+    trust = {k: v for k, v in hist.items() if 'method_name="predict_with_trust"' in k}
     count = sum(v for k, v in trust.items() if k.startswith("bentoml_service_adaptive_batch_size_count"))
     ones = sum(v for k, v in trust.items() if 'le="1.0"' in k)
     assert count > ones, "no batch held more than one request"
@@ -254,7 +292,7 @@ BAD = {
                  f"{MAX_BATCH + 1} images, more than the limit of {MAX_BATCH}"),
     "strings": ({"json": {"images": [["a"]]}}, 400, "not numbers"),
     "ragged": ({"json": {"images": [[[[0.1] * 28] * 28], [[[0.1] * 3]]]}}, 400, "images"),
-    "neither": ({"json": {}}, 400, "neither 'image' and 'images'"),
+    "neither": ({"json": {}}, 400, "neither 'image', 'images' nor 'images_npy' given"),
     "both": ({"files": {"image": ("d.png", _png(np.zeros((28, 28)))), "images": (None, json.dumps(Z.tolist()))}},
              400, "both 'image' and 'images'"),
     "unknown_field": ({"json": {"imgs": Z.tolist()}}, 400, "unknown field.*'imgs'"),
@@ -274,6 +312,33 @@ BAD = {
                               ("image", ("b.png", _png(np.zeros((28, 28)))))]}, 400, "given 2 times"),
     "bad_multipart": ({"data": b"--x\r\nnot a part", "headers": {"Content-Type": "multipart/form-data"}}, 400,
                       "malformed multipart"),
+    # .npy input (Content-Type: application/x-npy, or a multipart file part 'images_npy')
+    "npy_float64": (_npy_body(_npy(Z)), 400, r"dtype float64.*float32 in \[0, 1\] or uint8"),
+    "npy_int64": (_npy_body(_npy(Z.astype(np.int64))), 400, r"dtype int64"),
+    "npy_bool": (_npy_body(_npy(Z.astype(bool))), 400, r"dtype bool"),
+    "npy_rank": (_npy_body(_npy(Z[0].astype(np.float32))), 400, r"shape \(1, 28, 28\); expected \(N, 1, 28, 28\)"),
+    "npy_size": (_npy_body(_npy(np.zeros((1, 1, 32, 32), np.float32))), 400, r"32x32.*takes 28x28"),
+    "npy_channels": (_npy_body(_npy(np.zeros((1, 3, 28, 28), np.uint8))), 400, r"3 channel.*takes 1 \(grey\)"),
+    "npy_nan": (_npy_body(_npy(np.full((1, 1, 28, 28), np.nan, np.float32))), 400, "NaN or infinite"),
+    "npy_range": (_npy_body(_npy((Z + 255).astype(np.float32))), 400, r"outside \[0, 1\]"),
+    "npy_empty_batch": (_npy_body(_npy(np.zeros((0, 1, 28, 28), np.float32))), 400, "empty batch"),
+    "npy_too_many": (_npy_body(_npy(np.zeros((MAX_BATCH + 1, 1, 28, 28), np.uint8))), 400,
+                     f"{MAX_BATCH + 1} images, more than the limit of {MAX_BATCH}"),
+    "npy_truncated": (_npy_body(_npy(Z.astype(np.float32))[:-100]), 400, r"\.npy data is truncated"),
+    "npy_trailing": (_npy_body(_npy(Z.astype(np.float32)) + b"\0" * 4), 400, "followed by extra bytes"),
+    "npy_garbage": (_npy_body(b"PK\x03\x04 this is a zip, not a .npy"), 400, r"not a \.npy file"),
+    "npy_empty": (_npy_body(b""), 400, r"\.npy data is empty"),
+    "npy_bad_header": (_npy_body(b"\x93NUMPY\x01\x00\x10\x00{'descr': <f4 }  \n"), 400, "header is malformed"),
+    "npy_pickled": (_npy_body(_npy(np.array([{"a": 1}, None], dtype=object), allow_pickle=True)), 400,
+                    r"dtype object.*never unpickled"),
+    "npy_records": (_npy_body(_npy(np.zeros((1, 1, 28, 28), [("a", "f4"), ("b", "u1")]))), 400, "records"),
+    "npy_part_pickled": ({"files": {"images_npy": ("x.npy", _npy(np.array([1, "a"], dtype=object), True))}},
+                         400, "never unpickled"),
+    "npy_part_as_text": ({"files": {"images_npy": (None, "1,2,3")}}, 400, "'images_npy' must be a file part"),
+    "npy_in_json": ({"json": {"images_npy": "aGVsbG8="}}, 400, "'images_npy' must be a file part"),
+    "npy_and_images": ({"files": {"images": (None, json.dumps(Z.tolist())),
+                                  "images_npy": ("x.npy", _npy(Z.astype(np.float32)))}}, 400,
+                       "both 'images' and 'images_npy'"),
     "content_type": ({"data": b"images=1", "headers": {"Content-Type": "text/plain"}}, 415,
                      "unsupported Content-Type 'text/plain'"),
     "too_large": ({"data": b"x" * (MAX_BYTES + 1), "headers": {"Content-Type": "application/json"}}, 413,
@@ -374,6 +439,33 @@ def test_check_batch_accepts_only_the_exact_shape_and_range():
         check_batch(np.zeros((1, 28, 28)), SPEC, 4)
     with pytest.raises(InputError, match="booleans"):
         check_batch(np.zeros((1, 1, 28, 28), bool), SPEC, 4)
+
+
+class _Boom:
+    """Unpickling this would create a file: .npy object arrays must never be unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_read_npy_never_unpickles_nor_trusts_the_header(tmp_path):
+    x = np.random.default_rng(0).random((3, 1, 28, 28)).astype(np.float32)
+    assert np.array_equal(read_npy(_npy(x), SPEC, 4), x)
+    u8 = (x * 255).astype(np.uint8)
+    assert np.array_equal(read_npy(_npy(u8), SPEC, 4), u8.astype(np.float32) / 255.0)
+    marker = tmp_path / "unpickled"
+    with pytest.raises(InputError, match="never unpickled"):
+        read_npy(_npy(np.array([_Boom(str(marker))], dtype=object), allow_pickle=True), SPEC, 4)
+    assert not marker.exists()
+    # a header claiming a huge array over a few bytes of data: refused without allocating it
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False,
+                                               "shape": (10**9, 1, 28, 28)})
+    with pytest.raises(InputError, match=r"truncated.*3,136,000,000,000 bytes"):
+        read_npy(buf.getvalue() + b"\0" * 64, SPEC, 4)
 
 
 def test_settings_and_sources_fail_clearly(tmp_path):
