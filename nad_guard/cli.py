@@ -148,16 +148,22 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
 
 @main.command("fit-detector")
 @_artifact_options("Path artifact from fit-paths; the guard is written into it.")
-@click.option("--method", type=click.Choice(["gboost", "logistic", "isoforest", "gaussian"]), default="gboost",
-              show_default=True, help="gboost/logistic are trained on attacks; isoforest/gaussian on clean data only.")
-@click.option("--encoding", type=click.Choice(["rich", "summary"]), default="rich", show_default=True)
+@click.option("--method", type=click.Choice(["logistic", "gboost", "isoforest", "gaussian"]), default="logistic",
+              show_default=True, help="logistic/gboost are trained on attacks (and mispredictions); isoforest/gaussian "
+                                      "on clean data only.")
+@click.option("--encoding", type=click.Choice(["summary", "rich", "full"]), default="rich", show_default=True,
+              help="Detector input (see nad_guard.guard): summary features, + class-score gaps, + the path itself.")
+@click.option("--mispredictions/--no-mispredictions", default=True, show_default=True,
+              help="Also train supervised detectors on the fit part's natural mispredictions (as suspicious).")
+@click.option("--max-images", type=int, default=None,
+              help="Use a seeded stratified sample of this many test images (the same sample as evaluate's).")
 @click.option("--fpr", type=float, default=0.05, show_default=True,
               help="False-positive rate on held-out clean data at the threshold.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
 def fit_detector_cmd(artifact: str, model: str, weights: str | None, data: str, data_root: str | None, suite: str,
-                     attacks: str | None, method: str, encoding: str, fpr: float, device: str,
-                     seed: int) -> None:
+                     attacks: str | None, method: str, encoding: str, mispredictions: bool, max_images: int | None,
+                     fpr: float, device: str, seed: int) -> None:
     """Generate the suite's attacks, fit the detector and calibrate its threshold, then write it into the
     artifact. The test split is divided (seeded, stratified) into detector-fit 40%, calibration 20%
     (clean only: the threshold) and evaluation 40% (left untouched for `evaluate` and `audit`)."""
@@ -165,7 +171,7 @@ def fit_detector_cmd(artifact: str, model: str, weights: str | None, data: str, 
 
     info = build_guard(artifact, model, data, weights=weights, data_root=data_root, suite=suite,
                        attacks=attacks.split(",") if attacks else None, method=method, encoding=encoding,
-                       fpr=fpr, device=device, seed=seed)
+                       mispredictions=mispredictions, fpr=fpr, max_images=max_images, device=device, seed=seed)
     click.echo(json.dumps(info))
 
 
@@ -174,8 +180,9 @@ def fit_detector_cmd(artifact: str, model: str, weights: str | None, data: str, 
               help="Where to write the guard (default: the package's bundled default_guard folder).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def build_default_cmd(out: str | None, device: str) -> None:
-    """Rebuild the bundled default guard: MNIST reference CNN, joint paths on mnist5k, gradient-boosting
-    detector on the mnist suite, threshold at 5% FPR."""
+    """Rebuild the bundled default guard: MNIST reference CNN, joint paths on mnist5k, logistic detector
+    on the 'rich' encoding trained on the mnist suite's attacks and the fit part's mispredictions, threshold
+    at 5% FPR."""
     from nad_guard.guard import DEFAULT_GUARD_DIR
     from training.detector import build_default
 
@@ -188,7 +195,7 @@ def build_default_cmd(out: str | None, device: str) -> None:
               help="Comma-separated protocols.")
 @click.option("--method", "methods", default="logistic,gboost", show_default=True,
               help="Supervised nad-guard detectors to fit; the first (with the first encoding) is 'nad-guard'.")
-@click.option("--encoding", "encodings", default="full,rich", show_default=True,
+@click.option("--encoding", "encodings", default="rich,full", show_default=True,
               help="Comma-separated detector encodings (see nad_guard.guard).")
 @click.option("--clean-method", "clean_methods", default="gaussian,isoforest", show_default=True,
               help="nad-guard's clean-only detectors; the first is 'nad-guard' in the clean-only protocol.")
@@ -212,8 +219,6 @@ def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data
     """Judge nad-guard against MSP, Energy, Mahalanobis, LID and deep kNN under the honest protocols
     (seen, unseen, fgsm-only, clean-only, mispredictions, adaptive) on the test split's held-out parts,
     and write a Markdown table, a JSON file and ROC plots into --out."""
-    import shlex
-
     from nad_guard.attacks import default_cache_dir
     from nad_guard.data import load_dataset
     from nad_guard.evaluate import EvalConfig, run_evaluation, write_outputs
@@ -232,21 +237,97 @@ def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data
     paths = PathModel.load(artifact, build_classifier(model, train, weights))
     result = run_evaluation(paths, train, test, cfg, cache_dir=cache_dir or default_cache_dir(),
                             log=lambda msg: click.echo(msg, err=True))
-    ctx = click.get_current_context()
-    given = []
-    for param in ctx.command.params:
-        if param.name is None or ctx.get_parameter_source(param.name) == click.core.ParameterSource.DEFAULT:
-            continue
-        value, flag = ctx.params[param.name], param.opts[0]
-        given += [flag] if isinstance(param, click.Option) and param.is_flag else [flag, shlex.quote(str(value))]
-    command = " ".join(["nad-guard evaluate", *given])
-    files = write_outputs(result, out, command=command)
+    files = write_outputs(result, out, command=_given_command("evaluate"))
     click.echo(json.dumps({"out": out, "seconds": result["seconds"], "summary": {
         p: {"nad_guard": s["nad_guard_mean_auroc"], "best_baseline": s["best_baseline"],
             "best_baseline_auroc": s["best_baseline_mean_auroc"]} for p, s in result["summary"].items()},
         "adaptive": {k: v["adaptive_evades"] for k, v in (result["adaptive"] or {}).get("detectors", {}).items()},
         "files": sorted(str(f) for f in files.values())}))
 
+
+def _given_command(name: str) -> str:
+    """The current command line as the user gave it (options at their defaults left out)."""
+    import shlex
+
+    ctx = click.get_current_context()
+    given = []
+    for param in ctx.command.params:
+        if param.name is None or ctx.get_parameter_source(param.name) == click.core.ParameterSource.DEFAULT:
+            continue
+        value, flag = ctx.params[param.name], param.opts[0]
+        if isinstance(param, click.Option) and param.is_flag:
+            given += [flag] if value else []
+        else:
+            given += [flag, shlex.quote(str(value))]
+    return " ".join([f"nad-guard {name}", *given])
+
+
+@main.command("audit")
+@click.option("--artifact", default="default", show_default=True,
+              help="Guard directory (from fit-detector), or 'default' for the bundled MNIST guard.")
+@click.option("--data", type=click.Choice(DATASETS), default=None,
+              help="Data set to audit (default: the one the guard's detector was fitted on).")
+@click.option("--data-root", type=click.Path(), default=None, help="Data folder (cifar10, imagefolder).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--max-images", type=int, default=None, help="Audit a seeded stratified sample of this many images.")
+@click.option("--attacks", "suite", default=None,
+              help="Also audit adversarial examples of this attack suite (mnist, cifar10, fast), made on the "
+                   "correctly classified images the detector never saw.")
+@click.option("--attack-names", default=None,
+              help="Comma-separated attacks of the suite (default: all but the noise controls).")
+@click.option("--attack-images", type=int, default=None, help="Attack at most this many images (stratified sample).")
+@click.option("--gallery", "gallery_size", type=int, default=24, show_default=True,
+              help="How many of the least trusted inputs to show.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Images per forward pass (bounds memory; results do not depend on it).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples and attacks.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Attack cache (default: $NAD_GUARD_CACHE/attacks).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Report folder: index.html, summary.json, samples.csv and PNG figures.")
+@click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
+def audit_cmd(artifact: str, data: str | None, data_root: str | None, split: str, max_images: int | None,
+              suite: str | None, attack_names: str | None, attack_images: int | None, gallery_size: int,
+              device: str, batch_size: int, seed: int, cache_dir: str | None, out: str, quiet: bool) -> None:
+    """Audit a guard's mispredictions on a labelled data split and write a report a person reads:
+    accuracy and confusions, each error's nearest sub-architecture and the rank of its true class,
+    NAD's claim against chance and the classifier's own ranking, similarity against confusion,
+    per-layer divergence, how well the trust score separates errors, and the least trusted inputs."""
+    from nad_guard.attacks import default_cache_dir
+    from nad_guard.audit import guard_data, load_split, resolve_guard_dir, run_audit, write_report
+    from nad_guard.guard import Guard
+    from nad_guard.models import resolve_device
+
+    t0 = time.perf_counter()
+    log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    dev = resolve_device(device)
+    guard_dir = resolve_guard_dir(artifact)
+    guard = Guard.load(guard_dir, device=str(dev))
+    if data is None:
+        data, _ = guard_data(guard)
+        if data is None:
+            raise click.UsageError(f"the guard in {guard_dir} does not record its data set: pass --data")
+    images = load_split(data, split, data_root, guard)
+    load_s = time.perf_counter() - t0
+    names = [a.strip() for a in attack_names.split(",") if a.strip()] if attack_names else None
+    if names and suite is None:
+        raise click.UsageError("--attack-names needs --attacks SUITE")
+    result = run_audit(guard, images, max_images=max_images, attacks=names, suite=suite, attack_images=attack_images,
+                       batch_size=batch_size, gallery_size=gallery_size, device=dev,
+                       cache_dir=cache_dir or default_cache_dir(), seed=seed, progress=not quiet,
+                       source="default" if artifact == "default" else str(guard_dir), log=log)
+    files = write_report(result, out, command=_given_command("audit"), timings={"load_s": round(load_s, 3)})
+    s = result.summary
+    claim = s["nad_claim"]["groups"]["mispredictions"]
+    sep = s["separation"]["rows"][0]
+    click.echo(json.dumps({
+        "out": out, "images": s["n_images"], "accuracy": s["accuracy"]["share"],
+        "mispredictions": claim["n"], "path_nearest_true": claim["path_top1"]["share"],
+        "path_top3_true": claim["path_top3"]["share"], "auroc_mispredictions": sep["auroc"],
+        "caught": sep["caught"], "separation_basis": s["separation"]["basis"],
+        "spearman_similarity_confusion": s["similarity_vs_confusion"]["errors"]["rho"],
+        "seconds": round(time.perf_counter() - t0, 1), "report": str(files["index.html"])}))
 
 if __name__ == "__main__":
     main()

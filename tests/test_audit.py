@@ -1,0 +1,346 @@
+"""The offline audit (nad_guard.audit, `nad-guard audit`): numbers checked by hand against the classifier
+and samples.csv, invariance to the batch size, honest holdout parts, errors, and the HTML report
+rendered in a real headless browser."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nad_guard.audit import (AuditError, check_fits, confusion_matrix, load_split, run_audit, wilson,
+                             write_report)
+from nad_guard.cli import main
+from nad_guard.data import ImageSet
+from nad_guard.guard import DEFAULT_GUARD_DIR, Guard
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def guard(one_thread) -> Guard:
+    return Guard.load(DEFAULT_GUARD_DIR)
+
+
+@pytest.fixture(scope="module")
+def mnist_test() -> ImageSet:
+    return load_split("mnist5k", "test")
+
+
+@pytest.fixture(scope="module")
+def audited(guard, mnist_test, tmp_path_factory):
+    """The whole 1,000-image mnist5k test split audited with the bundled guard, and its report folder."""
+    result = run_audit(guard, mnist_test, batch_size=256, progress=False, source="default")
+    out = tmp_path_factory.mktemp("audit")
+    write_report(result, out, command="pytest audited fixture")
+    return result, out
+
+
+def read_samples(out: Path) -> list[dict[str, str]]:
+    with (out / "samples.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_report_folder_is_complete_and_self_contained(audited):
+    result, out = audited
+    summary = json.loads((out / "summary.json").read_text())
+    rows = read_samples(out)
+    assert len(rows) == 1000 == summary["n_images"] == len(result.clean)
+    assert {r["input"] for r in rows} == {"clean"}
+    must = ["index", "split_part", "true", "true_name", "pred", "pred_name", "correct", "confidence", "trust_score",
+            "suspicion_score", "flagged", "nearest_path_class", "true_class_path_rank", "classifier_true_rank"]
+    assert set(must) <= set(rows[0]) and [f"divergence:{l}" in rows[0] for l in result.layers] == [True] * 4
+    assert sorted(int(r["index"]) for r in rows) == list(range(1000))
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(summary["figures"]) and len(pngs) == 7
+    for p in pngs:
+        assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "index.html").read_text()
+    assert "<script" not in page and "<link" not in page and "http://" not in page and "https://" not in page
+    assert summary["command"] == "pytest audited fixture" and summary["machine"]["cores"] >= 1
+    assert summary["timings"]["clean_pass_s"] > 0 and summary["config"]["audited_images"] == 1000
+
+
+def test_accuracy_and_confusion_equal_the_classifiers(guard, mnist_test, audited):
+    result, _ = audited
+    with torch.no_grad():
+        pred = guard.classifier(mnist_test.float()).argmax(1).numpy()
+    y = mnist_test.labels.numpy()
+    conf = np.zeros((10, 10), dtype=int)
+    np.add.at(conf, (y, pred), 1)
+    s = result.summary
+    assert s["accuracy"]["k"] == int((pred == y).sum()) and s["accuracy"]["share"] == pytest.approx((pred == y).mean())
+    assert np.array_equal(np.asarray(s["confusion"]), conf)
+    assert np.array_equal(confusion_matrix(y, pred, 10), conf)
+    # the README's figure for the reference CNN
+    assert s["accuracy"]["share"] == pytest.approx(0.985)
+
+
+def test_nad_claim_shares_by_hand_from_samples_csv(audited):
+    result, out = audited
+    summary = json.loads((out / "summary.json").read_text())
+    mis = [r for r in read_samples(out) if r["correct"] == "0"]
+    n = len(mis)
+    assert n == 15 == summary["n_mispredictions"] == len(summary["mispredictions"])
+    assert summary["nad_claim"]["groups"]["mispredictions"]["n"] == n
+    g = summary["nad_claim"]["groups"]["mispredictions"]
+    by_hand = {
+        "path_top1": sum(r["true_class_path_rank"] == "1" for r in mis),
+        "path_top3": sum(int(r["true_class_path_rank"]) <= 3 for r in mis),
+        "classifier_second": sum(r["classifier_true_rank"] == "2" for r in mis),
+        "classifier_top3": sum(int(r["classifier_true_rank"]) <= 3 for r in mis),
+        "path_is_pred": sum(r["nearest_path_class"] == r["pred"] for r in mis),
+    }
+    for m, k in by_hand.items():
+        assert g[m]["k"] == k and g[m]["n"] == n and g[m]["share"] == pytest.approx(k / n)
+        lo, hi = g[m]["ci"]
+        assert lo <= k / n <= hi
+    assert summary["nad_claim"]["chance"]["path_top1"] == pytest.approx(0.1)
+    assert summary["nad_claim"]["chance"]["path_top3"] == pytest.approx(0.3)
+    # a misprediction's true class is never the classifier's first choice
+    assert all(int(r["classifier_true_rank"]) >= 2 for r in mis)
+    # Wilson: symmetric around 1/2, zero successes start at 0, and the textbook value for 0 of 10
+    assert wilson(5, 10)[0] == pytest.approx(1 - wilson(5, 10)[1])
+    assert wilson(0, 10)[0] == 0 and wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert wilson(0, 0) is None
+
+
+def test_similarity_and_confusion_are_compared_over_class_pairs(audited):
+    result, _ = audited
+    from scipy.stats import spearmanr
+
+    svc = result.summary["similarity_vs_confusion"]
+    sim, conf = result.similarity, np.asarray(result.summary["confusion"], float)
+    rate = conf / conf.sum(1, keepdims=True)
+    iu = np.triu_indices(10, 1)
+    sym = (rate[iu] + rate.T[iu]) / 2
+    assert svc["errors"]["n_pairs"] == 45 and svc["errors"]["n_pairs_confused"] == int((sym > 0).sum())
+    assert svc["errors"]["rho"] == pytest.approx(spearmanr(sim[iu], sym).statistic)
+    assert np.allclose(sim, result.similarity.T) and np.allclose(np.diag(sim), 1)
+
+
+def test_holdout_parts_are_the_detectors_and_separation_uses_the_evaluation_part(audited, mnist_test):
+    from training.detector import holdout_splits
+
+    result, out = audited
+    assert result.split["status"] == "verified"
+    rows = read_samples(out)
+    parts = {p: [int(r["index"]) for r in rows if r["split_part"] == p] for p in ("detector-fit", "calibration",
+                                                                                   "evaluation")}
+    assert [len(v) for v in parts.values()] == [400, 200, 400]
+    fit, cal, ev = holdout_splits(mnist_test, 0)
+    for name, part in zip(parts, (fit, cal, ev)):
+        assert torch.equal(mnist_test.images[parts[name]], part.images), name
+    sep = result.summary["separation"]
+    assert sep["basis"] == "evaluation"
+    errors = sep["rows"][0]
+    ev_rows = [r for r in rows if r["split_part"] == "evaluation"]
+    assert errors["n_positive"] == sum(r["correct"] == "0" for r in ev_rows)
+    assert errors["n_correct"] + errors["n_positive"] == 400
+    caught = [r["flagged"] == "1" for r in ev_rows if r["correct"] == "0"]
+    assert errors["caught"] == pytest.approx(np.mean(caught))
+    assert "evaluation part" in (out / "index.html").read_text()
+
+
+def test_a_split_that_cannot_be_confirmed_is_said_so(guard, mnist_test):
+    meta = json.loads(json.dumps(guard.meta))
+    meta["detector"]["seed"] = 1  # wrong: the default guard's parts were made with seed 0
+    other = Guard(guard.paths, guard.detector, guard.encoding, meta)
+    result = run_audit(other, mnist_test, max_images=200, progress=False, gallery_size=0)
+    assert result.split["status"] == "undetermined" and "cannot be told" in result.split["note"]
+    assert set(result.clean.part) == {"unknown"} and result.summary["separation"]["basis"] == "all"
+    assert "could not be determined" in result.summary["separation"]["note"]
+
+    train = run_audit(guard, load_split("mnist5k", "train"), max_images=100, progress=False, gallery_size=0)
+    assert train.split["status"] == "independent" and set(train.clean.part) == {"not-used-by-detector"}
+
+
+def test_holdout_parts_of_a_detector_fitted_on_a_sample(guard, mnist_test):
+    """A detector fitted on `fit-detector --max-images 500` (named "<split>[500]"): the parts are those of
+    the same seeded sample, and every image outside the sample counts as unseen by the detector."""
+    from nad_guard.audit import holdout_parts
+    from training.detector import holdout_indices, sample_heldout
+
+    meta = json.loads(json.dumps(guard.meta))
+    meta["detector"].update(fit_set=f"{mnist_test.name}[500][detector-fit]",
+                            calibration_set=f"{mnist_test.name}[500][calibration]", seed=0)
+    parts, info = holdout_parts(Guard(guard.paths, guard.detector, guard.encoding, meta), mnist_test)
+    sample, positions = sample_heldout(mnist_test, 500, 0)
+    assert info["status"] == "pending" and info["detector_sample_images"] == 500 and len(positions) == 500
+    for name, pos in zip(("detector-fit", "calibration", "evaluation"), holdout_indices(sample.labels.numpy(), 0)):
+        assert (parts[positions[pos]] == name).all()
+    outside = np.setdiff1d(np.arange(len(mnist_test)), positions)
+    assert len(outside) == 500 and (parts[outside] == "not-used-by-detector").all()
+
+
+def test_ranks_in_cases_known_by_construction(guard, mnist_test):
+    """Relabel each image with the class whose sub-architecture is nearest its path: that class ranks 1
+    by definition; with the farthest one it ranks K; with the classifier's prediction, the classifier
+    ranks it 1 and every prediction is correct."""
+    pos = torch.as_tensor(run_audit(guard, mnist_test, max_images=100, progress=False, gallery_size=0).clean.position)
+    x = mnist_test.images[pos]
+    r = guard.run(x.float() / 255)
+    sim = r.features.path_similarity
+
+    def audit(labels: torch.Tensor):
+        return run_audit(guard, ImageSet(x, labels, mnist_test.classes, "relabelled"), progress=False,
+                         gallery_size=0).clean
+
+    nearest = audit(sim.argmax(1))
+    assert (nearest.true_path_rank == 1).all()
+    assert np.array_equal(nearest.nearest_path, sim.argmax(1).numpy())
+    unique_min = ((sim == sim.amin(1, keepdim=True)).sum(1) == 1).numpy()
+    farthest = audit(sim.argmin(1))
+    assert unique_min.mean() > 0.9 and (farthest.true_path_rank[unique_min] == 10).all()
+    predicted = audit(r.features.pred)
+    assert predicted.correct.all() and (predicted.clf_true_rank == 1).all()
+    runner_up = audit(r.features.logits.topk(2, dim=1).indices[:, 1])
+    assert not runner_up.correct.any() and (runner_up.clf_true_rank == 2).all()
+
+
+def test_batch_size_changes_no_per_sample_value(guard, mnist_test):
+    a = run_audit(guard, mnist_test, max_images=120, batch_size=7, progress=False, gallery_size=5)
+    b = run_audit(guard, mnist_test, max_images=120, batch_size=120, progress=False, gallery_size=5)
+    for name, va in vars(a.clean).items():
+        vb = getattr(b.clean, name)
+        if va.dtype.kind == "f":
+            assert np.allclose(va, vb, rtol=1e-6, atol=1e-9), name
+        else:
+            assert np.array_equal(va, vb), name
+    assert [g.position for g in a.gallery] == [g.position for g in b.gallery]
+
+
+def test_gallery_holds_the_least_trusted_inputs(audited, mnist_test):
+    result, out = audited
+    rows = read_samples(out)
+    order = sorted(rows, key=lambda r: (float(r["trust_score"]), -float(r["suspicion_score"]), int(r["index"])))
+    expected = [int(r["index"]) for r in order[:24]]
+    assert [g.position for g in result.gallery] == expected
+    for g in result.gallery:
+        assert np.array_equal(g.image, mnist_test.images[g.position].numpy())
+
+
+def test_attacks_are_audited_on_the_evaluation_part_only(guard, mnist_test, tmp_path):
+    kw = dict(max_images=300, suite="fast", attacks=["fgsm"], progress=False, cache_dir=tmp_path / "cache",
+              gallery_size=0)
+    r = run_audit(guard, mnist_test, **kw)
+    adv = r.adversarial["fgsm"]
+    assert len(adv) > 0 and (adv.pred != adv.label).all()
+    assert set(adv.part) == {"evaluation"}
+    eval_correct = set(r.clean.position[(r.clean.part == "evaluation") & r.clean.correct])
+    assert set(adv.position) <= eval_correct
+    assert r.attack_stats["fgsm"]["attacked"] == len(eval_correct) and not r.attack_stats["fgsm"]["from_cache"]
+    assert any(row["what"].startswith("adversarial (fgsm)") for row in r.summary["separation"]["rows"])
+    write_report(r, tmp_path / "report")
+    rows = read_samples(tmp_path / "report")
+    assert sum(row["input"] == "fgsm" for row in rows) == len(adv)
+    assert sum(row["input"] == "clean" for row in rows) == 300
+    again = run_audit(guard, mnist_test, **kw)
+    assert again.attack_stats["fgsm"]["from_cache"]
+    assert np.array_equal(again.adversarial["fgsm"].score, adv.score)
+    with pytest.raises(ValueError, match="has no attack 'nope'"):
+        run_audit(guard, mnist_test, max_images=20, suite="fast", attacks=["nope"], progress=False)
+
+
+def test_bad_input_gets_a_clear_error(guard, mnist_test, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["audit", "--artifact", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "does not exist" in res.output and "fit-detector" in res.output
+    res = runner.invoke(main, ["audit", "--data", "digits", "--out", str(tmp_path / "o"), "--quiet"])
+    assert res.exit_code == 1 and "1x8x8" in res.output and "1x28x28" in res.output
+    res = runner.invoke(main, ["audit", "--data", "nope", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "nope" in res.output
+    res = runner.invoke(main, ["audit", "--attack-names", "fgsm", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--attacks" in res.output
+
+    empty = ImageSet(torch.zeros(0, 1, 28, 28, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
+                     mnist_test.classes, "empty")
+    with pytest.raises(AuditError, match="holds no images"):
+        check_fits(guard, empty)
+    five = ImageSet(mnist_test.images[:10], mnist_test.labels[:10] % 5, [str(i) for i in range(5)], "five")
+    with pytest.raises(AuditError, match="5 classes"):
+        run_audit(guard, five, progress=False)
+    with pytest.raises(AuditError, match="at least 10"):
+        run_audit(guard, mnist_test, max_images=3, progress=False)
+    with pytest.raises(AuditError, match="unknown data set"):
+        load_split("nope")
+
+
+def test_cli_writes_the_report_and_records_the_command(tmp_path):
+    out = tmp_path / "report"
+    res = CliRunner().invoke(main, ["audit", "--max-images", "100", "--batch-size", "64", "--quiet", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.output.strip().splitlines()[-1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert printed["images"] == 100 == summary["n_images"]
+    assert summary["command"] == f"nad-guard audit --max-images 100 --batch-size 64 --out {out} --quiet"
+    assert summary["config"]["data"] == "mnist5k/test" and summary["config"]["guard"] == "default"
+    assert {"load_s", "clean_pass_s", "report_s", "total_s"} <= set(summary["timings"])
+
+
+# --------------------------------------------------------------------------- the report in a real browser
+
+def find_browser() -> str | None:
+    """A Chromium executable: $NAD_GUARD_BROWSER, Debian's /usr/bin/chromium, or one on PATH."""
+    for candidate in (os.environ.get("NAD_GUARD_BROWSER"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser"), shutil.which("google-chrome")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def need_browser(reason: str) -> None:
+    if os.environ.get("NAD_GUARD_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (NAD_GUARD_REQUIRE_BROWSER=1)")
+    pytest.skip(reason)
+
+
+def test_report_renders_in_a_headless_browser(audited, tmp_path):
+    _, out = audited
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need_browser("the browser test needs the playwright package (pip install '.[test]')")
+    executable = find_browser()
+    if executable is None:
+        need_browser("no Chromium found (install Debian's 'chromium' package, or set NAD_GUARD_BROWSER)")
+    summary = json.loads((out / "summary.json").read_text())
+    errors, outside = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}"))
+
+            def route(r):  # the report must not reach outside its folder
+                if r.request.url.startswith("file://"):
+                    r.continue_()
+                else:
+                    outside.append(r.request.url)
+                    r.abort()
+            page.route("**/*", route)
+            page.goto((out / "index.html").as_uri(), wait_until="load")
+            images = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, "
+                                   "i.naturalWidth, i.naturalHeight])")
+            headings = page.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not errors and not outside, errors + outside
+    assert len(images) == len(summary["figures"]) == len(list(out.glob("*.png")))
+    assert sorted(src for src, *_ in images) == sorted(summary["figures"])
+    for src, complete, width, height in images:
+        assert complete and width > 0 and height > 0, src
+    assert len(headings) == 8 and headings[0].startswith("1. How accurate")
