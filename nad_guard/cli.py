@@ -125,6 +125,8 @@ def _artifact_options(artifact_help: str):
 @click.option("--lr", type=float, default=None)
 @click.option("--target-keep", type=float, default=0.25, show_default=True,
               help="Joint schedule: wanted share of channels kept per layer.")
+@click.option("--hard-epochs", type=int, default=1, show_default=True,
+              help="Joint schedule: last epochs trained through the binary masks (straight-through).")
 @click.option("--beta", type=float, default=1.0, show_default=True, help="NAD schedule: sparsity coefficient.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -132,7 +134,8 @@ def _artifact_options(artifact_help: str):
               help="Checkpoint every epoch here and resume from it.")
 def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | None, out: str, schedule: str,
                   layers: str | None, epochs: int | None, batch_size: int | None, lr: float | None,
-                  target_keep: float, beta: float, device: str, seed: int, checkpoint_dir: str | None) -> None:
+                  target_keep: float, hard_epochs: int, beta: float, device: str, seed: int,
+                  checkpoint_dir: str | None) -> None:
     """Learn every class's sub-architecture of a frozen classifier and write the path artifact.
 
     For several processes use `torchrun --nproc_per_node N -m training.paths` with the same options."""
@@ -140,7 +143,7 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
 
     summary = fit_and_save(model, data, out, weights=weights, data_root=data_root, schedule=schedule,
                            layers=layers.split(",") if layers else None, epochs=epochs, batch_size=batch_size,
-                           lr=lr, target_keep=target_keep, beta=beta, device=device, seed=seed,
+                           lr=lr, target_keep=target_keep, hard_epochs=hard_epochs, beta=beta, device=device, seed=seed,
                            checkpoint_dir=checkpoint_dir)
     if summary is not None:
         click.echo(json.dumps(summary))

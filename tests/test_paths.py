@@ -97,6 +97,21 @@ def test_torchvision_models_give_gate_points_and_features(arch: str, count: int,
 
 # --------------------------------------------------------------------------- learning
 
+def test_hard_gates_are_the_binary_masks_with_the_soft_gradient() -> None:
+    gates = tp.GateLogits([(2, 3)], init_logit=0.0)
+    with torch.no_grad():
+        gates.logits[0].copy_(torch.tensor([[2.0, -2.0, 0.1], [-1.0, 1.0, -0.1]]))
+    labels = torch.tensor([0, 1, 0])
+    (hard,), (soft,) = gates(labels, hard=True), gates(labels)
+    assert torch.equal(hard.detach(), (soft > 0.5).float()) and set(hard.detach().unique().tolist()) == {0.0, 1.0}
+    (g_hard,) = torch.autograd.grad((hard * torch.arange(3.0)).sum(), gates.logits[0])
+    (g_soft,) = torch.autograd.grad((soft * torch.arange(3.0)).sum(), gates.logits[0])
+    assert torch.allclose(g_hard, g_soft) and g_hard.abs().sum() > 0
+    with pytest.raises(ValueError, match="hard_epochs"):
+        tp.fit_paths(mnist_cnn(), ImageSet(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.tensor([0, 1]),
+                                           [str(i) for i in range(10)]), epochs=1, hard_epochs=2)
+
+
 def test_joint_masks_are_learned_and_sparse(fitted: tuple[PathModel, dict]) -> None:
     pm, _ = fitted
     kept = pm.kept_fraction()
