@@ -246,7 +246,7 @@ def load_cifar10(root: str | Path | None = None, split: str = "test", use_cache:
         if x.shape[1:] != (3, 32, 32):
             raise DataError(f"CIFAR-10 images under {source} are {x.shape[1:]}, expected (3, 32, 32)")
         if use_cache:
-            tmp = cached.with_suffix(".tmp.npz")
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp.npz")  # per process: concurrent loaders race
             np.savez(tmp, x=x, y=y, classes=np.array(classes))
             tmp.replace(cached)
     return ImageSet(torch.from_numpy(x), torch.from_numpy(y), classes, f"cifar10/{split}")
