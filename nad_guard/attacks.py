@@ -551,7 +551,8 @@ def generate(model: nn.Module, images: ImageSet | torch.Tensor, labels: torch.Te
     n_batches = math.ceil(len(clean_idx) / batch_size)
     for b in tqdm(range(n_batches), desc=attack, disable=not progress, leave=False):
         idx = clean_idx[b * batch_size:(b + 1) * batch_size]
-        x, y = get(idx).to(device), labels[idx].to(device)
+        # contiguous: torchattacks' PGD-L2 and others call .view() on tensors shaped like x
+        x, y = get(idx).to(device).contiguous(), labels[idx].to(device)
         seed = spec.seed + b
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(seed)
