@@ -287,8 +287,43 @@ def apply_gate(out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return out * gate.to(out.dtype).view(*gate.shape, *([1] * (out.ndim - 2)))
 
 
+@dataclass(frozen=True)
+class LayerBasis:
+    """The constants :func:`path_features` needs at one gate point, computed once from its masks and
+    channel statistics (:func:`feature_basis`): ``mask`` ``(K, C)`` bool; ``mask_t`` ``(C, K)`` 0/1;
+    ``score_t`` ``(C, K)``, so that ``z @ score_t`` gives every class score ``s_k`` in one product;
+    ``mean``, ``std`` ``(C,)``; ``centroids_t`` ``(C, K)`` and ``centroid_sq`` ``(K,)``. The ``_t``
+    matrices are transposed *views* of ``(K, C)`` contiguous ones: with a contiguous ``(C, K)`` operand
+    the CPU matmul rounded a row differently depending on the batch's row count (measured), and a
+    sample's features must not depend on its batch."""
+
+    mask: torch.Tensor
+    mask_t: torch.Tensor
+    score_t: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    centroids_t: torch.Tensor
+    centroid_sq: torch.Tensor
+
+
+def feature_basis(masks: Sequence[torch.Tensor], stats: Sequence[ChannelStats],
+                  dtype: torch.dtype = torch.float32) -> list[LayerBasis]:
+    """Per gate point, the :class:`LayerBasis` of ``masks`` ``(K, C_l)`` and ``stats`` in ``dtype``."""
+    out = []
+    for m, st in zip(masks, stats, strict=True):
+        mb = m.bool()
+        mf = mb.to(dtype)
+        inside = mf / mf.sum(1, keepdim=True).clamp_min(1)
+        outside = (1 - mf) / (1 - mf).sum(1, keepdim=True).clamp_min(1)
+        c = st.centroids.to(dtype)
+        out.append(LayerBasis(mb, mf.contiguous().T, (inside - outside).contiguous().T, st.mean.to(dtype),
+                              st.std.to(dtype), c.contiguous().T, c.pow(2).sum(1)))
+    return out
+
+
 def path_features(pooled: Sequence[torch.Tensor], logits: torch.Tensor, masks: Sequence[torch.Tensor],
-                  stats: Sequence[ChannelStats], *, top_k: float = 0.25) -> dict[str, torch.Tensor]:
+                  stats: Sequence[ChannelStats], *, top_k: float = 0.25,
+                  basis: Sequence[LayerBasis] | None = None) -> dict[str, torch.Tensor]:
     """The divergence features of the module docstring, as a pure differentiable function.
 
     Args:
@@ -297,6 +332,8 @@ def path_features(pooled: Sequence[torch.Tensor], logits: torch.Tensor, masks: S
         masks: per gate point, the class masks ``(K, C_l)`` (bool or 0/1 float).
         stats: per gate point, the channel statistics.
         top_k: fraction in ``(0, 1]`` of each layer's channels counted as the input's strongest.
+        basis: ``feature_basis(masks, stats, dtype)`` computed beforehand (a fitted
+            :class:`PathModel` keeps one); computed here when ``None``.
 
     Returns:
         ``pred`` ``(N,)`` int64; ``class_scores`` ``(N, L, K)`` scores ``s_k`` (standard deviations);
@@ -307,38 +344,40 @@ def path_features(pooled: Sequence[torch.Tensor], logits: torch.Tensor, masks: S
     """
     if not 0 < top_k <= 1:
         raise ValueError(f"top_k must be a fraction in (0, 1], got {top_k}")
+    if basis is None:
+        basis = feature_basis(masks, stats, pooled[0].dtype if pooled else torch.float32)
     pred = logits.argmax(1)
-    rows = torch.arange(len(pred), device=pred.device)
+    col = pred[:, None]
     share, overlap, scores, cdist, cmargin = [], [], [], [], []
-    for a, m, st in zip(pooled, masks, stats, strict=True):
-        mb = m.bool()
-        mf = mb.to(a.dtype)
+    for a, b in zip(pooled, basis, strict=True):
+        b_dtype = b.mask_t.dtype
+        if a.dtype != b_dtype:
+            a = a.to(b_dtype)
         mag = a.abs()
-        share.append((mag * mf[pred]).sum(1) / mag.sum(1).clamp_min(1e-12))
-        z = (a - st.mean.to(a.dtype)) / st.std.to(a.dtype)
+        # mask of the predicted class, gathered from one product with every class's mask
+        share.append((mag @ b.mask_t).gather(1, col).squeeze(1) / mag.sum(1).clamp_min(1e-12))
+        z = (a - b.mean) / b.std
         kth = z.topk(max(1, math.ceil(top_k * z.shape[1])), dim=1).values[:, -1:]
-        strong = z >= kth
-        overlap.append((strong & mb[pred]).sum(1) / strong.sum(1).clamp_min(1))
-        inside = z @ (mf / mf.sum(1, keepdim=True).clamp_min(1)).T
-        outside = z @ ((1 - mf) / (1 - mf).sum(1, keepdim=True).clamp_min(1)).T
-        scores.append(inside - outside)
-        c = st.centroids.to(a.dtype)
-        d2 = z.pow(2).sum(1, keepdim=True) - 2 * z @ c.T + c.pow(2).sum(1)[None]  # (N, K) squared distances
+        strong = (z >= kth).to(b_dtype)
+        overlap.append((strong @ b.mask_t).gather(1, col).squeeze(1) / strong.sum(1).clamp_min(1))
+        scores.append(z @ b.score_t)
+        d2 = z.pow(2).sum(1, keepdim=True) - 2 * (z @ b.centroids_t) + b.centroid_sq  # (N, K) squared distances
         d = (d2 / z.shape[1]).clamp_min(1e-12).sqrt()
-        cdist.append(d[rows, pred])
-        cmargin.append(d[rows, pred] - d.amin(1))
+        d_pred = d.gather(1, col).squeeze(1)
+        cdist.append(d_pred)
+        cmargin.append(d_pred - d.amin(1))
     s = torch.stack(scores, 1)  # (N, L, K)
     idx = pred.view(-1, 1, 1).expand(-1, s.shape[1], 1)
     s_pred = s.gather(2, idx).squeeze(2)
     nearest = s.argmax(2)
-    is_pred = (nearest == pred[:, None]).to(s.dtype)
+    is_pred = (nearest == col).to(s.dtype)
     probs = logits.softmax(1)
     top2 = probs.topk(2, dim=1).values
     ltop2 = logits.topk(2, dim=1).values
     return {
         "pred": pred, "class_scores": s, "nearest_class": nearest,
         "pred_rank": 1 + (s > s_pred[..., None]).sum(2),
-        "mass_share": torch.stack(share, 1), "topk_overlap": torch.stack(overlap, 1).to(s.dtype),
+        "mass_share": torch.stack(share, 1), "topk_overlap": torch.stack(overlap, 1),
         "margin": s_pred - s.scatter(2, idx, float("-inf")).amax(2),
         "nearest_is_pred": is_pred, "centroid_dist": torch.stack(cdist, 1), "centroid_margin": torch.stack(cmargin, 1),
         "agree_fraction": is_pred.mean(1),
@@ -357,15 +396,12 @@ def subnetwork_features(subnet_logits: torch.Tensor, pred: torch.Tensor, msp: to
 def feature_matrix(parts: Mapping[str, torch.Tensor], layers: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
     """Stack the outputs of :func:`path_features` (and :func:`subnetwork_features`, if present)
     into ``(N, F)`` float columns and their names, in the module docstring's order."""
-    cols, names = [], []
-    for j, layer in enumerate(layers):
-        for f in LAYER_FEATURES:
-            cols.append(parts[f][:, j].to(parts["msp"].dtype))
-            names.append(f"{layer}:{f}")
-    for f in GLOBAL_FEATURES + tuple(f for f in SUBNET_FEATURES if f in parts):
-        cols.append(parts[f])
-        names.append(f)
-    return torch.stack(cols, 1), names
+    dtype = parts["msp"].dtype
+    per_layer = torch.stack([parts[f].to(dtype) for f in LAYER_FEATURES], 2)  # (N, L, F_layer), layer-major
+    glob = [f for f in GLOBAL_FEATURES + SUBNET_FEATURES if f in parts]
+    X = torch.cat([per_layer.reshape(per_layer.shape[0], -1), torch.stack([parts[f] for f in glob], 1)], 1)
+    names = [f"{layer}:{f}" for layer in layers for f in LAYER_FEATURES] + glob
+    return X, names
 
 
 def path_similarity(class_scores: torch.Tensor) -> torch.Tensor:
@@ -597,6 +633,22 @@ class PathModel:
         self._check_fitted()
         return mask_similarity([self.masks_[n] for n in self.layer_names_])
 
+    def _feature_basis(self, device: torch.device, dtype: torch.dtype) -> list[LayerBasis]:
+        """:func:`feature_basis` of the learned masks and statistics, kept until they are replaced
+        (the cache holds the very tensors it was computed from and is checked against them)."""
+        names = self.layer_names_
+        source = [self.masks_[n] for n in names] + [t for n in names for t in
+                                                     (self.stats_[n].mean, self.stats_[n].std, self.stats_[n].centroids)]
+        key = (str(device), dtype)
+        cached = getattr(self, "_basis_cache", None)
+        if cached is not None and cached[0] == key and len(cached[1]) == len(source) and all(
+                a is b for a, b in zip(cached[1], source)):
+            return cached[2]
+        basis = feature_basis([self.masks_[n].to(device) for n in names], [self.stats_[n].to(device) for n in names],
+                              dtype)
+        self._basis_cache = (key, source, basis)
+        return basis
+
     # ---- forward passes
     def pooled_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One forward pass: logits ``(N, K)`` and pooled activations per gate point ``(N, C_l)``.
@@ -640,7 +692,8 @@ class PathModel:
             for xb in x.split(batch_size):
                 xb = xb.to(device)
                 logits, pooled = self.pooled_forward(xb)
-                parts = path_features(pooled, logits, masks, stats, top_k=top_k)
+                parts = path_features(pooled, logits, masks, stats, top_k=top_k,
+                                      basis=self._feature_basis(device, pooled[0].dtype))
                 if subnetwork:
                     parts |= subnetwork_features(self.subnetwork_logits(xb, parts["pred"]), parts["pred"],
                                                  parts["msp"])
