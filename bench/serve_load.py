@@ -8,8 +8,9 @@ NAD_GUARD_TORCH_THREADS, are passed on and recorded) on a free loopback port wit
 BENTOML_HOME, then:
 
 1. in this process, before the server starts: the raw classifier's batched forward throughput
-   (images/s, no hooks, no detector) and the guard's (``Guard.run``), at batch 32 and 256, on 1 and
-   on all usable torch threads; the best classifier figure is the reference of the 0.6x target;
+   (images/s, no hooks, no detector) and the guard's (``Guard.run``), at batch 32, 64, 128 and 256,
+   on 1 and on all usable torch threads; the best classifier figure is the reference of the 0.6x
+   target;
 2. for ``/predict_with_trust`` and ``/predict``, at concurrency 1, 8 and 32 (client threads, one
    keep-alive connection each), requests of 1 image and of 32 images, in each input format
    (``--formats``): ``json`` (``{"images": [...]}``, Content-Type application/json) and ``npy``
@@ -99,6 +100,9 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------- in-process
+RAW_BATCHES = (32, 64, 128, 256)  # the reference is the best of these: the server's passes are up to 128 rows
+
+
 def raw_throughput(guard: Guard, x: torch.Tensor, batch: int, seconds: float, threads: int) -> dict:
     """Images/s of the bare classifier and of Guard.run on batches of ``batch`` images."""
     old = torch.get_num_threads()
@@ -341,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     guard = Guard.load(os.environ.get("NAD_GUARD_DIR") or DEFAULT_GUARD_DIR)
     print("raw model in-process ...", flush=True)
     thread_counts = sorted({1, len(os.sched_getaffinity(0))})
-    raw = [raw_throughput(guard, x, b, 3.0, th) for b in (32, 256) for th in thread_counts]
+    raw = [raw_throughput(guard, x, b, 3.0, th) for b in RAW_BATCHES for th in thread_counts]
     del guard
 
     bodies = {(1, fmt): [body(x[i:i + 1], fmt) for i in range(64)] for fmt in formats}

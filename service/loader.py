@@ -60,6 +60,7 @@ class Settings:
     max_request_bytes: int = 64 << 20     # NAD_GUARD_MAX_REQUEST_BYTES: request body [64 MiB]
     max_latency_ms: int = 10_000          # NAD_GUARD_MAX_LATENCY_MS: adaptive batching bound [10 s]
     pad_multiple: int = 8                 # NAD_GUARD_PAD_ROWS: pad forward passes to a multiple of this [8]
+    forward_rows: int = 128               # NAD_GUARD_FORWARD_ROWS: rows per forward pass of a merged batch [128]
     device: str = "cpu"                   # NAD_GUARD_DEVICE: cpu, cuda[:N] or auto [cpu]
     torch_threads: int = 0                # NAD_GUARD_TORCH_THREADS: 0 = cores - 1, at least 2 [0]
 
@@ -72,6 +73,7 @@ class Settings:
                    max_request_bytes=_int_env(env, "NAD_GUARD_MAX_REQUEST_BYTES", d.max_request_bytes),
                    max_latency_ms=_int_env(env, "NAD_GUARD_MAX_LATENCY_MS", d.max_latency_ms),
                    pad_multiple=_int_env(env, "NAD_GUARD_PAD_ROWS", d.pad_multiple),
+                   forward_rows=_int_env(env, "NAD_GUARD_FORWARD_ROWS", d.forward_rows),
                    device=env.get("NAD_GUARD_DEVICE") or d.device,
                    torch_threads=_int_env(env, "NAD_GUARD_TORCH_THREADS", d.torch_threads, lo=0))
 

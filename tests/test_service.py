@@ -88,7 +88,9 @@ def home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def url(home):
     port = _free_port()
-    env = _env(home, NAD_GUARD_MAX_BATCH=str(MAX_BATCH), NAD_GUARD_MAX_REQUEST_BYTES=str(MAX_BYTES))
+    # FORWARD_ROWS 16: merged batches (up to 64 rows) run in several passes, as large ones do by default
+    env = _env(home, NAD_GUARD_MAX_BATCH=str(MAX_BATCH), NAD_GUARD_MAX_REQUEST_BYTES=str(MAX_BYTES),
+               NAD_GUARD_FORWARD_ROWS="16")
     log = home / "server.log"  # kept in pytest's temporary directory
     with log.open("wb") as out:
         proc = subprocess.Popen([BENTOML, "serve", "service.service:NadGuard", "--host", "127.0.0.1", "--port",
@@ -475,6 +477,17 @@ def test_settings_and_sources_fail_clearly(tmp_path):
         Settings.from_env({"NAD_GUARD_MAX_BATCH": "many"})
     assert resolve_source({}).path == DEFAULT_GUARD_DIR
     assert Settings.from_env({"NAD_GUARD_MAX_BATCH": "32"}).max_batch == 32
+    with pytest.raises(GuardStartupError, match="NAD_GUARD_FORWARD_ROWS=0 must be at least 1"):
+        Settings.from_env({"NAD_GUARD_FORWARD_ROWS": "0"})
+
+
+def test_forward_passes_are_whole_multiples_of_the_padding():
+    from service.service import forward_step
+
+    assert forward_step(Settings()) == 128
+    assert forward_step(Settings(forward_rows=100, pad_multiple=8)) == 96
+    assert forward_step(Settings(forward_rows=5, pad_multiple=8)) == 8
+    assert forward_step(Settings(forward_rows=5, pad_multiple=1)) == 5
 
 
 def test_timeout_middleware_releases_each_request_at_once():
