@@ -17,6 +17,8 @@ BENTOML_HOME, then:
    (the batch as a float32 .npy body, Content-Type application/x-npy): requests/s, images/s,
    p50/p95/p99 latency, errors (anything but HTTP 200), and CPU: milliseconds of CPU per request
    in the server and in this client, and how many cores other processes kept busy meanwhile;
+   then a lone client's 32-image requests before those measurements and right after a burst at the
+   highest concurrency (latency after the batching wait has been learned under saturation);
 3. the server's RSS (the serving process and its worker) after a warm-up and after 10,000 more
    single-image JSON ``/predict_with_trust`` requests at concurrency 32.
 
@@ -383,6 +385,10 @@ def main(argv: list[str] | None = None) -> None:
                 for path in ("/predict_with_trust", "/predict"):
                     load(server.port, path, bodies[(1, fmt)], 300, 8, FORMATS[fmt])
             rss_before = server.rss_mb()
+            lone_fmt = "npy" if "npy" in formats else formats[0]
+            lone = {"format": lone_fmt, "images_per_request": 32,
+                    "before": load(server.port, "/predict_with_trust", bodies[(32, lone_fmt)], 50, 1,
+                                   FORMATS[lone_fmt], server)}
             for images_per_request, n in ((1, args.requests), (32, args.batched_requests)):
                 for fmt in formats:
                     for c in levels:
@@ -394,6 +400,11 @@ def main(argv: list[str] | None = None) -> None:
                             r.update(endpoint=path, images_per_request=images_per_request, format=fmt,
                                      images_per_s=r["requests_per_s"] * images_per_request)
                             results.append(r)
+            print("lone client after a burst ...", flush=True)
+            lone["burst"] = load(server.port, "/predict_with_trust", bodies[(32, lone_fmt)], 200, max(levels),
+                                 FORMATS[lone_fmt], server)
+            lone["after"] = load(server.port, "/predict_with_trust", bodies[(32, lone_fmt)], 50, 1,
+                                 FORMATS[lone_fmt], server)
             rss_mid = server.rss_mb()
             print(f"memory: {args.memory_requests} requests ...", flush=True)
             mem_fmt = "json" if "json" in formats else formats[0]
@@ -419,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
                                        "trust_vs_raw_classifier": t["images_per_s"] / best_raw,
                                        "other_cores_busy": t["other_cores_busy"]}
     summary = {"info": info, "raw_in_process": raw, "raw_reference_images_per_s": best_raw, "http": results,
+               "lone_client_after_burst": lone,
                "memory": {"requests": args.memory_requests, "format": mem_fmt, "run": mem_run,
                           "rss_after_warmup": rss_before, "rss_before_10k": rss_mid, "rss_after_10k": rss_after,
                           "growth": growth},
@@ -494,6 +506,17 @@ def markdown(s: dict) -> str:
                   "| --- | " + " | ".join("---:" for _ in profiled) + " |"]
         for b in buckets:
             lines.append(f"| {b} | " + " | ".join(f"{r['profile']['ms_per_request'][b]:.2f}" for r in profiled) + " |")
+    if lone := s.get("lone_client_after_burst"):
+        b, a, burst = lone["before"], lone["after"], lone["burst"]
+        lines += ["", "## A lone client after a burst", "",
+                  f"One client, {lone['images_per_request']}-image `{lone['format']}` requests to `/predict_with_trust`, "
+                  f"{b['requests']} before the measurements above and {a['requests']} right after "
+                  f"{burst['requests']} more at concurrency {burst['concurrency']} "
+                  f"(BentoML 1.4 learned its batching wait from saturated batches and then held every lone "
+                  f"request back that long; the service caps the wait, `NAD_GUARD_BATCH_WAIT_MS`).", "",
+                  "| | p50 ms | p95 ms | requests/s |", "| --- | ---: | ---: | ---: |",
+                  f"| before | {b['p50_ms']:.1f} | {b['p95_ms']:.1f} | {b['requests_per_s']:.1f} |",
+                  f"| after the burst | {a['p50_ms']:.1f} | {a['p95_ms']:.1f} | {a['requests_per_s']:.1f} |"]
     run = m["run"]
     lines += ["", "## Memory", "",
               f"Server RSS (serving process + worker): {m['rss_after_warmup']['total_mb']:.0f} MB after warm-up, "

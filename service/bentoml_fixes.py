@@ -1,4 +1,6 @@
-"""A workaround for a BentoML 1.4 server bug that the service would otherwise suffer under load.
+"""Workarounds for two BentoML 1.4 server bugs that the service would otherwise suffer under load.
+
+1. Requests kept alive for the whole timeout.
 
 ``bentoml._internal.server.http.traffic.TimeoutMiddleware`` (BentoML 1.4.x) arms a
 ``loop.call_later(timeout, ...)`` timer for every request and never cancels it. The timer keeps a
@@ -10,6 +12,16 @@ servers grew by 100 MB per 15 s of load before levelling off near rate x timeout
 :func:`apply` replaces the middleware's ``__call__`` with the same logic plus ``timer.cancel()``
 when the request is done. It is applied on import of :mod:`service.service` (so in every server
 process) and only if the class still looks like the 1.4 one; otherwise it does nothing.
+
+2. A latency trap after a burst.
+The adaptive batching dispatcher (``bentoml._internal.marshal.dispatcher``) holds a lone request back
+until it has waited about as long as the average wait of the last 50 batches (``Optimizer.wait``,
+times 0.95), hoping that more requests arrive. Under saturation that average is queueing time behind
+the busy model (hundreds of ms), and afterwards every request is held that long, so the average
+never comes down: measured on the 2-core machine, a single client's 32-image requests took 34 ms
+before a burst at concurrency 32 and 270-380 ms after it, still 355 ms ten seconds later.
+:func:`cap_batching_wait` caps the learned wait (``NAD_GUARD_BATCH_WAIT_MS``). Requests that arrive
+while the model is busy are still merged: they queue until it is free, whatever the cap.
 """
 
 from __future__ import annotations
@@ -58,4 +70,24 @@ def apply() -> bool:
 
     __call__.__nad_guard_fixed__ = True  # type: ignore[attr-defined]
     cls.__call__ = __call__
+    return True
+
+
+def cap_batching_wait(seconds: float) -> bool:
+    """Cap BentoML's learned batching wait (``Optimizer.wait``) at ``seconds`` in this process, for
+    every dispatcher; returns whether it was patched. Calling it again changes the cap."""
+    try:
+        from bentoml._internal.marshal.dispatcher import Optimizer
+    except ImportError:  # pragma: no cover - another BentoML layout
+        return False
+    if not hasattr(Optimizer, "trigger_refresh") or seconds < 0:
+        return False
+    original = getattr(Optimizer.trigger_refresh, "__nad_guard_original__", Optimizer.trigger_refresh)
+
+    def trigger_refresh(self: Any) -> None:
+        original(self)
+        self.wait = min(self.wait, seconds)
+
+    trigger_refresh.__nad_guard_original__ = original  # type: ignore[attr-defined]
+    Optimizer.trigger_refresh = trigger_refresh
     return True

@@ -59,6 +59,7 @@ class Settings:
     max_image_pixels: int = 50_000_000    # NAD_GUARD_MAX_IMAGE_PIXELS: uploaded image w*h [50 M]
     max_request_bytes: int = 64 << 20     # NAD_GUARD_MAX_REQUEST_BYTES: request body [64 MiB]
     max_latency_ms: int = 10_000          # NAD_GUARD_MAX_LATENCY_MS: adaptive batching bound [10 s]
+    batch_wait_ms: int = 5                # NAD_GUARD_BATCH_WAIT_MS: cap on the learned batching wait [5]
     pad_multiple: int = 8                 # NAD_GUARD_PAD_ROWS: pad forward passes to a multiple of this [8]
     forward_rows: int = 128               # NAD_GUARD_FORWARD_ROWS: rows per forward pass of a merged batch [128]
     device: str = "cpu"                   # NAD_GUARD_DEVICE: cpu, cuda[:N] or auto [cpu]
@@ -72,6 +73,7 @@ class Settings:
                    max_image_pixels=_int_env(env, "NAD_GUARD_MAX_IMAGE_PIXELS", d.max_image_pixels),
                    max_request_bytes=_int_env(env, "NAD_GUARD_MAX_REQUEST_BYTES", d.max_request_bytes),
                    max_latency_ms=_int_env(env, "NAD_GUARD_MAX_LATENCY_MS", d.max_latency_ms),
+                   batch_wait_ms=_int_env(env, "NAD_GUARD_BATCH_WAIT_MS", d.batch_wait_ms, lo=0),
                    pad_multiple=_int_env(env, "NAD_GUARD_PAD_ROWS", d.pad_multiple),
                    forward_rows=_int_env(env, "NAD_GUARD_FORWARD_ROWS", d.forward_rows),
                    device=env.get("NAD_GUARD_DEVICE") or d.device,

@@ -75,6 +75,7 @@ if t.TYPE_CHECKING:
 
 bentoml_fixes.apply()  # BentoML 1.4 keeps every request alive for `timeout` seconds otherwise
 SETTINGS = Settings.from_env()  # the batching parameters are fixed when the class is defined
+bentoml_fixes.cap_batching_wait(SETTINGS.batch_wait_ms / 1000)  # else a burst leaves lone requests held back
 INLINE_CHECK_BYTES = 1 << 20  # requests up to this size are checked on the event loop (about 1 ms or less)
 NPY = "application/x-npy"
 FIELDS = ("image", "images", "images_npy")

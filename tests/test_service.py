@@ -515,3 +515,33 @@ def test_timeout_middleware_releases_each_request_at_once():
         return [h for h in loop._scheduled if not h.cancelled() and h.when() - loop.time() > 60]
 
     assert asyncio.run(main()) == []
+
+
+def test_batching_wait_learned_under_load_is_capped():
+    """BentoML 1.4 learns its batching wait from the last batches' waits, which under saturation are
+    queueing time: after a burst every lone request was held back about that long (270-540 ms
+    measured). The service caps it at NAD_GUARD_BATCH_WAIT_MS."""
+    from bentoml._internal.marshal.dispatcher import Optimizer
+
+    from service import bentoml_fixes
+
+    def learned(cap_s: float | None) -> float:
+        if cap_s is not None:
+            assert bentoml_fixes.cap_batching_wait(cap_s)
+        opt = Optimizer(max_latency=10.0)
+        for n in range(1, 40):  # saturated: each batch's first request queued 0.4 s behind the model
+            opt.log_outbound(n=n, wait=0.4, duration=0.01 * n)
+        opt.trigger_refresh()
+        return opt.wait
+
+    import service.service  # noqa: F401  (the service applies the default cap on import)
+
+    assert Settings().batch_wait_ms == 5
+    assert learned(None) == pytest.approx(0.005)
+    assert learned(0.0) == 0.0
+    assert learned(10.0) == pytest.approx(0.4)  # a cap above the learned wait changes nothing
+    assert bentoml_fixes.cap_batching_wait(0.005)
+    assert learned(None) == pytest.approx(0.005)
+    assert Settings.from_env({"NAD_GUARD_BATCH_WAIT_MS": "0"}).batch_wait_ms == 0
+    with pytest.raises(GuardStartupError, match="NAD_GUARD_BATCH_WAIT_MS=-1 must be at least 0"):
+        Settings.from_env({"NAD_GUARD_BATCH_WAIT_MS": "-1"})
