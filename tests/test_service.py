@@ -402,7 +402,9 @@ def test_bentoml_build_packs_the_service_and_a_stored_guard(home):
     build = subprocess.run([BENTOML, "build", "--output", "tag"], cwd=ROOT, capture_output=True, text=True,
                            env={**env, "NAD_GUARD_MODEL_TAG": "test-guard:latest"}, timeout=300)
     assert build.returncode == 0, (build.stdout + build.stderr)[-3000:]
-    bento_dir = next((home / "bentos" / "nad-guard").glob("[!l]*"))
+    bento_dirs = [p for p in (home / "bentos" / "nad-guard").iterdir() if p.is_dir()]  # beside the `latest` file
+    assert len(bento_dirs) == 1, bento_dirs
+    bento_dir = bento_dirs[0]
     src = bento_dir / "src"
     assert (src / "service" / "service.py").is_file() and (src / "nad_guard" / "guard.py").is_file()
     assert (src / "nad_guard" / "default_guard" / "meta.json").is_file()
