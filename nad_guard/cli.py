@@ -156,6 +156,9 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
                                       "on clean data only.")
 @click.option("--encoding", type=click.Choice(["summary", "rich", "full"]), default="rich", show_default=True,
               help="Detector input (see nad_guard.guard): summary features, + class-score gaps, + the path itself.")
+@click.option("--select", type=click.Choice(["fixed", "cv"]), default="fixed", show_default=True,
+              help="cv: ignore --method/--encoding and take the best of logistic/gboost x rich/full by "
+                   "3-fold cross-validated AUROC on the fit part (folds grouped by source image).")
 @click.option("--mispredictions/--no-mispredictions", default=True, show_default=True,
               help="Also train supervised detectors on the fit part's natural mispredictions (as suspicious).")
 @click.option("--max-images", type=int, default=None,
@@ -165,7 +168,8 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
 def fit_detector_cmd(artifact: str, model: str, weights: str | None, data: str, data_root: str | None, suite: str,
-                     attacks: str | None, method: str, encoding: str, mispredictions: bool, max_images: int | None,
+                     attacks: str | None, method: str, encoding: str, select: str, mispredictions: bool,
+                     max_images: int | None,
                      fpr: float, device: str, seed: int) -> None:
     """Generate the suite's attacks, fit the detector and calibrate its threshold, then write it into the
     artifact. The test split is divided (seeded, stratified) into detector-fit 40%, calibration 20%
@@ -174,7 +178,8 @@ def fit_detector_cmd(artifact: str, model: str, weights: str | None, data: str, 
 
     info = build_guard(artifact, model, data, weights=weights, data_root=data_root, suite=suite,
                        attacks=attacks.split(",") if attacks else None, method=method, encoding=encoding,
-                       mispredictions=mispredictions, fpr=fpr, max_images=max_images, device=device, seed=seed)
+                       select=select, mispredictions=mispredictions, fpr=fpr, max_images=max_images, device=device,
+                       seed=seed)
     click.echo(json.dumps(info))
 
 
@@ -197,9 +202,14 @@ def build_default_cmd(out: str | None, device: str) -> None:
 @click.option("--protocols", default="seen,unseen,fgsm-only,clean-only,mispredictions,adaptive", show_default=True,
               help="Comma-separated protocols.")
 @click.option("--method", "methods", default="logistic,gboost", show_default=True,
-              help="Supervised nad-guard detectors to fit; the first (with the first encoding) is 'nad-guard'.")
+              help="Supervised nad-guard detectors to fit; with --select fixed the first (with the first "
+                   "encoding) is 'nad-guard'.")
 @click.option("--encoding", "encodings", default="rich,full", show_default=True,
               help="Comma-separated detector encodings (see nad_guard.guard).")
+@click.option("--select", type=click.Choice(["fixed", "cv"]), default="fixed", show_default=True,
+              help="Which method x encoding is 'nad-guard': fixed = the first of each; cv = per training task, "
+                   "the best by grouped cross-validated AUROC on the fit part.")
+@click.option("--cv-folds", type=click.IntRange(min=2), default=3, show_default=True, help="Folds for --select cv.")
 @click.option("--clean-method", "clean_methods", default="gaussian,isoforest", show_default=True,
               help="nad-guard's clean-only detectors; the first is 'nad-guard' in the clean-only protocol.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -216,7 +226,8 @@ def build_default_cmd(out: str | None, device: str) -> None:
               help="Attack cache (default: $NAD_GUARD_CACHE/attacks).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data_root: str | None, suite: str,
-                 attacks: str | None, protocols: str, methods: str, encodings: str, clean_methods: str, out: str,
+                 attacks: str | None, protocols: str, methods: str, encodings: str, select: str, cv_folds: int,
+                 clean_methods: str, out: str,
                  device: str, max_images: int | None, train_images: int, adaptive_images: int, batch_size: int,
                  bootstrap: int, seed: int, cache_dir: str | None, quiet: bool) -> None:
     """Judge nad-guard against MSP, Energy, Mahalanobis, LID and deep kNN under the honest protocols
@@ -232,7 +243,8 @@ def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data
     split = lambda v: [s.strip() for s in v.split(",") if s.strip()]  # noqa: E731
     m, e = split(methods), split(encodings)
     cfg = EvalConfig(suite=suite, attacks=split(attacks) if attacks else None, protocols=split(protocols),
-                     methods=m, encodings=e, primary=(m[0], e[0]), clean_methods=split(clean_methods),
+                     methods=m, encodings=e, primary=(m[0], e[0]), select=select, cv_folds=cv_folds,
+                     clean_methods=split(clean_methods),
                      batch_size=batch_size, n_resamples=bootstrap, seed=seed, max_images=max_images,
                      train_images=train_images, adaptive_images=adaptive_images,
                      device=str(resolve_device(device)), progress=not quiet)

@@ -176,6 +176,46 @@ class PathDetector(BaseEstimator):
         return X
 
 
+# ------------------------------------------------------------------ model selection on training data only
+
+def cross_val_auroc(method: str, X, y, groups, folds: int = 3, seed: int = 0) -> float:
+    """Mean AUROC over ``folds`` stratified, grouped folds of a :class:`PathDetector` ``method`` on
+    ``X`` ``(N, F)`` with labels ``y`` (1 = suspicious). ``groups`` ``(N,)``: rows sharing a value
+    (an image and the adversarials made from it) always fall in the same fold, so no fold scores a
+    perturbed copy of an image it was trained on."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    X, y, groups = np.asarray(X, dtype=np.float64), np.asarray(y).astype(int).ravel(), np.asarray(groups).ravel()
+    if not (len(X) == len(y) == len(groups)):
+        raise ValueError(f"X, y and groups must have one row each, got {len(X)}, {len(y)}, {len(groups)}")
+    if folds < 2:
+        raise ValueError(f"folds must be at least 2, got {folds}")
+    for label, what in ((0, "clean"), (1, "suspicious")):
+        if len(np.unique(groups[y == label])) < folds:
+            raise ValueError(f"{folds}-fold cross-validation needs {what} rows from at least {folds} groups (images)")
+    aucs = []
+    for tr, te in StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y, groups):
+        if len(np.unique(y[tr])) < 2 or len(np.unique(y[te])) < 2:
+            raise ValueError("a fold lacks clean or suspicious rows: too few rows or groups for "
+                             f"{folds}-fold cross-validation")
+        det = PathDetector(method, random_state=seed).fit(X[tr], y[tr])
+        aucs.append(roc_auc_score(y[te], det.score(X[te])))
+    return float(np.mean(aucs))
+
+
+def select_by_cv(candidates: dict[str, tuple[str, np.ndarray]], y, groups, folds: int = 3,
+                 seed: int = 0) -> tuple[str, dict[str, float]]:
+    """The candidate with the best :func:`cross_val_auroc`; ``candidates``: name -> ``(method, X)``
+    (the rows of every ``X`` are the same inputs, in the same order, as ``y`` and ``groups``). Ties go
+    to the earlier candidate. Returns ``(best name, {name: mean CV AUROC})``."""
+    if not candidates:
+        raise ValueError("no candidates to select from")
+    cv = {name: cross_val_auroc(m, X, y, groups, folds, seed) for name, (m, X) in candidates.items()}
+    best = max(cv, key=lambda k: (cv[k], -list(cv).index(k)))
+    return best, cv
+
+
 # ------------------------------------------------------------------ safe persistence (skops)
 
 def _trusted_types() -> list[str]:

@@ -43,6 +43,13 @@ Protocols (``PROTOCOLS``):
     same figure for Mahalanobis-LR (attacked through its exact, differentiable distance) and for plain
     PGD alone.
 
+Which supervised detector is "nad-guard" (``EvalConfig.select``): ``fixed``, the configured primary
+method and encoding; ``cv``, per training task (each seen attack, each left-out attack, the deployed
+detector of the mispredictions and adaptive protocols), the candidate method x encoding with the best
+cross-validated AUROC on that task's training data, with folds grouped by source image so that no
+fold is scored on perturbed copies of its own training images. Both choices use the fit part only;
+the other candidates are reported as ``nad-guard[method,encoding]`` rows either way.
+
 Outputs (:func:`write_outputs`): ``results.md`` (tables), ``results.json`` (everything, with the
 configuration and timing) and ``roc_<protocol>.png`` plots.
 """
@@ -52,7 +59,7 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -70,6 +77,7 @@ from nad_guard.metrics import evaluate as evaluate_scores
 from nad_guard.metrics import markdown_table, plot_roc, threshold_at_fpr, write_json
 from nad_guard.paths import LAYER_FEATURES, PathModel
 
+SELECT = ("fixed", "cv")
 PROTOCOLS = ("seen", "unseen", "fgsm-only", "clean-only", "mispredictions", "adaptive")
 MIN_MISPREDICTIONS = 10
 UNSUPERVISED_BASELINES = ("msp", "energy", "mahalanobis", "lid", "deep-knn")
@@ -80,9 +88,13 @@ SUPERVISED_BASELINES = ("mahalanobis-lr", "lid-lr")
 class EvalConfig:
     """Settings of one evaluation run.
 
-    ``methods`` x ``encodings``: the supervised nad-guard detectors tried; ``primary`` the one that
-    stands for nad-guard in summaries (fixed before looking at results, never picked on the test
-    set). ``clean_methods``: nad-guard's clean-only detectors (the first is primary).
+    ``methods`` x ``encodings``: the supervised nad-guard detectors tried. Which one stands for
+    nad-guard in each training task: ``select="fixed"``: ``primary`` (fixed before looking at
+    results); ``select="cv"``: the candidate with the best grouped ``cv_folds``-fold cross-validated
+    AUROC on that task's training data (the fit part only, see
+    :func:`nad_guard.detectors.select_by_cv`). Neither ever looks at the evaluation part.
+    ``clean_methods``: nad-guard's clean-only detectors (the first is primary; they run on
+    ``primary``'s encoding).
     """
 
     suite: str = "mnist"
@@ -91,6 +103,8 @@ class EvalConfig:
     methods: Sequence[str] = ("logistic", "gboost")
     encodings: Sequence[str] = ("rich", "full")
     primary: tuple[str, str] = ("logistic", "rich")
+    select: str = "fixed"
+    cv_folds: int = 3
     clean_methods: Sequence[str] = ("gaussian", "isoforest")
     fpr: float = 0.05
     batch_size: int = 128
@@ -122,11 +136,12 @@ class FeatureSet:
         return len(self.labels)
 
 
-def compute_features(paths: PathModel, images: torch.Tensor, labels: Any, encodings: Sequence[str],
+def compute_features(paths: PathModel, images: torch.Tensor | ImageSet, labels: Any, encodings: Sequence[str],
                      layers: Sequence[str], batch_size: int = 128, progress: bool = False,
                      desc: str = "features") -> FeatureSet:
-    """Path encodings and baseline features of ``images`` float ``(N, C, H, W)`` in ``[0, 1]``,
-    streamed in batches (memory of the passes bounded by ``batch_size``)."""
+    """Path encodings and baseline features of ``images`` (float ``(N, C, H, W)`` in ``[0, 1]``, or an
+    :class:`ImageSet`, converted to float one batch at a time), streamed in batches: the memory of
+    the passes is bounded by ``batch_size``; what is kept is ``O(N)`` per-image feature rows."""
     from tqdm.auto import tqdm
 
     clf = paths.classifier
@@ -137,7 +152,8 @@ def compute_features(paths: PathModel, images: torch.Tensor, labels: Any, encodi
     with capture(clf, layers) as store:
         for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
             store.clear()
-            f, pooled = path_inputs(paths, images[s:s + batch_size].to(device), batch_size=batch_size)
+            x = images.float(s, s + batch_size) if isinstance(images, ImageSet) else images[s:s + batch_size]
+            f, pooled = path_inputs(paths, x.to(device), batch_size=batch_size)
             for e in encodings:
                 enc[e].append(detector_matrix(f, e, pooled))
             for n in layers:
@@ -234,18 +250,6 @@ class _Data:
         self.suite = suite
         self.attacks = list(cfg.attacks or [a for a in suite.names if not a.startswith("noise")])
         self.layers = default_layers(clf)
-        t0 = time.time()
-        self.adv: dict[str, dict[str, AttackResult]] = {"fit": {}, "evaluation": {}}
-        bar = tqdm([(s, a) for s in ("fit", "evaluation") for a in self.attacks], desc="attacks",
-                   disable=not cfg.progress)
-        for split, attack in bar:
-            bar.set_postfix_str(f"{split}:{attack}")
-            self.adv[split][attack] = generate(clf, self.clean[split], attack=attack, suite=suite,
-                                               batch_size=cfg.batch_size, device=dev, cache_dir=cache_dir,
-                                               progress=cfg.progress)
-        self.attack_seconds = time.time() - t0
-        log(f"attacks ready in {self.attack_seconds:.0f} s")
-        t0 = time.time()
         enc = sorted(set(cfg.encodings) | {cfg.primary[1]})
         self.encodings = enc
 
@@ -253,32 +257,78 @@ class _Data:
             return compute_features(paths, images, labels, enc, self.layers, cfg.batch_size, cfg.progress, desc)
 
         self.f: dict[str, FeatureSet] = {}
+        feature_seconds = 0.0
+        t0 = time.time()
         for split in ("fit", "calibration", "evaluation"):
             c = self.clean[split]
-            self.f[f"{split}:clean"] = feats(c.float(), c.labels, f"{split} clean")
-        wrong_idx = self._wrong(ev)
-        self.n_wrong = {"evaluation": len(wrong_idx), "fit": len(self._wrong(fit))}
-        if len(wrong_idx):
-            w = ev.subset(wrong_idx)
-            self.f["evaluation:wrong"] = feats(w.float(), w.labels, "evaluation mispredicted")
-        fit_wrong = self._wrong(fit)
-        if len(fit_wrong):
-            w = fit.subset(fit_wrong)
-            self.f["fit:wrong"] = feats(w.float(), w.labels, "fit mispredicted")
-        for split in ("fit", "evaluation"):
-            for a, r in self.adv[split].items():
-                if len(r):
-                    self.f[f"{split}:{a}"] = feats(r.adv_images, r.labels, f"{split} {a}")
+            self.f[f"{split}:clean"] = feats(c, c.labels, f"{split} clean")
+        # rows that come from one source image share a group (for cross-validation on the fit part)
+        self.groups: dict[str, np.ndarray] = {"fit:clean": np.arange(len(self.clean["fit"]))}
+        self.n_wrong: dict[str, int] = {}
+        for split, images in (("evaluation", ev), ("fit", fit)):
+            wrong = self._wrong(images)
+            self.n_wrong[split] = len(wrong)
+            if len(wrong):
+                w = images.subset(wrong)
+                self.f[f"{split}:wrong"] = feats(w, w.labels, f"{split} mispredicted")
+                if split == "fit":
+                    self.groups["fit:wrong"] = len(self.clean["fit"]) + np.arange(len(wrong))
+        feature_seconds += time.time() - t0
+        # one attack at a time: generate (or read from the cache), take its features, drop its images,
+        # so the images held never exceed one attack's on one split
+        self.attack_seconds = 0.0
+        self.adv: dict[str, dict[str, AttackResult]] = {"fit": {}, "evaluation": {}}
+        bar = tqdm([(s, a) for s in ("fit", "evaluation") for a in self.attacks], desc="attacks",
+                   disable=not cfg.progress)
+        for split, attack in bar:
+            bar.set_postfix_str(f"{split}:{attack}")
+            t0 = time.time()
+            r = generate(clf, self.clean[split], attack=attack, suite=suite, batch_size=cfg.batch_size, device=dev,
+                         cache_dir=cache_dir, progress=cfg.progress)
+            t1 = time.time()
+            self.attack_seconds += t1 - t0
+            if len(r):
+                self.f[f"{split}:{attack}"] = feats(r.adv_images, r.labels, f"{split} {attack}")
+                if split == "fit":
+                    self.groups[f"fit:{attack}"] = r.indices.numpy()
+            self.adv[split][attack] = replace(r, adv_images=r.adv_images[:0])
+            feature_seconds += time.time() - t1
+        log(f"attacks ready in {self.attack_seconds:.0f} s")
+        t0 = time.time()
         # the classifier's training images for the unsupervised parts of the baselines
         if len(train) > cfg.train_images:
             _, keep = stratified_split(train.labels.numpy(), cfg.train_images, seed=cfg.seed)
             train = train.subset(keep, f"{train.name}[{cfg.train_images}]")
-        self.train_base = compute_features(paths, train.float(), train.labels, enc[:1], self.layers, cfg.batch_size,
+        self.train_base = compute_features(paths, train, train.labels, enc[:1], self.layers, cfg.batch_size,
                                            cfg.progress, "train").base
         self.train_labels = train.labels.numpy()
-        self.feature_seconds = time.time() - t0
+        self.feature_seconds = feature_seconds + time.time() - t0
         log(f"features ready in {self.feature_seconds:.0f} s")
         self.usable = [a for a in self.attacks if f"fit:{a}" in self.f and f"evaluation:{a}" in self.f]
+        self._choices: dict[tuple[str, ...], tuple[tuple[str, str], dict[str, float]]] = {}
+
+    def training_set(self, train_keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (0 for ``fit:clean``, 1 for the rest) and source-image groups of ``train_keys``'s rows."""
+        y = np.concatenate([np.zeros(len(self.f[train_keys[0]]))] + [np.ones(len(self.f[k])) for k in train_keys[1:]])
+        return y, np.concatenate([self.groups[k] for k in train_keys])
+
+    def choose(self, train_keys: Sequence[str]) -> tuple[tuple[str, str], dict[str, float]]:
+        """The ``(method, encoding)`` standing for nad-guard when trained on ``train_keys`` (the first being
+        ``fit:clean``), and the cross-validated AUROC of every candidate (empty when ``select="fixed"``)."""
+        cfg = self.cfg
+        if cfg.select == "fixed":
+            return tuple(cfg.primary), {}
+        key = tuple(train_keys)
+        if key not in self._choices:
+            from nad_guard.detectors import select_by_cv
+
+            y, groups = self.training_set(train_keys)
+            cands = {f"{m},{e}": (m, np.vstack([self.f[k].path[e] for k in train_keys]))
+                     for e in cfg.encodings for m in cfg.methods}
+            best, cv = select_by_cv(cands, y, groups, cfg.cv_folds, cfg.seed)
+            m, e = best.split(",")
+            self._choices[key] = ((m, e), cv)
+        return self._choices[key]
 
     def _wrong(self, images: ImageSet) -> np.ndarray:
         clf = self.paths.classifier
@@ -321,8 +371,12 @@ def _metrics_row(detector: str, attack: str, clean: np.ndarray, susp: np.ndarray
     return {"detector": detector, "attack": attack, **m.to_dict()}
 
 
-def _nad_name(method: str, encoding: str, primary: tuple[str, str]) -> str:
-    return "nad-guard" if (method, encoding) == tuple(primary) else f"nad-guard[{method},{encoding}]"
+def _nad_name(method: str, encoding: str, cfg: EvalConfig) -> str:
+    """Row name of a supervised candidate: 'nad-guard' for the fixed primary; under ``select="cv"``
+    every candidate is a variant and 'nad-guard' is a copy of the chosen one's scores."""
+    if cfg.select == "fixed" and (method, encoding) == tuple(cfg.primary):
+        return "nad-guard"
+    return f"nad-guard[{method},{encoding}]"
 
 
 def _supervised_protocol(d: _Data, b: _Baselines, cfg: EvalConfig, tasks: list[tuple[str, list[str]]],
@@ -334,14 +388,17 @@ def _supervised_protocol(d: _Data, b: _Baselines, cfg: EvalConfig, tasks: list[t
     rows = []
     for test_attack, train_attacks in tqdm(tasks, desc=progress_desc, disable=not cfg.progress):
         train_keys = ["fit:clean"] + [f"fit:{a}" for a in train_attacks]
-        y = np.concatenate([np.zeros(len(d.f["fit:clean"]))] + [np.ones(len(d.f[k])) for k in train_keys[1:]])
+        y = d.training_set(train_keys)[0]
         test = {"clean": "evaluation:clean", "adv": f"evaluation:{test_attack}", "cal": "calibration:clean"}
         scores: dict[str, dict[str, np.ndarray]] = {}
         for enc in cfg.encodings:
             X = np.vstack([d.f[k].path[enc] for k in train_keys])
             for method in cfg.methods:
                 det = PathDetector(method, random_state=cfg.seed).fit(X, y)
-                scores[_nad_name(method, enc, cfg.primary)] = {r: det.score(d.f[k].path[enc]) for r, k in test.items()}
+                scores[_nad_name(method, enc, cfg)] = {r: det.score(d.f[k].path[enc]) for r, k in test.items()}
+        (cm, ce), cv = d.choose(train_keys)
+        if cfg.select == "cv":
+            scores = {"nad-guard": scores[_nad_name(cm, ce, cfg)], **scores}
         for which in ("mahalanobis", "lid"):
             L = np.vstack([b.layer_scores(which, k) for k in train_keys])
             comb = _combiner(1.0).fit(L, y)
@@ -350,7 +407,8 @@ def _supervised_protocol(d: _Data, b: _Baselines, cfg: EvalConfig, tasks: list[t
             scores[name] = {r: b.score(name, k) for r, k in test.items()}
         for det_name, s in scores.items():
             rows.append({**_metrics_row(det_name, test_attack, s["clean"], s["adv"], s["cal"], cfg),
-                         "trained_on": "+".join(train_attacks)})
+                         "trained_on": "+".join(train_attacks),
+                         **({"selected": f"{cm},{ce}", "cv_auroc": cv} if det_name == "nad-guard" else {})})
         keep_scores[test_attack] = scores
     return rows
 
@@ -376,17 +434,23 @@ def _clean_only(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[str,
     return rows
 
 
+def _deployed_keys(d: _Data) -> list[str]:
+    """The deployed detector's training data: the fit part's clean images, every attack on them and the
+    fit part's natural mispredictions (as ``nad-guard fit-detector`` trains it)."""
+    return (["fit:clean"] + [f"fit:{a}" for a in d.usable] + (["fit:wrong"] if "fit:wrong" in d.f else []))
+
+
 def _mispredictions(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[str, Any]) -> list[dict[str, Any]]:
     if "evaluation:wrong" not in d.f or len(d.f["evaluation:wrong"]) == 0:
         return []
-    method, enc = cfg.primary
     keys = {"clean": "evaluation:clean", "adv": "evaluation:wrong", "cal": "calibration:clean"}
     dets: dict[str, Callable[[str], np.ndarray]] = {}
     attack_keys = ["fit:clean"] + [f"fit:{a}" for a in d.usable]
-    deployed_keys = attack_keys + (["fit:wrong"] if "fit:wrong" in d.f else [])
+    deployed_keys = _deployed_keys(d)
+    (method, enc), cv = d.choose(deployed_keys)
     for name, train_keys in (("nad-guard", deployed_keys), (f"nad-guard[{method},{enc},attacks only]", attack_keys)):
         X = np.vstack([d.f[k].path[enc] for k in train_keys])
-        y = np.concatenate([np.zeros(len(d.f["fit:clean"]))] + [np.ones(len(d.f[k])) for k in train_keys[1:]])
+        y = d.training_set(train_keys)[0]
         det = PathDetector(method, random_state=cfg.seed).fit(X, y)
         dets[name] = lambda k, det=det: det.score(d.f[k].path[enc])
     clean_det = PathDetector(cfg.clean_methods[0], random_state=cfg.seed).fit(d.f["fit:clean"].path[enc])
@@ -404,7 +468,8 @@ def _mispredictions(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[
         scores[name] = s
         trained_on = {"nad-guard": "all attacks + fit mispredictions"}.get(name, "all attacks" if "attacks only" in name else "")
         rows.append({**_metrics_row(name, "mispredictions", s["clean"], s["adv"], s["cal"], cfg),
-                     "trained_on": trained_on})
+                     "trained_on": trained_on,
+                     **({"selected": f"{method},{enc}", "cv_auroc": cv} if name == "nad-guard" else {})})
     keep_scores["mispredictions"] = scores
     return rows
 
@@ -443,15 +508,15 @@ def _adaptive(d: _Data, b: _Baselines, cfg: EvalConfig, log: Callable[[str], Non
     """Adaptive white-box attack on the deployed nad-guard detector and on Mahalanobis-LR."""
     paths, clf = d.paths, d.paths.classifier
     dev = next(iter(clf.buffers())).device
-    method, enc = cfg.primary
     spec = d.suite["pgd"]
     if spec.norm != "Linf":
         raise ValueError("the adaptive attack uses the suite's L-inf pgd budget")
     eps, alpha = float(spec.eps), float(spec.params["alpha"])
     steps = int(cfg.adaptive_steps or spec.params["steps"])
     # the detector as deployed: all attacks and the natural mispredictions of the fit part
-    train_keys = ["fit:clean"] + [f"fit:{a}" for a in d.usable] + (["fit:wrong"] if "fit:wrong" in d.f else [])
-    y = np.concatenate([np.zeros(len(d.f["fit:clean"]))] + [np.ones(len(d.f[k])) for k in train_keys[1:]])
+    train_keys = _deployed_keys(d)
+    (method, enc), _ = d.choose(train_keys)
+    y = d.training_set(train_keys)[0]
     X = np.vstack([d.f[k].path[enc] for k in train_keys])
     real = PathDetector(method, random_state=cfg.seed).fit(X, y)
     real.infer_threshold(d.f["calibration:clean"].path[enc], cfg.fpr)
@@ -491,7 +556,7 @@ def _adaptive(d: _Data, b: _Baselines, cfg: EvalConfig, log: Callable[[str], Non
     n = min(cfg.adaptive_images, len(clean))
     pick = np.sort(np.random.default_rng(cfg.seed).choice(len(clean), n, replace=False))
     x_all, y_all = clean.float()[pick], clean.labels[pick]
-    out: dict[str, Any] = {"images": n, "eps": eps, "alpha": alpha, "steps": steps, "norm": "Linf",
+    out: dict[str, Any] = {"images": n, "detector": f"{method},{enc}", "eps": eps, "alpha": alpha, "steps": steps, "norm": "Linf",
                            "lambdas": list(cfg.adaptive_lambdas), "kappa": 1.0, "detectors": {}}
     for name, surrogate, flag, threshold in (("nad-guard", nad_surrogate, nad_flag, thr),
                                              ("mahalanobis-lr", maha_decision, maha_flag, m_thr)):
@@ -550,6 +615,10 @@ def run_evaluation(paths: PathModel, train: ImageSet, test: ImageSet, cfg: EvalC
     unknown = set(cfg.protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocols {sorted(unknown)}; choose from {', '.join(PROTOCOLS)}")
+    if cfg.select not in SELECT:
+        raise ValueError(f"select must be one of {SELECT}, got {cfg.select!r}")
+    if cfg.select == "cv" and cfg.cv_folds < 2:
+        raise ValueError(f"cv_folds must be at least 2, got {cfg.cv_folds}")
     t_start = time.time()
     machine_start = machine_info()
     d = _Data(paths, train, test, cfg, Path(cache_dir) if cache_dir is not None else None, log)
@@ -665,6 +734,14 @@ def write_outputs(result: dict[str, Any], out: str | Path, command: str | None =
     return files
 
 
+def _who(cfg: dict[str, Any]) -> str:
+    m, e = cfg["primary"]
+    if cfg.get("select", "fixed") == "cv":
+        return (f"per training task, the best of {', '.join(cfg['methods'])} x {', '.join(cfg['encodings'])} encodings by "
+                f"{cfg['cv_folds']}-fold cross-validation on the fit part")
+    return f"{m} on the '{e}' encoding"
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     m = r["machine"]["start"]
     lines = [f"# Detection evaluation: {r['model']} on {r['data']['test']} (suite {r['config']['suite']})", ""]
@@ -678,9 +755,9 @@ def render_markdown(r: dict[str, Any]) -> str:
               f"({dd['fit_clean']} correct), calibration {dd['calibration_images']} ({dd['calibration_clean']} correct, "
               f"thresholds at {r['config']['fpr']:.0%} FPR), evaluation {dd['evaluation_images']} "
               f"({dd['evaluation_clean']} correct, {dd['evaluation_mispredicted']} mispredicted). Baselines' "
-              f"unsupervised parts: {dd['baseline_train_images']} training images. nad-guard = "
-              f"{r['config']['primary'][0]} on the '{r['config']['primary'][1]}' encoding (clean-only: "
-              f"{r['config']['clean_methods'][0]}). Bootstrap: {r['config']['n_resamples']} stratified resamples, "
+              f"unsupervised parts: {dd['baseline_train_images']} training images. nad-guard = {_who(r['config'])} "
+              f"(clean-only: {r['config']['clean_methods'][0]} on the '{r['config']['primary'][1]}' encoding). "
+              f"Bootstrap: {r['config']['n_resamples']} stratified resamples, "
               "95% percentile intervals.", "", "## Attacks (successful ones only are kept)", ""]
     rows = []
     for split, res in r["attacks"].items():
@@ -698,6 +775,14 @@ def render_markdown(r: dict[str, Any]) -> str:
                       "best baseline": s["best_baseline"], "its mean AUROC": s["best_baseline_mean_auroc"],
                       "its mean TPR@5%": s["detectors"].get(s["best_baseline"], {}).get("mean_tpr")})
     lines += [markdown_table(srows), ""]
+    chosen = [{"protocol": x["protocol"], "attack": x["attack"], "trained on": x["trained_on"],
+               "selected": x["selected"], **{f"CV {k}": v for k, v in x["cv_auroc"].items()}}
+              for x in r["rows"] if x["detector"] == "nad-guard" and x.get("cv_auroc")]
+    if chosen:
+        lines += ["## nad-guard's detector per training task", "",
+                  f"Chosen by {r['config']['cv_folds']}-fold cross-validated AUROC on the task's training data (the "
+                  "fit part; folds stratified and grouped by source image), before anything is scored on the "
+                  "evaluation part.", "", markdown_table(chosen), ""]
     for p in r["summary"]:
         lines += [f"## {p}: AUROC", "", _pivot(r["rows"], p, "auroc"), f"## {p}: TPR at 5% FPR "
                   "(threshold from the calibration part)", "", _pivot(r["rows"], p, "tpr")]

@@ -7,7 +7,8 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-from nad_guard.detectors import METHODS, PathDetector, TrustRecord, load_detector, save_detector
+from nad_guard.detectors import (METHODS, PathDetector, TrustRecord, cross_val_auroc, load_detector, save_detector,
+                                 select_by_cv)
 
 
 def _data(n=400, shift=2.0, seed=0):
@@ -70,6 +71,52 @@ def test_errors_are_clear():
         det.score(np.full((1, 4), np.nan))
     with pytest.raises(ValueError, match="need at least 20"):
         det.infer_threshold(X[:10], fpr=0.05)
+
+
+def _grouped(n_images=120, seed=0):
+    """Each image: a clean row and two adversarial rows made from it (one group); column 0 is the group."""
+    rng = np.random.default_rng(seed)
+    g = np.arange(n_images)
+    clean = np.c_[g, rng.normal(size=(n_images, 3))]
+    adv = [np.c_[g, rng.normal(1.5, 1.0, size=(n_images, 3))] for _ in range(2)]
+    X = np.vstack([clean, *adv])
+    return X, np.r_[np.zeros(n_images), np.ones(2 * n_images)], np.tile(g, 3), rng
+
+
+def test_cross_validation_never_scores_an_image_it_trained_on(monkeypatch):
+    X, y, groups, _ = _grouped()
+    seen: list[tuple[set, set]] = []
+    fit, score = PathDetector.fit, PathDetector.score
+
+    def spy_fit(self, X_, y_=None):
+        seen.append((set(X_[:, 0]), set()))
+        return fit(self, X_, y_)
+
+    def spy_score(self, X_):
+        seen[-1][1].update(X_[:, 0])
+        return score(self, X_)
+
+    monkeypatch.setattr(PathDetector, "fit", spy_fit)
+    monkeypatch.setattr(PathDetector, "score", spy_score)
+    auc = cross_val_auroc("logistic", X, y, groups, folds=3)
+    assert len(seen) == 3 and all(train and test and not train & test for train, test in seen)
+    assert set().union(*(t for _, t in seen)) == set(groups)  # every image is scored once
+    assert 0.8 < auc <= 1.0  # the shifted rows are easy to tell apart
+
+
+def test_selection_prefers_the_informative_encoding_and_breaks_ties_in_order():
+    X, y, groups, rng = _grouped()
+    noise = rng.normal(size=X.shape)
+    best, cv = select_by_cv({"logistic,noise": ("logistic", noise), "logistic,signal": ("logistic", X)}, y, groups)
+    assert best == "logistic,signal" and cv["logistic,signal"] > cv["logistic,noise"] + 0.3
+    best, _ = select_by_cv({"a": ("logistic", X), "b": ("logistic", X.copy())}, y, groups)
+    assert best == "a"
+    with pytest.raises(ValueError, match="one row each"):
+        cross_val_auroc("logistic", X, y, groups[:-1])
+    with pytest.raises(ValueError, match="suspicious rows from at least 3 groups"):
+        cross_val_auroc("logistic", X[:6], np.r_[0, 0, 0, 0, 0, 1], np.arange(6), folds=3)
+    with pytest.raises(ValueError, match="no candidates"):
+        select_by_cv({}, y, groups)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -141,6 +141,26 @@ def test_outputs_and_cli(paths, tiny_model, digits, result, tmp_path):
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
+def test_cross_validated_selection_reports_its_choice(paths, digits, tmp_path):
+    cfg = EvalConfig(**{**FAST, "protocols": ["seen", "mispredictions"], "select": "cv"})
+    r = run_evaluation(paths, digits[0], with_errors(digits[1]), cfg, cache_dir=tmp_path)
+    candidates = {"logistic,rich", "gboost,rich", "logistic,full", "gboost,full"}
+    for protocol in ("seen", "mispredictions"):
+        rows = [x for x in r["rows"] if x["protocol"] == protocol]
+        for x in (x for x in rows if x["detector"] == "nad-guard"):
+            assert x["selected"] in candidates and set(x["cv_auroc"]) == candidates
+            assert x["cv_auroc"][x["selected"]] == max(x["cv_auroc"].values())
+            if protocol == "seen":  # 'nad-guard' is the chosen candidate's row, scored the same
+                twin = next(v for v in rows if v["detector"] == f"nad-guard[{x['selected']}]"
+                            and v["attack"] == x["attack"])
+                assert twin["auroc"] == x["auroc"] and twin["tpr"] == x["tpr"]
+    assert {x["detector"] for x in r["rows"] if x["protocol"] == "seen"} >= {f"nad-guard[{c}]" for c in candidates}
+    md = write_outputs(r, tmp_path / "out")["md"].read_text()
+    assert "## nad-guard's detector per training task" in md and "cross-validation on the fit part" in md
+    with pytest.raises(ValueError, match="select must be one of"):
+        run_evaluation(paths, *digits, EvalConfig(**{**FAST, "select": "best-on-test"}))
+
+
 def test_unknown_protocol_is_refused(paths, digits):
     with pytest.raises(ValueError, match="unknown protocols"):
         run_evaluation(paths, *digits, EvalConfig(**{**FAST, "protocols": ["seen", "nope"]}))

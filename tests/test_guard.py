@@ -88,3 +88,18 @@ def test_encodings(guard, digits):
     assert np.allclose(rel[np.arange(5), :, f.pred.numpy()], 0)
     with pytest.raises(ValueError, match="encoding"):
         detector_matrix(f, "raw")
+
+
+def test_fit_detector_can_choose_its_detector_by_cross_validation(guard, digits, tmp_path):
+    fit, calib, _ = holdout_splits(digits[1])
+    g = fit_guard(guard.paths, fit, calib, suite="fast", attacks=["fgsm", "pgd"], select="cv",
+                  cache_dir=tmp_path, progress=False)
+    sel = g.meta["detector_info"]["selection"]
+    assert set(sel["cv_auroc"]) == {"logistic,rich", "gboost,rich", "logistic,full", "gboost,full"}
+    assert sel["cv_auroc"][sel["selected"]] == max(sel["cv_auroc"].values()) and sel["folds"] == 3
+    assert sel["selected"] == f"{g.detector.method},{g.encoding}"
+    back = Guard.load(g.save(tmp_path / "g"), classifier=guard.classifier)
+    x = digits[1].float(0, 20)
+    assert back.encoding == g.encoding and np.array_equal(back.run(x).score, g.run(x).score)
+    with pytest.raises(ValueError, match="clean-only"):
+        fit_guard(guard.paths, fit, calib, suite="fast", method="gaussian", select="cv", progress=False)

@@ -11,8 +11,8 @@ import torch
 
 from nad_guard.attacks import generate, get_suite
 from nad_guard.data import ImageSet
-from nad_guard.detectors import CLEAN_ONLY, PathDetector
-from nad_guard.guard import Guard, guard_matrix
+from nad_guard.detectors import CLEAN_ONLY, PathDetector, select_by_cv
+from nad_guard.guard import POOLED_ENCODINGS, Guard, detector_matrix, path_inputs
 from nad_guard.models import resolve_device
 from nad_guard.paths import PathModel
 
@@ -35,10 +35,23 @@ def correct_subset(paths: PathModel, images: ImageSet, batch_size: int = 256) ->
     return partition_correct(paths, images, batch_size)[0]
 
 
+CV_CANDIDATES = {"methods": ("logistic", "gboost"), "encodings": ("rich", "full")}
+
+
+def _matrices(paths: PathModel, x: torch.Tensor, encodings: Sequence[str], batch_size: int) -> dict[str, np.ndarray]:
+    """Detector inputs of ``x`` in each of ``encodings``, from the same forward passes."""
+    if any(e in POOLED_ENCODINGS for e in encodings):
+        f, pooled = path_inputs(paths, x, batch_size)
+        return {e: detector_matrix(f, e, pooled) for e in encodings}
+    f = paths.features(x, batch_size=batch_size)
+    return {e: detector_matrix(f, e) for e in encodings}
+
+
 def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *, suite: str = "mnist",
               attacks: Sequence[str] | None = None, method: str = "logistic", encoding: str = "rich",
-              mispredictions: bool = True, fpr: float = 0.05, device: str = "auto", batch_size: int = 128,
-              cache_dir: str | Path | None = None, progress: bool = True, seed: int = 0) -> Guard:
+              select: str = "fixed", cv_folds: int = 3, mispredictions: bool = True, fpr: float = 0.05,
+              device: str = "auto", batch_size: int = 128, cache_dir: str | Path | None = None, progress: bool = True,
+              seed: int = 0) -> Guard:
     """Train a detector on path features of ``fit_set`` and calibrate its threshold on the correctly
     classified images of ``calibration_set`` (held out, clean only).
 
@@ -46,40 +59,62 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     attacks on them and, with ``mispredictions``, the images the classifier gets wrong (label 1): the
     guard's question is whether a prediction can be trusted, whatever the cause. Clean-only methods
     (``isoforest``, ``gaussian``) generate no attacks and see only the correct images.
+
+    ``select="cv"`` ignores ``method`` and ``encoding`` and takes, among :data:`CV_CANDIDATES`, the
+    pair with the best ``cv_folds``-fold cross-validated AUROC on this training data, folds grouped by
+    source image (:func:`nad_guard.detectors.select_by_cv`); the scores go into the guard's metadata.
     """
+    if select not in ("fixed", "cv"):
+        raise ValueError(f"select must be 'fixed' or 'cv', got {select!r}")
+    if select == "cv" and method in CLEAN_ONLY:
+        raise ValueError(f"select='cv' chooses among the supervised detectors {CV_CANDIDATES['methods']}; "
+                         f"{method!r} is clean-only")
     t0 = time.time()
     dev = resolve_device(device)
     paths.classifier.to(dev)
+    encodings = (encoding,) if select == "fixed" else CV_CANDIDATES["encodings"]
 
-    def matrix(x: torch.Tensor) -> np.ndarray:
-        return guard_matrix(paths, x, encoding, batch_size)[1]
+    def matrices(x: torch.Tensor) -> dict[str, np.ndarray]:
+        return _matrices(paths, x, encodings, batch_size)
 
     clean, wrong = partition_correct(paths, fit_set)
-    X_clean = matrix(clean.float())
-    blocks, ys, per_attack = [X_clean], [np.zeros(len(X_clean))], {}
+    X_clean = matrices(clean.float())
+    n_clean = len(clean)
+    blocks, ys, groups, per_attack = [X_clean], [np.zeros(n_clean)], [np.arange(n_clean)], {}
     suite_obj = get_suite(suite, seed=seed)
     n_wrong = 0
-    if method not in CLEAN_ONLY:
+    if method not in CLEAN_ONLY or select == "cv":
         for name in attacks or [a for a in suite_obj.names if not a.startswith("noise")]:
             res = generate(paths.classifier, clean, attack=name, suite=suite_obj, batch_size=batch_size,
                            device=dev, cache_dir=cache_dir, progress=progress)
             if len(res.adv_images):
-                blocks.append(matrix(res.adv_images))
+                blocks.append(matrices(res.adv_images))
                 ys.append(np.ones(len(res.adv_images)))
+                groups.append(res.indices.numpy())  # an adversarial shares its source image's group
             per_attack[name] = {"success_rate": res.stats.success_rate, "kept": res.stats.n_kept,
                                 "seconds": res.stats.seconds}
         if mispredictions and len(wrong):
-            blocks.append(matrix(wrong.float()))
+            blocks.append(matrices(wrong.float()))
             ys.append(np.ones(len(wrong)))
+            groups.append(n_clean + np.arange(len(wrong)))
             n_wrong = len(wrong)
-    det = PathDetector(method, random_state=seed).fit(np.vstack(blocks), np.concatenate(ys))
+    y = np.concatenate(ys)
+    X = {e: np.vstack([b[e] for b in blocks]) for e in encodings}
+    selection = None
+    if select == "cv":
+        best, cv = select_by_cv({f"{m},{e}": (m, X[e]) for e in encodings for m in CV_CANDIDATES["methods"]}, y,
+                                np.concatenate(groups), cv_folds, seed)
+        method, encoding = best.split(",")
+        selection = {"folds": cv_folds, "cv_auroc": cv, "selected": best}
+    det = PathDetector(method, random_state=seed).fit(X[encoding], y)
     calib = correct_subset(paths, calibration_set)
-    det.infer_threshold(matrix(calib.float()), fpr=fpr)
+    det.infer_threshold(matrices(calib.float())[encoding], fpr=fpr)
     info: dict[str, Any] = {"suite": suite, "attacks": per_attack, "fit_set": fit_set.name,
-                            "fit_clean": len(X_clean), "fit_adversarial": int(sum(len(y) for y in ys[1:])) - n_wrong,
+                            "fit_clean": n_clean, "fit_adversarial": int(sum(len(v) for v in ys[1:])) - n_wrong,
                             "fit_mispredicted": n_wrong,
                             "calibration_set": calibration_set.name, "calibration_clean": len(calib),
-                            "seed": seed, "seconds": round(time.time() - t0, 1)}
+                            "seed": seed, "seconds": round(time.time() - t0, 1),
+                            **({"selection": selection} if selection else {})}
     paths.classifier.cpu()
     return Guard(paths, det, encoding, {"detector_info": info})
 
@@ -130,8 +165,8 @@ def holdout_splits(test: ImageSet, seed: int = 0) -> tuple[ImageSet, ImageSet, I
 
 def build_guard(artifact: str | Path, model: str, data: str, *, weights: str | None = None,
                 data_root: str | None = None, suite: str = "mnist", attacks: Sequence[str] | None = None,
-                method: str = "logistic", encoding: str = "rich", mispredictions: bool = True, fpr: float = 0.05,
-                max_images: int | None = None, device: str = "auto", seed: int = 0,
+                method: str = "logistic", encoding: str = "rich", select: str = "fixed", mispredictions: bool = True,
+                fpr: float = 0.05, max_images: int | None = None, device: str = "auto", seed: int = 0,
                 progress: bool = True) -> dict[str, Any]:
     """``nad-guard fit-detector``: load the path artifact, fit and calibrate a detector, save the guard.
     ``max_images``: use a seeded stratified sample of the test split (:func:`sample_heldout`)."""
@@ -143,10 +178,10 @@ def build_guard(artifact: str | Path, model: str, data: str, *, weights: str | N
     paths = PathModel.load(artifact, build_classifier(model, train, weights))
     fit, calibration, _ = holdout_splits(sample_heldout(test, max_images, seed)[0], seed)
     guard = fit_guard(paths, fit, calibration, suite=suite, attacks=attacks,
-                      method=method, encoding=encoding, mispredictions=mispredictions, fpr=fpr, device=device, seed=seed,
-                      cache_dir=default_cache_dir(), progress=progress)
+                      method=method, encoding=encoding, select=select, mispredictions=mispredictions, fpr=fpr,
+                      device=device, seed=seed, cache_dir=default_cache_dir(), progress=progress)
     guard.save(artifact)
-    return {"artifact": str(artifact), "method": method, "encoding": encoding,
+    return {"artifact": str(artifact), "method": guard.detector.method, "encoding": guard.encoding,
             "threshold": guard.detector.threshold_, **guard.meta["detector_info"]}
 
 
