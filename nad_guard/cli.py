@@ -158,7 +158,7 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
               help="Detector input (see nad_guard.guard): summary features, + class-score gaps, + the path itself.")
 @click.option("--select", type=click.Choice(["fixed", "cv"]), default="fixed", show_default=True,
               help="cv: ignore --method/--encoding and take the best of logistic/gboost x rich/full by "
-                   "3-fold cross-validated AUROC on the fit part (folds grouped by source image).")
+                   "3-fold cross-validated AUROC on the fit part (each fold holds out whole attacks).")
 @click.option("--mispredictions/--no-mispredictions", default=True, show_default=True,
               help="Also train supervised detectors on the fit part's natural mispredictions (as suspicious).")
 @click.option("--max-images", type=int, default=None,
@@ -208,7 +208,8 @@ def build_default_cmd(out: str | None, device: str) -> None:
               help="Comma-separated detector encodings (see nad_guard.guard).")
 @click.option("--select", type=click.Choice(["fixed", "cv"]), default="fixed", show_default=True,
               help="Which method x encoding is 'nad-guard': fixed = the first of each; cv = per training task, "
-                   "the best by grouped cross-validated AUROC on the fit part.")
+                   "the best by cross-validated AUROC on the fit part (folds hold out whole attacks, or whole "
+                   "images when the task trains on fewer attacks than folds).")
 @click.option("--cv-folds", type=click.IntRange(min=2), default=3, show_default=True, help="Folds for --select cv.")
 @click.option("--clean-method", "clean_methods", default="gaussian,isoforest", show_default=True,
               help="nad-guard's clean-only detectors; the first is 'nad-guard' in the clean-only protocol.")

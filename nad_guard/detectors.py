@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -202,6 +203,23 @@ def cross_val_auroc(method: str, X, y, groups, folds: int = 3, seed: int = 0) ->
         det = PathDetector(method, random_state=seed).fit(X[tr], y[tr])
         aucs.append(roc_auc_score(y[te], det.score(X[te])))
     return float(np.mean(aucs))
+
+
+def cv_groups(n_clean: int, suspicious: Sequence[np.ndarray], folds: int = 3) -> tuple[np.ndarray, str]:
+    """Cross-validation groups for ``n_clean`` clean rows (row ``i`` is image ``i``) followed by the rows
+    of each suspicious block (one block per attack or kind of error; each array gives its rows'
+    source-image indices). Returns ``(groups, by)``:
+
+    * ``by="attack"`` when there are at least ``folds`` blocks: each block is one group, so every fold
+      holds out whole attacks and the score is that of attacks the detector was not trained on (what a
+      deployed detector meets);
+    * ``by="image"`` otherwise: a suspicious row joins its source image's group (one attack: the score
+      is that of new images under the same attack).
+    """
+    blocks = [np.asarray(b).ravel() for b in suspicious]
+    if len(blocks) >= folds:
+        return np.concatenate([np.arange(n_clean)] + [np.full(len(b), -1 - i) for i, b in enumerate(blocks)]), "attack"
+    return np.concatenate([np.arange(n_clean)] + blocks), "image"
 
 
 def select_by_cv(candidates: dict[str, tuple[str, np.ndarray]], y, groups, folds: int = 3,

@@ -46,8 +46,10 @@ Protocols (``PROTOCOLS``):
 Which supervised detector is "nad-guard" (``EvalConfig.select``): ``fixed``, the configured primary
 method and encoding; ``cv``, per training task (each seen attack, each left-out attack, the deployed
 detector of the mispredictions and adaptive protocols), the candidate method x encoding with the best
-cross-validated AUROC on that task's training data, with folds grouped by source image so that no
-fold is scored on perturbed copies of its own training images. Both choices use the fit part only;
+cross-validated AUROC on that task's training data (:func:`nad_guard.detectors.cv_groups`: folds hold
+out whole attacks when the task trains on at least as many attacks as there are folds, else whole
+source images, so no fold is scored on perturbed copies of its own training images). Both choices use
+the fit part only;
 the other candidates are reported as ``nad-guard[method,encoding]`` rows either way.
 
 Outputs (:func:`write_outputs`): ``results.md`` (tables), ``results.json`` (everything, with the
@@ -307,27 +309,30 @@ class _Data:
         self.usable = [a for a in self.attacks if f"fit:{a}" in self.f and f"evaluation:{a}" in self.f]
         self._choices: dict[tuple[str, ...], tuple[tuple[str, str], dict[str, float]]] = {}
 
-    def training_set(self, train_keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Labels (0 for ``fit:clean``, 1 for the rest) and source-image groups of ``train_keys``'s rows."""
+    def training_set(self, train_keys: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Labels (0 for ``fit:clean``, 1 for the rest) of ``train_keys``'s rows, and each suspicious
+        block's source-image indices."""
         y = np.concatenate([np.zeros(len(self.f[train_keys[0]]))] + [np.ones(len(self.f[k])) for k in train_keys[1:]])
-        return y, np.concatenate([self.groups[k] for k in train_keys])
+        return y, [self.groups[k] for k in train_keys[1:]]
 
-    def choose(self, train_keys: Sequence[str]) -> tuple[tuple[str, str], dict[str, float]]:
+    def choose(self, train_keys: Sequence[str]) -> tuple[tuple[str, str], dict[str, Any]]:
         """The ``(method, encoding)`` standing for nad-guard when trained on ``train_keys`` (the first being
-        ``fit:clean``), and the cross-validated AUROC of every candidate (empty when ``select="fixed"``)."""
+        ``fit:clean``), and the cross-validated AUROC of every candidate with how the folds were grouped
+        (empty when ``select="fixed"``)."""
         cfg = self.cfg
         if cfg.select == "fixed":
             return tuple(cfg.primary), {}
         key = tuple(train_keys)
         if key not in self._choices:
-            from nad_guard.detectors import select_by_cv
+            from nad_guard.detectors import cv_groups, select_by_cv
 
-            y, groups = self.training_set(train_keys)
+            y, blocks = self.training_set(train_keys)
+            groups, by = cv_groups(len(self.f[train_keys[0]]), blocks, cfg.cv_folds)
             cands = {f"{m},{e}": (m, np.vstack([self.f[k].path[e] for k in train_keys]))
                      for e in cfg.encodings for m in cfg.methods}
             best, cv = select_by_cv(cands, y, groups, cfg.cv_folds, cfg.seed)
             m, e = best.split(",")
-            self._choices[key] = ((m, e), cv)
+            self._choices[key] = ((m, e), {"folds_by": by, "auroc": cv})
         return self._choices[key]
 
     def _wrong(self, images: ImageSet) -> np.ndarray:
@@ -408,7 +413,7 @@ def _supervised_protocol(d: _Data, b: _Baselines, cfg: EvalConfig, tasks: list[t
         for det_name, s in scores.items():
             rows.append({**_metrics_row(det_name, test_attack, s["clean"], s["adv"], s["cal"], cfg),
                          "trained_on": "+".join(train_attacks),
-                         **({"selected": f"{cm},{ce}", "cv_auroc": cv} if det_name == "nad-guard" else {})})
+                         **({"selected": f"{cm},{ce}", "cv": cv} if det_name == "nad-guard" else {})})
         keep_scores[test_attack] = scores
     return rows
 
@@ -469,7 +474,7 @@ def _mispredictions(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[
         trained_on = {"nad-guard": "all attacks + fit mispredictions"}.get(name, "all attacks" if "attacks only" in name else "")
         rows.append({**_metrics_row(name, "mispredictions", s["clean"], s["adv"], s["cal"], cfg),
                      "trained_on": trained_on,
-                     **({"selected": f"{method},{enc}", "cv_auroc": cv} if name == "nad-guard" else {})})
+                     **({"selected": f"{method},{enc}", "cv": cv} if name == "nad-guard" else {})})
     keep_scores["mispredictions"] = scores
     return rows
 
@@ -776,13 +781,16 @@ def render_markdown(r: dict[str, Any]) -> str:
                       "its mean TPR@5%": s["detectors"].get(s["best_baseline"], {}).get("mean_tpr")})
     lines += [markdown_table(srows), ""]
     chosen = [{"protocol": x["protocol"], "attack": x["attack"], "trained on": x["trained_on"],
-               "selected": x["selected"], **{f"CV {k}": v for k, v in x["cv_auroc"].items()}}
-              for x in r["rows"] if x["detector"] == "nad-guard" and x.get("cv_auroc")]
+               "folds by": x["cv"]["folds_by"], "selected": x["selected"],
+               **{f"CV {k}": v for k, v in x["cv"]["auroc"].items()}}
+              for x in r["rows"] if x["detector"] == "nad-guard" and x.get("cv")]
     if chosen:
         lines += ["## nad-guard's detector per training task", "",
                   f"Chosen by {r['config']['cv_folds']}-fold cross-validated AUROC on the task's training data (the "
-                  "fit part; folds stratified and grouped by source image), before anything is scored on the "
-                  "evaluation part.", "", markdown_table(chosen), ""]
+                  "fit part), before anything is scored on the evaluation part. Folds are stratified and grouped: "
+                  "by attack when the task trains on at least as many attacks (or kinds of error) as there are "
+                  "folds (each fold holds out whole attacks), else by source image (an image and its "
+                  "adversarials stay on one side).", "", markdown_table(chosen), ""]
     for p in r["summary"]:
         lines += [f"## {p}: AUROC", "", _pivot(r["rows"], p, "auroc"), f"## {p}: TPR at 5% FPR "
                   "(threshold from the calibration part)", "", _pivot(r["rows"], p, "tpr")]

@@ -7,8 +7,8 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-from nad_guard.detectors import (METHODS, PathDetector, TrustRecord, cross_val_auroc, load_detector, save_detector,
-                                 select_by_cv)
+from nad_guard.detectors import (METHODS, PathDetector, TrustRecord, cross_val_auroc, cv_groups, load_detector,
+                                 save_detector, select_by_cv)
 
 
 def _data(n=400, shift=2.0, seed=0):
@@ -102,6 +102,29 @@ def test_cross_validation_never_scores_an_image_it_trained_on(monkeypatch):
     assert len(seen) == 3 and all(train and test and not train & test for train, test in seen)
     assert set().union(*(t for _, t in seen)) == set(groups)  # every image is scored once
     assert 0.8 < auc <= 1.0  # the shifted rows are easy to tell apart
+
+
+def test_cv_groups_hold_out_whole_attacks_when_there_are_enough():
+    src = [np.array([0, 2]), np.array([1]), np.array([0, 1, 2])]
+    g, by = cv_groups(3, src, folds=3)
+    assert by == "attack" and list(g) == [0, 1, 2, -1, -1, -2, -3, -3, -3]
+    g, by = cv_groups(3, src[:2], folds=3)
+    assert by == "image" and list(g) == [0, 1, 2, 0, 2, 1]
+    # two attacks, two folds: each fold is scored on one whole attack it was not trained on
+    X, y, groups, _ = _grouped()
+    X[120:240, 0], X[240:, 0] = -1, -2  # column 0: the source image for clean rows, -attack for the others
+    g, _ = cv_groups(120, [groups[120:240], groups[240:]], folds=2)
+    tested: list[set] = []
+    score = PathDetector.score
+
+    def spy_score(self, X_):
+        tested.append(set(X_[X_[:, 0] < 0, 0]))
+        return score(self, X_)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PathDetector, "score", spy_score)
+        auc = cross_val_auroc("logistic", X, y, g, folds=2)
+    assert sorted(map(sorted, tested)) == [[-2.0], [-1.0]] and 0.8 < auc <= 1.0
 
 
 def test_selection_prefers_the_informative_encoding_and_breaks_ties_in_order():

@@ -148,8 +148,10 @@ def test_cross_validated_selection_reports_its_choice(paths, digits, tmp_path):
     for protocol in ("seen", "mispredictions"):
         rows = [x for x in r["rows"] if x["protocol"] == protocol]
         for x in (x for x in rows if x["detector"] == "nad-guard"):
-            assert x["selected"] in candidates and set(x["cv_auroc"]) == candidates
-            assert x["cv_auroc"][x["selected"]] == max(x["cv_auroc"].values())
+            cv = x["cv"]["auroc"]
+            assert x["selected"] in candidates and set(cv) == candidates and cv[x["selected"]] == max(cv.values())
+            # one attack: folds split images; fgsm + pgd + mispredictions: folds hold out whole kinds
+            assert x["cv"]["folds_by"] == ("image" if protocol == "seen" else "attack")
             if protocol == "seen":  # 'nad-guard' is the chosen candidate's row, scored the same
                 twin = next(v for v in rows if v["detector"] == f"nad-guard[{x['selected']}]"
                             and v["attack"] == x["attack"])

@@ -11,7 +11,7 @@ import torch
 
 from nad_guard.attacks import generate, get_suite
 from nad_guard.data import ImageSet
-from nad_guard.detectors import CLEAN_ONLY, PathDetector, select_by_cv
+from nad_guard.detectors import CLEAN_ONLY, PathDetector, cv_groups, select_by_cv
 from nad_guard.guard import POOLED_ENCODINGS, Guard, detector_matrix, path_inputs
 from nad_guard.models import resolve_device
 from nad_guard.paths import PathModel
@@ -61,8 +61,9 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     (``isoforest``, ``gaussian``) generate no attacks and see only the correct images.
 
     ``select="cv"`` ignores ``method`` and ``encoding`` and takes, among :data:`CV_CANDIDATES`, the
-    pair with the best ``cv_folds``-fold cross-validated AUROC on this training data, folds grouped by
-    source image (:func:`nad_guard.detectors.select_by_cv`); the scores go into the guard's metadata.
+    pair with the best ``cv_folds``-fold cross-validated AUROC on this training data, folds holding out
+    whole attacks (or, with fewer attacks than folds, whole source images; see
+    :func:`nad_guard.detectors.cv_groups`); the scores go into the guard's metadata.
     """
     if select not in ("fixed", "cv"):
         raise ValueError(f"select must be 'fixed' or 'cv', got {select!r}")
@@ -80,7 +81,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     clean, wrong = partition_correct(paths, fit_set)
     X_clean = matrices(clean.float())
     n_clean = len(clean)
-    blocks, ys, groups, per_attack = [X_clean], [np.zeros(n_clean)], [np.arange(n_clean)], {}
+    blocks, ys, sources, per_attack = [X_clean], [np.zeros(n_clean)], [], {}
     suite_obj = get_suite(suite, seed=seed)
     n_wrong = 0
     if method not in CLEAN_ONLY or select == "cv":
@@ -90,22 +91,23 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
             if len(res.adv_images):
                 blocks.append(matrices(res.adv_images))
                 ys.append(np.ones(len(res.adv_images)))
-                groups.append(res.indices.numpy())  # an adversarial shares its source image's group
+                sources.append(res.indices.numpy())  # each adversarial's source image
             per_attack[name] = {"success_rate": res.stats.success_rate, "kept": res.stats.n_kept,
                                 "seconds": res.stats.seconds}
         if mispredictions and len(wrong):
             blocks.append(matrices(wrong.float()))
             ys.append(np.ones(len(wrong)))
-            groups.append(n_clean + np.arange(len(wrong)))
+            sources.append(n_clean + np.arange(len(wrong)))
             n_wrong = len(wrong)
     y = np.concatenate(ys)
     X = {e: np.vstack([b[e] for b in blocks]) for e in encodings}
     selection = None
     if select == "cv":
+        groups, by = cv_groups(n_clean, sources, cv_folds)
         best, cv = select_by_cv({f"{m},{e}": (m, X[e]) for e in encodings for m in CV_CANDIDATES["methods"]}, y,
-                                np.concatenate(groups), cv_folds, seed)
+                                groups, cv_folds, seed)
         method, encoding = best.split(",")
-        selection = {"folds": cv_folds, "cv_auroc": cv, "selected": best}
+        selection = {"folds": cv_folds, "folds_by": by, "cv_auroc": cv, "selected": best}
     det = PathDetector(method, random_state=seed).fit(X[encoding], y)
     calib = correct_subset(paths, calibration_set)
     det.infer_threshold(matrices(calib.float())[encoding], fpr=fpr)
