@@ -12,6 +12,14 @@ Writes ``bench/results/eval_scaling.{json,md}``::
 
 A straight line ``a + b * N`` is fitted to the wall time and to the peak memory (least squares); the
 Markdown reports it with each size's residual and the marginal cost per image between consecutive sizes.
+
+Peak resident memory of a plain run varies by up to 1 GB between identical runs: glibc raises its
+mmap threshold after freeing the forward passes' large activation buffers and then keeps later ones on
+its heap. ``--malloc-mmap-threshold 131072`` passes ``MALLOC_MMAP_THRESHOLD_`` to the evaluation
+processes, fixing the threshold so that freed buffers go back to the system and the peak tracks what
+is actually held (the runs take about twice as long; use it for memory, not for time)::
+
+    python bench/eval_scaling.py --malloc-mmap-threshold 131072 --out bench/results/eval_scaling_memory
 """
 
 from __future__ import annotations
@@ -43,10 +51,11 @@ def nad_guard_exe() -> str:
     return found
 
 
-def run(cmd: list[str]) -> tuple[int, float, float]:
+def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, float, float]:
     """``(exit code, wall seconds, peak resident MiB)`` of ``cmd`` run as a child process."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, **(env or {})})
     out = p.stdout.read() if p.stdout else ""
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
@@ -77,6 +86,8 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--cache-dir", default=None, help="attack cache (default: nad-guard's)")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                    help="MALLOC_MMAP_THRESHOLD_ for the timed evaluations (bytes; see the module docstring)")
     ap.add_argument("--out", default=str(RESULTS / "eval_scaling"), help="writes <out>.json and <out>.md")
     args = ap.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -97,7 +108,9 @@ def main() -> None:
             cmd = [exe, "evaluate", *common, "--max-images", str(n), "--protocols", args.protocols,
                    "--bootstrap", str(args.bootstrap), "--out", str(out / "eval")]
             load = os.getloadavg()
-            rc, wall, rss = run(cmd)
+            env = ({"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)}
+                   if args.malloc_mmap_threshold else None)
+            rc, wall, rss = run(cmd, env)
             if rc:
                 raise SystemExit(f"evaluation of {n} images failed ({rc})")
             res = json.loads((out / "eval" / "results.json").read_text())
@@ -128,11 +141,17 @@ def render(r: dict[str, Any]) -> str:
         "# Detection evaluation: time and memory against the number of test images", "",
         "Command:", "", "```", r["command"], "```", "",
         f"Machine: {m['cpu_model']}, {m['logical_cores']} logical cores, torch {m['torch']}, Python {m['python']}. "
-        f"Load average at start {r['started']['loadavg']}, at end {r['ended']['loadavg']}.", "",
+        f"Load average at start {[round(v, 2) for v in r['started']['loadavg']]}, at end "
+        f"{[round(v, 2) for v in r['ended']['loadavg']]}.", "",
         f"Each size is one `nad-guard evaluate` process (model `{r['settings']['model']}`, attacks "
         f"`{r['settings']['attacks']}`, protocols `{r['settings']['protocols']}`, {r['settings']['bootstrap']} "
         "bootstrap resamples) with its attacks read from the cache (filled by an untimed priming run). "
-        "Peak memory is the process's maximum resident set (`ru_maxrss`).", "",
+        "Peak memory is the process's maximum resident set (`ru_maxrss`)"
+        + (f"; the evaluations ran with `MALLOC_MMAP_THRESHOLD_={r['settings']['malloc_mmap_threshold']}` "
+           "(fixed glibc mmap threshold: freed buffers go back to the system, runs are slower)."
+           if r["settings"].get("malloc_mmap_threshold") else
+           "; glibc's default allocator settings (its adaptive mmap threshold makes the peak vary by up to "
+           "1 GB between identical runs, see the script's docstring)."), "",
         "| test images | fit / evaluation clean | wall s | peak RSS MiB | attacks cached | "
         + " | ".join(f"{s} s" for s in stages) + " |",
         "| ---: | ---: | ---: | ---: | --- | " + " | ".join("---:" for _ in stages) + " |",

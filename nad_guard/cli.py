@@ -158,7 +158,8 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
               help="Detector input (see nad_guard.guard): summary features, + class-score gaps, + the path itself.")
 @click.option("--select", type=click.Choice(["fixed", "cv"]), default="fixed", show_default=True,
               help="cv: ignore --method/--encoding and take the best of logistic/gboost x rich/full by "
-                   "3-fold cross-validated AUROC on the fit part (each fold holds out whole attacks).")
+                   "3-fold cross-validated AUROC on the fit part (folds hold out whole attacks, or whole images "
+                   "when there are fewer than 3 attacks and kinds of error).")
 @click.option("--mispredictions/--no-mispredictions", default=True, show_default=True,
               help="Also train supervised detectors on the fit part's natural mispredictions (as suspicious).")
 @click.option("--max-images", type=int, default=None,
