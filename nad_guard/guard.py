@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -93,14 +93,22 @@ def path_inputs(paths: PathModel, x: torch.Tensor, batch_size: int = 256) -> tup
     return f, [torch.cat(v) for v in store]
 
 
+def guard_matrices(paths: PathModel, x: torch.Tensor, encodings: Sequence[str], batch_size: int = 256
+                   ) -> tuple[PathFeatures, dict[str, np.ndarray]]:
+    """Path features of ``x`` and its detector input in each of ``encodings``, from the same forward
+    passes (one per batch)."""
+    if any(e in POOLED_ENCODINGS for e in encodings):
+        f, pooled = path_inputs(paths, x, batch_size)
+        return f, {e: detector_matrix(f, e, pooled) for e in encodings}
+    f = paths.features(x, batch_size=batch_size)
+    return f, {e: detector_matrix(f, e) for e in encodings}
+
+
 def guard_matrix(paths: PathModel, x: torch.Tensor, encoding: str, batch_size: int = 256
                  ) -> tuple[PathFeatures, np.ndarray]:
     """Path features of ``x`` and the detector input in ``encoding`` (one forward pass per batch)."""
-    if encoding in POOLED_ENCODINGS:
-        f, pooled = path_inputs(paths, x, batch_size)
-        return f, detector_matrix(f, encoding, pooled)
-    f = paths.features(x, batch_size=batch_size)
-    return f, detector_matrix(f, encoding)
+    f, m = guard_matrices(paths, x, (encoding,), batch_size)
+    return f, m[encoding]
 
 
 def pad_rows(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, int]:

@@ -12,7 +12,7 @@ import torch
 from nad_guard.attacks import generate, get_suite
 from nad_guard.data import ImageSet
 from nad_guard.detectors import CLEAN_ONLY, PathDetector, cv_groups, select_by_cv
-from nad_guard.guard import POOLED_ENCODINGS, Guard, detector_matrix, path_inputs
+from nad_guard.guard import Guard, guard_matrices, guard_matrix
 from nad_guard.models import resolve_device
 from nad_guard.paths import PathModel
 
@@ -36,15 +36,6 @@ def correct_subset(paths: PathModel, images: ImageSet, batch_size: int = 256) ->
 
 
 CV_CANDIDATES = {"methods": ("logistic", "gboost"), "encodings": ("rich", "full")}
-
-
-def _matrices(paths: PathModel, x: torch.Tensor, encodings: Sequence[str], batch_size: int) -> dict[str, np.ndarray]:
-    """Detector inputs of ``x`` in each of ``encodings``, from the same forward passes."""
-    if any(e in POOLED_ENCODINGS for e in encodings):
-        f, pooled = path_inputs(paths, x, batch_size)
-        return {e: detector_matrix(f, e, pooled) for e in encodings}
-    f = paths.features(x, batch_size=batch_size)
-    return {e: detector_matrix(f, e) for e in encodings}
 
 
 def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *, suite: str = "mnist",
@@ -76,7 +67,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     encodings = (encoding,) if select == "fixed" else CV_CANDIDATES["encodings"]
 
     def matrices(x: torch.Tensor) -> dict[str, np.ndarray]:
-        return _matrices(paths, x, encodings, batch_size)
+        return guard_matrices(paths, x, encodings, batch_size)[1]
 
     clean, wrong = partition_correct(paths, fit_set)
     X_clean = matrices(clean.float())
@@ -84,7 +75,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     blocks, ys, sources, per_attack = [X_clean], [np.zeros(n_clean)], [], {}
     suite_obj = get_suite(suite, seed=seed)
     n_wrong = 0
-    if method not in CLEAN_ONLY or select == "cv":
+    if method not in CLEAN_ONLY:
         for name in attacks or [a for a in suite_obj.names if not a.startswith("noise")]:
             res = generate(paths.classifier, clean, attack=name, suite=suite_obj, batch_size=batch_size,
                            device=dev, cache_dir=cache_dir, progress=progress)
@@ -110,7 +101,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
         selection = {"folds": cv_folds, "folds_by": by, "cv_auroc": cv, "selected": best}
     det = PathDetector(method, random_state=seed).fit(X[encoding], y)
     calib = correct_subset(paths, calibration_set)
-    det.infer_threshold(matrices(calib.float())[encoding], fpr=fpr)
+    det.infer_threshold(guard_matrix(paths, calib.float(), encoding, batch_size)[1], fpr=fpr)
     info: dict[str, Any] = {"suite": suite, "attacks": per_attack, "fit_set": fit_set.name,
                             "fit_clean": n_clean, "fit_adversarial": int(sum(len(v) for v in ys[1:])) - n_wrong,
                             "fit_mispredicted": n_wrong,
