@@ -19,7 +19,14 @@ BENTOML_HOME, then:
    in the server and in this client, and how many cores other processes kept busy meanwhile;
    then a lone client's 32-image requests before those measurements and right after a burst at the
    highest concurrency (latency after the batching wait has been learned under saturation);
-3. the server's RSS (the serving process and its worker) after a warm-up and after 10,000 more
+3. paired rounds for the target ratios (``--paired-rounds``): at the highest concurrency, 32-image
+   requests in each format to ``/predict_with_trust`` and ``/predict``, and the raw classifier in this
+   process (at the batch size and thread count of the best median above, server idle), one after the
+   other within each round, the order reversed every other round; per round the ratios trust/predict
+   and trust/raw, and their median over the rounds. Step 2 measures each configuration once, minutes
+   apart: on this 2-core machine the ratio of two such figures moved from 0.83 to 0.93 between
+   identical runs (bench/results/serve_load_runs), as wide as the targets' margins;
+4. the server's RSS (the serving process and its worker) after a warm-up and after 10,000 more
    single-image JSON ``/predict_with_trust`` requests at concurrency 32.
 
 With py-spy installed (``pip install py-spy``; ``--py-spy none`` to skip), the server worker is
@@ -333,6 +340,46 @@ def load(port: int, path: str, bodies: list[bytes], n_requests: int, concurrency
             "other_cores_busy": max(0.0, other_cpu / wall), **({"profile": profile} if profile else {})}
 
 
+def paired_rounds(port: int, bodies: dict, formats: list[str], guard: Guard, x: torch.Tensor, raw_config: dict,
+                  rounds: int, n_requests: int, concurrency: int, server: "Server") -> dict:
+    """Step 3 of the module docstring: per round and format, 32-image requests to both endpoints and the raw
+    classifier's in-process throughput, back to back (order reversed every other round); the per-round
+    ratios and their medians."""
+    batch, threads = raw_config["batch"], raw_config["torch_threads"]
+    per_round: list[dict] = []
+    for k in range(rounds):
+        steps = [("raw", None)] + [(path, fmt) for fmt in formats for path in ("/predict_with_trust", "/predict")]
+        if k % 2:
+            steps.reverse()
+        got: dict = {"round": k + 1}
+        for what, fmt in steps:
+            if what == "raw":
+                got["raw_images_per_s"] = raw_throughput(guard, x, batch, 3.0, threads)["classifier_images_per_s"]
+                continue
+            r = load(port, what, bodies[(32, fmt)], n_requests, concurrency, FORMATS[fmt], server)
+            got[f"{what.strip('/')} {fmt}"] = {"images_per_s": r["requests_per_s"] * 32, "errors": r["errors"],
+                                                "other_cores_busy": r["other_cores_busy"]}
+        for fmt in formats:
+            t, p = got[f"predict_with_trust {fmt}"]["images_per_s"], got[f"predict {fmt}"]["images_per_s"]
+            got[f"ratios {fmt}"] = {"trust_vs_predict": t / p, "trust_vs_raw_classifier": t / got["raw_images_per_s"]}
+        print(f"  round {k + 1}: " + ", ".join(f"{fmt} {v['trust_vs_predict']:.2f} / {v['trust_vs_raw_classifier']:.2f}"
+                                              for fmt in formats for v in [got[f"ratios {fmt}"]]), flush=True)
+        per_round.append(got)
+    medians = {}
+    for fmt in formats:
+        medians[fmt] = {}
+        for key in ("trust_vs_predict", "trust_vs_raw_classifier"):
+            values = [g[f"ratios {fmt}"][key] for g in per_round]
+            medians[fmt][key] = float(np.median(values))
+            medians[fmt][f"{key}_range"] = [min(values), max(values)]
+        medians[fmt]["trust_images_per_s"] = float(np.median(
+            [g[f"predict_with_trust {fmt}"]["images_per_s"] for g in per_round]))
+    return {"rounds": rounds, "requests_per_measurement": n_requests, "concurrency": concurrency,
+            "images_per_request": 32, "raw_batch": batch, "raw_torch_threads": threads,
+            "raw_seconds_per_sample": 3.0, "per_round": per_round, "medians": medians,
+            "errors": sum(g[k]["errors"] for g in per_round for k in g if isinstance(g[k], dict) and "errors" in g[k])}
+
+
 # ---------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -341,6 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-requests", type=int, default=10_000)
     ap.add_argument("--raw-rounds", type=int, default=5, help="interleaved rounds of the in-process measurements "
                     "(1.5 s per configuration and round; the median is reported)")
+    ap.add_argument("--paired-rounds", type=int, default=5, help="rounds of the paired target measurement (step 3 "
+                    "above; 0 skips it)")
+    ap.add_argument("--paired-requests", type=int, default=300, help="32-image requests per endpoint, format and "
+                    "paired round")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--formats", default="json,npy", help="request body formats: json, npy (comma-separated)")
     ap.add_argument("--py-spy", default="auto", help="py-spy executable for the server-time breakdown (pip install "
@@ -359,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_start": os.getloadavg(), "other_busy_processes_start": other_busy_processes(),
         "python": platform.python_version(), "torch": torch.__version__,
         "guard": os.environ.get("NAD_GUARD_DIR") or os.environ.get("NAD_GUARD_MODEL_TAG") or "bundled default",
-        "server_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("NAD_GUARD_")},
+        "server_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NAD_GUARD_", "OMP_"))},
         "server_python_path": os.environ.get("PYTHONPATH", ""),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "git": git_state(),
@@ -372,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     print("raw model in-process ...", flush=True)
     thread_counts = sorted({1, len(os.sched_getaffinity(0))})
     raw = raw_table(guard, x, thread_counts, args.raw_rounds, 1.5)
-    del guard
+    best_config = max(raw, key=lambda r: r["classifier_images_per_s"])
 
     bodies = {(1, fmt): [body(x[i:i + 1], fmt) for i in range(64)] for fmt in formats}
     bodies.update({(32, fmt): [body(x[i:i + 32], fmt) for i in range(0, 224, 32)] for fmt in formats})
@@ -400,6 +451,11 @@ def main(argv: list[str] | None = None) -> None:
                             r.update(endpoint=path, images_per_request=images_per_request, format=fmt,
                                      images_per_s=r["requests_per_s"] * images_per_request)
                             results.append(r)
+            paired = None
+            if args.paired_rounds > 0:
+                print(f"paired rounds at c={max(levels)} ...", flush=True)
+                paired = paired_rounds(server.port, bodies, formats, guard, x, best_config, args.paired_rounds,
+                                       args.paired_requests, max(levels), server)
             print("lone client after a burst ...", flush=True)
             lone["burst"] = load(server.port, "/predict_with_trust", bodies[(32, lone_fmt)], 200, max(levels),
                                  FORMATS[lone_fmt], server)
@@ -430,12 +486,13 @@ def main(argv: list[str] | None = None) -> None:
                                        "trust_vs_raw_classifier": t["images_per_s"] / best_raw,
                                        "other_cores_busy": t["other_cores_busy"]}
     summary = {"info": info, "raw_in_process": raw, "raw_reference_images_per_s": best_raw, "http": results,
-               "lone_client_after_burst": lone,
+               "lone_client_after_burst": lone, "paired": paired,
                "memory": {"requests": args.memory_requests, "format": mem_fmt, "run": mem_run,
                           "rss_after_warmup": rss_before, "rss_before_10k": rss_mid, "rss_after_10k": rss_after,
                           "growth": growth},
                "targets": {"concurrency": c_max, "ratios": checks,
-                           "errors": sum(r["errors"] for r in results) + mem_run["errors"]}}
+                           "errors": sum(r["errors"] for r in results) + mem_run["errors"]
+                           + (paired["errors"] if paired else 0)}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -450,7 +507,7 @@ def markdown(s: dict) -> str:
         "# Serving load test (`bench/serve_load.py`)", "",
         f"Command: `{i['command']}` (from the repository root), started {i['started']}"
         f"{', at commit ' + i['git'] if i.get('git') else ''}. "
-        f"NAD_GUARD_* settings passed to the server: {env}.", "",
+        f"NAD_GUARD_* and OMP_* settings passed to the server: {env}.", "",
         f"Machine: {i['cpu']}, {i['cores']} cores ({i['usable_cores']} usable); Python {i['python']}, "
         f"torch {i['torch']}, BentoML {i['bentoml']}. Guard: {i['guard']}. Load average (1/5/15 min) "
         f"at start {tuple(round(v, 2) for v in i['load_average_start'])}, at end "
@@ -535,6 +592,29 @@ def markdown(s: dict) -> str:
                      f"{v['other_cores_busy']:.2f} |")
     lines += ["", f"Errors over all requests: {tg['errors']}. Memory growth over {m['requests']:,} requests: "
               f"{m['growth'] * 100:+.2f}% (target < 5%).", ""]
+    if pr := s.get("paired"):
+        lines += [f"## Paired rounds (concurrency {pr['concurrency']}, 32-image requests)", "",
+                  f"The ratios above divide figures measured minutes apart. Here, in each of {pr['rounds']} rounds, "
+                  f"{pr['requests_per_measurement']} requests per endpoint and format and {pr['raw_seconds_per_sample']:.0f} s "
+                  f"of the raw classifier in-process (batch {pr['raw_batch']}, {pr['raw_torch_threads']} torch threads: "
+                  "the best median of the raw table; the server idle meanwhile) run back to back, the order reversed "
+                  "every other round; a ratio is taken within each round, and the median over the rounds is the "
+                  "figure for the targets.", "",
+                  "| round | " + " | ".join(f"{f} trust / predict | {f} trust / raw" for f in pr["medians"])
+                  + " | raw images/s |",
+                  "| ---: | " + " | ".join("---: | ---:" for _ in pr["medians"]) + " | ---: |"]
+        for g in pr["per_round"]:
+            lines.append(f"| {g['round']} | " + " | ".join(
+                f"{g[f'ratios {f}']['trust_vs_predict']:.2f} | {g[f'ratios {f}']['trust_vs_raw_classifier']:.2f}"
+                for f in pr["medians"]) + f" | {g['raw_images_per_s']:,.0f} |")
+        lines += ["", "| format | trust images/s (median) | trust / predict, median (range) (target >= 0.85) "
+                  "| trust / raw, median (range) (target >= 0.6) |", "| --- | ---: | ---: | ---: |"]
+        for f, v in pr["medians"].items():
+            lo, hi = v["trust_vs_predict_range"]
+            lo2, hi2 = v["trust_vs_raw_classifier_range"]
+            lines.append(f"| {f} | {v['trust_images_per_s']:,.0f} | {v['trust_vs_predict']:.2f} ({lo:.2f}-{hi:.2f}) | "
+                         f"{v['trust_vs_raw_classifier']:.2f} ({lo2:.2f}-{hi2:.2f}) |")
+        lines += ["", f"Errors in the paired rounds: {pr['errors']}.", ""]
     by = {(r["endpoint"], r["images_per_request"], r.get("format", "json"), r["concurrency"]): r for r in s["http"]}
     c = tg["concurrency"]
     best = max((v for v in tg["ratios"].values() if v["images_per_request"] == 32),
