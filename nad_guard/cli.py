@@ -151,9 +151,9 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
 
 @main.command("fit-detector")
 @_artifact_options("Path artifact from fit-paths; the guard is written into it.")
-@click.option("--method", type=click.Choice(["logistic", "gboost", "isoforest", "gaussian"]), default="logistic",
-              show_default=True, help="logistic/gboost are trained on attacks (and mispredictions); isoforest/gaussian "
-                                      "on clean data only.")
+@click.option("--method", type=click.Choice(["logistic", "gboost", "knn", "gaussian", "isoforest"]), default="logistic",
+              show_default=True, help="logistic/gboost are trained on attacks (and mispredictions); knn/gaussian/"
+                                      "isoforest on clean data only.")
 @click.option("--encoding", type=click.Choice(["summary", "rich", "full"]), default="rich", show_default=True,
               help="Detector input (see nad_guard.guard): summary features, + class-score gaps, + the path itself.")
 @click.option("--select", type=click.Choice(["fixed", "cv"]), default="fixed", show_default=True,
@@ -212,8 +212,9 @@ def build_default_cmd(out: str | None, device: str) -> None:
                    "the best by cross-validated AUROC on the fit part (folds hold out whole attacks, or whole "
                    "images when the task trains on fewer attacks than folds).")
 @click.option("--cv-folds", type=click.IntRange(min=2), default=3, show_default=True, help="Folds for --select cv.")
-@click.option("--clean-method", "clean_methods", default="gaussian,isoforest", show_default=True,
-              help="nad-guard's clean-only detectors; the first is 'nad-guard' in the clean-only protocol.")
+@click.option("--clean-method", "clean_methods", default="knn:summary,gaussian:rich,isoforest:rich", show_default=True,
+              help="nad-guard's clean-only detectors, each METHOD or METHOD:ENCODING (the first --encoding when "
+                   "omitted); the first is 'nad-guard' in the clean-only protocol.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for results.md, results.json and roc_*.png.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)

@@ -7,9 +7,10 @@ A :class:`PathDetector` is a scikit-learn estimator on a feature matrix ``X`` of
 
 * supervised methods learn clean (``y = 0``) against adversarial (``y = 1``) features:
   ``"logistic"`` (standardised logistic regression) and ``"gboost"`` (histogram gradient boosting);
-* clean-only methods need no adversarial data and ignore ``y``: ``"isoforest"`` (isolation forest)
-  and ``"gaussian"`` (Mahalanobis distance to a Ledoit-Wolf Gaussian fitted on standardised clean
-  features).
+* clean-only methods need no adversarial data and ignore ``y``: ``"knn"`` (mean Euclidean distance
+  to the ``k = 10`` nearest clean rows, standardised features), ``"gaussian"`` (Mahalanobis distance
+  to a Ledoit-Wolf Gaussian fitted on standardised clean features) and ``"isoforest"`` (isolation
+  forest).
 
 :meth:`PathDetector.infer_threshold` turns the score into a decision using held-out *clean*
 features only: the threshold is the ``(1 - fpr)`` quantile of their scores, and the trust score of
@@ -34,12 +35,13 @@ from sklearn.base import BaseEstimator
 from sklearn.covariance import LedoitWolf
 from sklearn.ensemble import HistGradientBoostingClassifier, IsolationForest
 from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 SUPERVISED = ("logistic", "gboost")
-CLEAN_ONLY = ("isoforest", "gaussian")
+CLEAN_ONLY = ("knn", "gaussian", "isoforest")
 METHODS = SUPERVISED + CLEAN_ONLY
 
 
@@ -72,6 +74,28 @@ class GaussianDistance(BaseEstimator):
         return np.sqrt(self.cov_.mahalanobis(self.scaler_.transform(np.asarray(X, dtype=np.float64))))
 
 
+class KNNDistance(BaseEstimator):
+    """Mean Euclidean distance from a row to its ``n_neighbors`` nearest clean rows, in standardised
+    features (higher = farther). Exact (brute-force) search, so the fitted state is plain arrays."""
+
+    def __init__(self, n_neighbors: int = 10):
+        self.n_neighbors = n_neighbors
+
+    def fit(self, X, y=None):
+        X = np.asarray(X, dtype=np.float64)
+        if self.n_neighbors < 1:
+            raise ValueError(f"n_neighbors must be at least 1, got {self.n_neighbors}")
+        if len(X) < self.n_neighbors:
+            raise ValueError(f"knn needs at least n_neighbors={self.n_neighbors} clean rows to fit, got {len(X)}")
+        self.scaler_ = StandardScaler().fit(X)
+        self.nn_ = NearestNeighbors(n_neighbors=self.n_neighbors, algorithm="brute").fit(self.scaler_.transform(X))
+        return self
+
+    def score_samples(self, X) -> np.ndarray:
+        check_is_fitted(self, "nn_")
+        return self.nn_.kneighbors(self.scaler_.transform(np.asarray(X, dtype=np.float64)))[0].mean(1)
+
+
 def _make(method: str, random_state: int):
     if method == "logistic":
         return Pipeline([("scale", StandardScaler()),
@@ -84,6 +108,8 @@ def _make(method: str, random_state: int):
         return IsolationForest(n_estimators=300, random_state=random_state)
     if method == "gaussian":
         return GaussianDistance()
+    if method == "knn":
+        return KNNDistance()
     raise ValueError(f"unknown detector method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -91,7 +117,7 @@ class PathDetector(BaseEstimator):
     """Flags inputs whose path features look unlike clean, correctly handled inputs.
 
     Parameters:
-        method: one of ``logistic``, ``gboost`` (supervised) or ``isoforest``, ``gaussian`` (clean-only).
+        method: one of ``logistic``, ``gboost`` (supervised) or ``knn``, ``gaussian``, ``isoforest`` (clean-only).
         random_state: seed for the stochastic methods.
     """
 
@@ -239,7 +265,7 @@ def select_by_cv(candidates: dict[str, tuple[str, np.ndarray]], y, groups, folds
 def _trusted_types() -> list[str]:
     """The types skops does not trust by default that a saved PathDetector contains (measured with
     ``skops.io.get_untrusted_types`` for every method); anything else is refused on load."""
-    return ["nad_guard.detectors.GaussianDistance", "nad_guard.detectors.PathDetector",
+    return ["nad_guard.detectors.GaussianDistance", "nad_guard.detectors.KNNDistance", "nad_guard.detectors.PathDetector",
             "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor", "sklearn.tree._tree.Tree"]
 
 

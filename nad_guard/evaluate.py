@@ -24,7 +24,7 @@ Protocols (``PROTOCOLS``):
 ``fgsm-only``
     train on FGSM only, test on every other attack.
 ``clean-only``
-    no adversarial data at all: nad-guard's clean-only detectors (``gaussian``, ``isoforest``)
+    no adversarial data at all: nad-guard's clean-only detectors (``EvalConfig.clean_methods``)
     against MSP, Energy, unsupervised Mahalanobis (last layer), LID (last layer) and deep kNN.
 ``mispredictions``
     natural errors: positives are the evaluation part's misclassified clean images, negatives its
@@ -95,8 +95,8 @@ class EvalConfig:
     results); ``select="cv"``: the candidate with the best grouped ``cv_folds``-fold cross-validated
     AUROC on that task's training data (the fit part only, see
     :func:`nad_guard.detectors.select_by_cv`). Neither ever looks at the evaluation part.
-    ``clean_methods``: nad-guard's clean-only detectors (the first is primary; they run on
-    ``primary``'s encoding).
+    ``clean_methods``: nad-guard's clean-only detectors, each ``method`` or ``method:encoding``
+    (``primary``'s encoding when omitted); the first is nad-guard in the clean-only protocol.
     """
 
     suite: str = "mnist"
@@ -107,7 +107,7 @@ class EvalConfig:
     primary: tuple[str, str] = ("logistic", "rich")
     select: str = "fixed"
     cv_folds: int = 3
-    clean_methods: Sequence[str] = ("gaussian", "isoforest")
+    clean_methods: Sequence[str] = ("knn:summary", "gaussian:rich", "isoforest:rich")
     fpr: float = 0.05
     batch_size: int = 128
     n_resamples: int = 1000
@@ -122,6 +122,23 @@ class EvalConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}
+
+    def clean_specs(self) -> list[tuple[str, str]]:
+        """``(method, encoding)`` of each of ``clean_methods``, checked."""
+        from nad_guard.detectors import CLEAN_ONLY
+        from nad_guard.guard import ENCODINGS
+
+        specs = []
+        for spec in self.clean_methods:
+            method, _, enc = spec.partition(":")
+            enc = enc or self.primary[1]
+            if method not in CLEAN_ONLY or enc not in ENCODINGS:
+                raise ValueError(f"clean-only detector {spec!r}: expected METHOD or METHOD:ENCODING with METHOD one "
+                                 f"of {', '.join(CLEAN_ONLY)} and ENCODING one of {', '.join(ENCODINGS)}")
+            specs.append((method, enc))
+        if not specs:
+            raise ValueError("clean_methods is empty: name at least one clean-only detector")
+        return specs
 
 
 # --------------------------------------------------------------------------- features of one image set
@@ -252,7 +269,7 @@ class _Data:
         self.suite = suite
         self.attacks = list(cfg.attacks or [a for a in suite.names if not a.startswith("noise")])
         self.layers = default_layers(clf)
-        enc = sorted(set(cfg.encodings) | {cfg.primary[1]})
+        enc = sorted(set(cfg.encodings) | {cfg.primary[1]} | {e for _, e in cfg.clean_specs()})
         self.encodings = enc
 
         def feats(images: torch.Tensor, labels: Any, desc: str) -> FeatureSet:
@@ -419,14 +436,13 @@ def _supervised_protocol(d: _Data, b: _Baselines, cfg: EvalConfig, tasks: list[t
 
 
 def _clean_only(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[str, Any]) -> list[dict[str, Any]]:
-    enc = cfg.primary[1]
     rows = []
     keys = {"clean": "evaluation:clean", "cal": "calibration:clean"}
     dets = {}
-    for method in cfg.clean_methods:
+    for i, (method, enc) in enumerate(cfg.clean_specs()):
         det = PathDetector(method, random_state=cfg.seed).fit(d.f["fit:clean"].path[enc])
-        name = "nad-guard" if method == cfg.clean_methods[0] else f"nad-guard[{method},{enc}]"
-        dets[name] = lambda k, det=det: det.score(d.f[k].path[enc])
+        name = "nad-guard" if i == 0 else f"nad-guard[{method},{enc}]"
+        dets[name] = lambda k, det=det, enc=enc: det.score(d.f[k].path[enc])
     for name in UNSUPERVISED_BASELINES:
         dets[name] = lambda k, name=name: b.score(name, k)
     for attack in d.usable:
@@ -458,8 +474,9 @@ def _mispredictions(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[
         y = d.training_set(train_keys)[0]
         det = PathDetector(method, random_state=cfg.seed).fit(X, y)
         dets[name] = lambda k, det=det: det.score(d.f[k].path[enc])
-    clean_det = PathDetector(cfg.clean_methods[0], random_state=cfg.seed).fit(d.f["fit:clean"].path[enc])
-    dets[f"nad-guard[{cfg.clean_methods[0]},{enc}]"] = lambda k: clean_det.score(d.f[k].path[enc])
+    cm, ce = cfg.clean_specs()[0]
+    clean_det = PathDetector(cm, random_state=cfg.seed).fit(d.f["fit:clean"].path[ce])
+    dets[f"nad-guard[{cm},{ce}]"] = lambda k: clean_det.score(d.f[k].path[ce])
     if d.n_wrong["fit"] >= MIN_MISPREDICTIONS:
         Xm = np.vstack([d.f["fit:clean"].path[enc], d.f["fit:wrong"].path[enc]])
         ym = np.r_[np.zeros(len(d.f["fit:clean"])), np.ones(len(d.f["fit:wrong"]))]
@@ -624,6 +641,7 @@ def run_evaluation(paths: PathModel, train: ImageSet, test: ImageSet, cfg: EvalC
         raise ValueError(f"select must be one of {SELECT}, got {cfg.select!r}")
     if cfg.select == "cv" and cfg.cv_folds < 2:
         raise ValueError(f"cv_folds must be at least 2, got {cfg.cv_folds}")
+    cfg.clean_specs()
     t_start = time.time()
     machine_start = machine_info()
     d = _Data(paths, train, test, cfg, Path(cache_dir) if cache_dir is not None else None, log)
@@ -747,6 +765,11 @@ def _who(cfg: dict[str, Any]) -> str:
     return f"{m} on the '{e}' encoding"
 
 
+def _clean_who(cfg: dict[str, Any]) -> str:
+    method, _, enc = cfg["clean_methods"][0].partition(":")
+    return f"{method} on the '{enc or cfg['primary'][1]}' encoding"
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     m = r["machine"]["start"]
     lines = [f"# Detection evaluation: {r['model']} on {r['data']['test']} (suite {r['config']['suite']})", ""]
@@ -761,7 +784,7 @@ def render_markdown(r: dict[str, Any]) -> str:
               f"thresholds at {r['config']['fpr']:.0%} FPR), evaluation {dd['evaluation_images']} "
               f"({dd['evaluation_clean']} correct, {dd['evaluation_mispredicted']} mispredicted). Baselines' "
               f"unsupervised parts: {dd['baseline_train_images']} training images. nad-guard = {_who(r['config'])} "
-              f"(clean-only: {r['config']['clean_methods'][0]} on the '{r['config']['primary'][1]}' encoding). "
+              f"(clean-only: {_clean_who(r['config'])}). "
               f"Bootstrap: {r['config']['n_resamples']} stratified resamples, "
               "95% percentile intervals.", "", "## Attacks (successful ones only are kept)", ""]
     rows = []

@@ -41,6 +41,19 @@ def test_trust_is_the_conformal_p_value():
     assert isinstance(rec, TrustRecord) and rec.flag == (rec.score > rec.threshold) and rec.threshold == det.threshold_
 
 
+def test_knn_distance_is_the_mean_distance_to_the_nearest_clean_rows():
+    X = np.array([[0.0], [1.0], [3.0]])
+    det = PathDetector("knn").fit(np.repeat(X, 4, axis=0))  # 10 neighbours among 12 rows
+    sd = X.std()
+    # from 1.0: the four 1.0 rows (0), the four 0.0 rows (1) and two 3.0 rows (2) -> (4 + 4) / 10
+    assert det.score(np.array([[1.0]]))[0] == pytest.approx(0.8 / sd)
+    from nad_guard.detectors import KNNDistance
+    k1 = KNNDistance(n_neighbors=1).fit(X)
+    assert k1.score_samples(np.array([[2.0], [5.0]])) == pytest.approx(np.array([1.0, 2.0]) / sd)
+    with pytest.raises(ValueError, match="at least n_neighbors=10 clean rows"):
+        PathDetector("knn").fit(X)
+
+
 def test_estimator_contract():
     X, y, _ = _data(100)
     det = PathDetector("logistic", random_state=3)

@@ -49,7 +49,8 @@ def test_every_protocol_reports_rows_with_intervals(result):
     for det in ("nad-guard", "nad-guard[gboost,rich]", "nad-guard[logistic,full]", "nad-guard[gboost,full]", "mahalanobis-lr", "lid-lr", "msp", "energy", "deep-knn"):
         assert {(det, "fgsm"), (det, "pgd")} <= seen
     clean_only = {r["detector"] for r in result["rows"] if r["protocol"] == "clean-only"}
-    assert {"nad-guard", "msp", "energy", "mahalanobis", "lid", "deep-knn"} <= clean_only
+    assert {"nad-guard", "nad-guard[gaussian,rich]", "nad-guard[isoforest,rich]", "msp", "energy", "mahalanobis",
+            "lid", "deep-knn"} <= clean_only  # nad-guard: the first of clean_methods, knn on summary
     unseen = [r for r in result["rows"] if r["protocol"] == "unseen" and r["detector"] == "nad-guard"]
     assert {(r["attack"], r["trained_on"]) for r in unseen} == {("fgsm", "pgd"), ("pgd", "fgsm")}
     assert set(result["summary"]) == protocols
@@ -166,6 +167,14 @@ def test_cross_validated_selection_reports_its_choice(paths, digits, tmp_path):
 def test_unknown_protocol_is_refused(paths, digits):
     with pytest.raises(ValueError, match="unknown protocols"):
         run_evaluation(paths, *digits, EvalConfig(**{**FAST, "protocols": ["seen", "nope"]}))
+
+
+def test_clean_only_detectors_name_their_encoding(paths, digits):
+    cfg = EvalConfig(**{**FAST, "clean_methods": ["knn:summary", "gaussian"]})
+    assert cfg.clean_specs() == [("knn", "summary"), ("gaussian", cfg.primary[1])]
+    for bad in (["knn:wide"], ["svm"], ["logistic:rich"], []):
+        with pytest.raises(ValueError, match="clean-only detector|clean_methods is empty"):
+            run_evaluation(paths, *digits, EvalConfig(**{**FAST, "clean_methods": bad}))
 
 
 def test_guard_with_the_full_encoding_round_trips(paths, digits, tmp_path):

@@ -106,3 +106,16 @@ def test_fit_detector_can_choose_its_detector_by_cross_validation(guard, digits,
     assert back.encoding == g.encoding and np.array_equal(back.run(x).score, g.run(x).score)
     with pytest.raises(ValueError, match="clean-only"):
         fit_guard(guard.paths, fit, calib, suite="fast", method="gaussian", select="cv", progress=False)
+
+
+def test_clean_only_knn_guard_round_trips(guard, digits, tmp_path):
+    """A guard whose detector saw no attack (knn on the summary encoding) saves with skops and loads
+    back under the allow-list, giving the same scores."""
+    fit, calib, _ = holdout_splits(digits[1])
+    g = fit_guard(guard.paths, fit, calib, suite="fast", method="knn", encoding="summary", progress=False)
+    assert g.detector.method == "knn" and g.encoding == "summary"
+    assert g.meta["detector_info"].get("attacks", {}) == {}  # clean-only: no attack generated
+    back = Guard.load(g.save(tmp_path / "g"), classifier=guard.classifier)
+    x = digits[1].float(0, 20)
+    assert np.array_equal(back.run(x).score, g.run(x).score)
+    assert back.detector.threshold_ == g.detector.threshold_

@@ -49,7 +49,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     Supervised methods learn the correctly classified images (label 0) against the suite's successful
     attacks on them and, with ``mispredictions``, the images the classifier gets wrong (label 1): the
     guard's question is whether a prediction can be trusted, whatever the cause. Clean-only methods
-    (``isoforest``, ``gaussian``) generate no attacks and see only the correct images.
+    (``knn``, ``gaussian``, ``isoforest``) generate no attacks and see only the correct images.
 
     ``select="cv"`` ignores ``method`` and ``encoding`` and takes, among :data:`CV_CANDIDATES`, the
     pair with the best ``cv_folds``-fold cross-validated AUROC on this training data, folds holding out
