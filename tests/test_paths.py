@@ -403,3 +403,20 @@ def test_artifact_for_another_architecture_is_refused(saved: Path) -> None:
     with pytest.raises(ArtifactError, match="does not fit"):
         PathModel.load(saved, other, check_weights=False)
     assert isinstance(PathModel.load(saved, tiny_digits_cnn(), check_weights=False), PathModel)
+
+
+def test_torch_threads_sets_and_restores_the_count():
+    from nad_guard.paths import torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(KeyError):
+            with torch_threads(1):
+                raise KeyError("restored on errors too")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
