@@ -1,0 +1,42 @@
+"""Development experiment (detector-fit part only): do other supervised learners beat the --select cv
+candidates on the weakest seen attacks (CW-L2, PGD-L2, FGSM)? Same grouped 3-fold CV by source image.
+
+    .venv/bin/python bench/seen_learners_experiment.py cw-l2,pgd-l2,fgsm
+"""
+import sys, time, numpy as np, torch
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.linear_model import LogisticRegression
+from sklearn.neural_network import MLPClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.svm import SVC
+from nad_guard.attacks import default_cache_dir
+from nad_guard.data import load_dataset
+from nad_guard.evaluate import EvalConfig, _Data
+from nad_guard.models import load_reference
+from nad_guard.paths import PathModel
+torch.set_num_threads(2)
+clf = load_reference("cifar10-resnet20"); pm = PathModel.load("runs/cifar_guard", clf)
+train, test = load_dataset("cifar10")
+cfg = EvalConfig(suite="cifar10", max_images=3000, train_images=1000, progress=False, device="cpu", encodings=("rich", "full"))
+d = _Data(pm, train, test, cfg, default_cache_dir(), lambda m: None)
+def cands():
+    yield "logistic", lambda: Pipeline([("s", StandardScaler()), ("c", LogisticRegression(C=1.0, max_iter=3000))])
+    yield "logistic C0.1", lambda: Pipeline([("s", StandardScaler()), ("c", LogisticRegression(C=0.1, max_iter=3000))])
+    yield "gboost", lambda: HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_leaf_nodes=31, l2_regularization=1.0, early_stopping=True, n_iter_no_change=20, random_state=0)
+    yield "mlp", lambda: Pipeline([("s", StandardScaler()), ("c", MLPClassifier((256, 64), alpha=1e-2, max_iter=300, early_stopping=True, random_state=0))])
+    yield "svc-rbf", lambda: Pipeline([("s", StandardScaler()), ("c", SVC(C=1.0, gamma="scale"))])
+for attack in sys.argv[1].split(","):
+    for enc in ("rich", "full"):
+        Xc, Xa = d.f["fit:clean"].path[enc], d.f[f"fit:{attack}"].path[enc]
+        X = np.vstack([Xc, Xa]); y = np.r_[np.zeros(len(Xc)), np.ones(len(Xa))]
+        g = np.r_[d.groups["fit:clean"], d.groups[f"fit:{attack}"]]
+        for name, make in cands():
+            t = time.time(); aucs = []
+            for tr, te in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(X, y, g):
+                m = make().fit(X[tr], y[tr])
+                s = m.decision_function(X[te]) if hasattr(m, "decision_function") else m.predict_proba(X[te])[:, 1]
+                aucs.append(roc_auc_score(y[te], s))
+            print(f"{attack:8s} {enc:5s} {name:14s} {np.mean(aucs):.3f}  ({time.time()-t:.0f} s)", flush=True)
