@@ -8,9 +8,10 @@ scored, are not read): its correctly classified images are split by source image
 and odd index); each candidate is fitted on the even half's clean features, and scored on the odd
 half's clean images against the odd half's successful attacks (each attack's rows grouped by source
 image, so no adversarial copy of a fitted image is scored). Prints the AUROC per attack and the mean
-per candidate. Candidates, all fitted on clean features alone:
+per candidate. Candidates, all fitted on clean features alone (``gaussian``, ``knn`` and ``isoforest``
+are nad-guard's own :class:`nad_guard.detectors.PathDetector` methods):
 
-* ``gaussian`` (the current clean-only default): Mahalanobis distance to one Ledoit-Wolf Gaussian;
+* ``gaussian`` (the clean-only default before this experiment): Mahalanobis distance to one Ledoit-Wolf Gaussian;
 * ``class-gaussian``: Mahalanobis distance to the predicted class's mean under a tied Ledoit-Wolf
   covariance (class-conditional Gaussians, as the Mahalanobis baseline does on pooled activations);
 * ``knn``: mean Euclidean distance to the 10 nearest fitted clean rows (standardised features);
@@ -22,13 +23,12 @@ import time
 import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
-from sklearn.ensemble import IsolationForest
 from sklearn.metrics import roc_auc_score
-from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
 from nad_guard.attacks import default_cache_dir
 from nad_guard.data import load_dataset
+from nad_guard.detectors import PathDetector
 from nad_guard.evaluate import EvalConfig, _Data
 from nad_guard.models import load_reference
 from nad_guard.paths import PathModel
@@ -49,10 +49,12 @@ def pred(k):
     return d.f[k].base.logits.argmax(1)
 
 
-def gaussian(Xf, yf):
-    s = StandardScaler().fit(Xf)
-    lw = LedoitWolf().fit(s.transform(Xf))
-    return lambda X, p: lw.mahalanobis(s.transform(X))
+def detector(method):
+    """nad-guard's own clean-only detector ``method`` (nad_guard.detectors), fitted on clean rows."""
+    def make(Xf, yf):
+        det = PathDetector(method).fit(Xf)
+        return lambda X, p: det.score(X)
+    return make
 
 
 def class_gaussian(Xf, yf):
@@ -69,23 +71,12 @@ def class_gaussian(Xf, yf):
     return score
 
 
-def knn(Xf, yf, k=10):
-    s = StandardScaler().fit(Xf)
-    nn = NearestNeighbors(n_neighbors=k).fit(s.transform(Xf))
-    return lambda X, p: nn.kneighbors(s.transform(X))[0].mean(1)
-
-
-def isoforest(Xf, yf):
-    f = IsolationForest(n_estimators=300, random_state=0).fit(Xf)
-    return lambda X, p: -f.score_samples(X)
-
-
 clean_idx = d.groups["fit:clean"]
 fit_rows, test_rows = clean_idx % 2 == 0, clean_idx % 2 == 1
 for enc in ("summary", "rich", "full"):
     Xc, pc = d.f["fit:clean"].path[enc], pred("fit:clean")
-    for name, make in (("gaussian", gaussian), ("class-gaussian", class_gaussian), ("knn", knn),
-                       ("isoforest", isoforest)):
+    for name, make in (("gaussian", detector("gaussian")), ("class-gaussian", class_gaussian),
+                       ("knn", detector("knn")), ("isoforest", detector("isoforest"))):
         score = make(Xc[fit_rows], pc[fit_rows])
         sc = score(Xc[test_rows], pc[test_rows])
         aucs = []

@@ -130,8 +130,7 @@ class EvalConfig:
 
         specs = []
         for spec in self.clean_methods:
-            method, _, enc = spec.partition(":")
-            enc = enc or self.primary[1]
+            method, enc = clean_spec(spec, self.primary[1])
             if method not in CLEAN_ONLY or enc not in ENCODINGS:
                 raise ValueError(f"clean-only detector {spec!r}: expected METHOD or METHOD:ENCODING with METHOD one "
                                  f"of {', '.join(CLEAN_ONLY)} and ENCODING one of {', '.join(ENCODINGS)}")
@@ -139,6 +138,12 @@ class EvalConfig:
         if not specs:
             raise ValueError("clean_methods is empty: name at least one clean-only detector")
         return specs
+
+
+def clean_spec(spec: str, default_encoding: str) -> tuple[str, str]:
+    """``(method, encoding)`` of a clean-only detector named ``method`` or ``method:encoding``."""
+    method, _, enc = spec.partition(":")
+    return method, enc or default_encoding
 
 
 # --------------------------------------------------------------------------- features of one image set
@@ -766,8 +771,8 @@ def _who(cfg: dict[str, Any]) -> str:
 
 
 def _clean_who(cfg: dict[str, Any]) -> str:
-    method, _, enc = cfg["clean_methods"][0].partition(":")
-    return f"{method} on the '{enc or cfg['primary'][1]}' encoding"
+    method, enc = clean_spec(cfg["clean_methods"][0], cfg["primary"][1])
+    return f"{method} on the '{enc}' encoding"
 
 
 def render_markdown(r: dict[str, Any]) -> str:
