@@ -29,8 +29,8 @@ BENTOML_HOME, then:
 4. the server's RSS (the serving process and its worker) after a warm-up and after 10,000 more
    single-image JSON ``/predict_with_trust`` requests at concurrency 32.
 
-With py-spy installed (``pip install py-spy``; ``--py-spy none`` to skip), the server worker is
-sampled during the ``/predict_with_trust`` runs at the highest concurrency: its time per request,
+With py-spy installed (``pip install py-spy``; ``--py-spy none`` to skip), the server workers are
+sampled during the ``/predict_with_trust`` runs at the highest concurrency: their time per request,
 split between the model and the HTTP side.
 
 The client runs on the same machine and takes CPU from the server: on a 2-core machine the figures
@@ -182,8 +182,8 @@ class Server:
         p = psutil.Process(self.proc.pid)
         return [p] + p.children(recursive=True)
 
-    def worker_pid(self) -> int:
-        return next(q.pid for q in self.processes() if "--service-name" in q.cmdline())
+    def worker_pids(self) -> list[int]:
+        return [q.pid for q in self.processes() if "--service-name" in q.cmdline()]
 
     def cpu_seconds(self) -> float:
         total = 0.0
@@ -244,12 +244,13 @@ PROFILE_BUCKETS = (  # (name, test on a py-spy stack), first match wins; see pro
 )
 
 
-def profile_summary(raw_file: Path, seconds: float, rate: int, requests: int) -> dict:
-    """Sampled thread time of the server worker by bucket (``PROFILE_BUCKETS``), in ms per request.
+def profile_summary(raw_files: list[Path], seconds: float, rate: int, requests: int) -> dict:
+    """Sampled thread time of the server's workers (one py-spy file each) by bucket (``PROFILE_BUCKETS``),
+    summed over the workers, in ms per request.
     py-spy samples Python threads: torch's own compute threads are not seen, so the model's figure
     is the time the worker thread spent in it, not the CPU time of all torch threads."""
     counts: dict[str, int] = {name: 0 for name, _ in PROFILE_BUCKETS}
-    for line in raw_file.read_text().splitlines():
+    for line in (line for f in raw_files for line in f.read_text().splitlines()):
         stack, _, n = line.rpartition(" ")
         if not n.isdigit():
             continue
@@ -304,12 +305,15 @@ def load(port: int, path: str, bodies: list[bytes], n_requests: int, concurrency
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     me = psutil.Process()
-    spy = None
-    if py_spy and server:  # sample the server's worker process while the load runs
-        raw_file = Path(tempfile.mkdtemp(prefix="nad-guard-spy-")) / "stacks.txt"
-        spy = subprocess.Popen([py_spy, "record", "-p", str(server.worker_pid()), "-r", "100", "--nonblocking",
-                                "--format", "raw", "-o", str(raw_file)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    spies: list[subprocess.Popen] = []
+    raw_files: list[Path] = []
+    if py_spy and server:  # sample the server's worker processes while the load runs
+        spy_dir = Path(tempfile.mkdtemp(prefix="nad-guard-spy-"))
+        for pid in server.worker_pids():
+            raw_files.append(spy_dir / f"stacks-{pid}.txt")
+            spies.append(subprocess.Popen([py_spy, "record", "-p", str(pid), "-r", "100", "--nonblocking",
+                                           "--format", "raw", "-o", str(raw_files[-1])], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
         time.sleep(1.0)  # py-spy attaches
     cpu0, srv0, busy0 = sum(me.cpu_times()[:2]), server.cpu_seconds() if server else 0.0, busy_cpu_seconds()
     t0 = time.perf_counter()
@@ -319,13 +323,16 @@ def load(port: int, path: str, bodies: list[bytes], n_requests: int, concurrency
         t.join()
     wall = time.perf_counter() - t0
     profile = None
-    if spy is not None:
-        spy.send_signal(signal.SIGINT)
+    if spies:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
         try:
-            spy.wait(60)
-            profile = profile_summary(raw_file, wall, 100, n_requests)
+            for spy in spies:
+                spy.wait(60)
+            profile = profile_summary(raw_files, wall, 100, n_requests)
         except (subprocess.TimeoutExpired, OSError, ValueError) as e:
-            spy.kill()
+            for spy in spies:
+                spy.kill()
             profile = {"error": repr(e)}
     client_cpu = sum(me.cpu_times()[:2]) - cpu0
     server_cpu = (server.cpu_seconds() - srv0) if server else float("nan")
@@ -436,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
                 for path in ("/predict_with_trust", "/predict"):
                     load(server.port, path, bodies[(1, fmt)], 300, 8, FORMATS[fmt])
             rss_before = server.rss_mb()
+            info["server_workers"] = len(server.worker_pids())
             lone_fmt = "npy" if "npy" in formats else formats[0]
             lone = {"format": lone_fmt, "images_per_request": 32,
                     "before": load(server.port, "/predict_with_trust", bodies[(32, lone_fmt)], 50, 1,
@@ -507,7 +515,8 @@ def markdown(s: dict) -> str:
         "# Serving load test (`bench/serve_load.py`)", "",
         f"Command: `{i['command']}` (from the repository root), started {i['started']}"
         f"{', at commit ' + i['git'] if i.get('git') else ''}. "
-        f"NAD_GUARD_* and OMP_* settings passed to the server: {env}.", "",
+        f"NAD_GUARD_* and OMP_* settings passed to the server: {env}; serving processes: "
+        f"{i.get('server_workers', 'not recorded')}.", "",
         f"Machine: {i['cpu']}, {i['cores']} cores ({i['usable_cores']} usable); Python {i['python']}, "
         f"torch {i['torch']}, BentoML {i['bentoml']}. Guard: {i['guard']}. Load average (1/5/15 min) "
         f"at start {tuple(round(v, 2) for v in i['load_average_start'])}, at end "
@@ -541,15 +550,17 @@ def markdown(s: dict) -> str:
               "Formats: `json` = `{\"images\": [...]}` (application/json); `npy` = the batch as a float32 .npy "
               "body (application/x-npy). Request body sizes: "
               + ", ".join(f"{k} {v:,} bytes" for k, v in i.get("body_bytes", {}).items()) + ". CPU ms/request: "
-              "CPU time of the server's processes, and of this load generator, divided by the requests.", "",
+              "CPU time of the server's processes, and of this load generator, divided by the requests. Server cores: "
+              "the server's CPU time divided by the wall time (how much of the machine it kept busy).", "",
               "| endpoint | images/request | format | concurrency | requests/s | images/s | p50 ms | p95 ms | p99 ms "
-              "| errors | server CPU ms/req | client CPU ms/req | other cores |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| errors | server CPU ms/req | server cores | client CPU ms/req | other cores |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in s["http"]:
         lines.append(f"| `{r['endpoint']}` | {r['images_per_request']} | {r.get('format', 'json')} | "
                      f"{r['concurrency']} | {r['requests_per_s']:,.0f} | {r['images_per_s']:,.0f} | "
                      f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
                      f"{r.get('server_cpu_ms_per_request', float('nan')):.2f} | "
+                     f"{r.get('server_cores_busy', float('nan')):.2f} | "
                      f"{r.get('client_cpu_ms_per_request', float('nan')):.2f} | "
                      f"{r.get('other_cores_busy', float('nan')):.2f} |")
     profiled = [r for r in s["http"] if isinstance(r.get("profile"), dict) and "ms_per_request" in r["profile"]]

@@ -63,7 +63,8 @@ class Settings:
     pad_multiple: int = 8                 # NAD_GUARD_PAD_ROWS: pad forward passes to a multiple of this [8]
     forward_rows: int = 128               # NAD_GUARD_FORWARD_ROWS: rows per forward pass of a merged batch [128]
     device: str = "cpu"                   # NAD_GUARD_DEVICE: cpu, cuda[:N] or auto [cpu]
-    torch_threads: int = 0                # NAD_GUARD_TORCH_THREADS: 0 = cores - 1, at least 2 [0]
+    workers: int = 0                      # NAD_GUARD_WORKERS: serving processes, 0 = auto (see workers_for) [0]
+    torch_threads: int = 0                # NAD_GUARD_TORCH_THREADS: per process, 0 = auto (see threads_for) [0]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -77,7 +78,43 @@ class Settings:
                    pad_multiple=_int_env(env, "NAD_GUARD_PAD_ROWS", d.pad_multiple),
                    forward_rows=_int_env(env, "NAD_GUARD_FORWARD_ROWS", d.forward_rows),
                    device=env.get("NAD_GUARD_DEVICE") or d.device,
+                   workers=_int_env(env, "NAD_GUARD_WORKERS", d.workers, lo=0),
                    torch_threads=_int_env(env, "NAD_GUARD_TORCH_THREADS", d.torch_threads, lo=0))
+
+    def workers_for(self, cores: int) -> int:
+        """Serving processes: ``workers``, or for 0 (auto) two on a CPU device with at least two
+        cores, else one. Each process parses requests on its own event loop and runs its own merged
+        batches, so one parses while the other computes; one process left a 2-core machine about a
+        fifth idle under load (bench/results/serve_load.md). On CUDA one process holds the GPU
+        (two on a GPU were not measured)."""
+        if self.workers:
+            return self.workers
+        return 1 if cores < 2 or _on_cuda(self.device) else 2
+
+    def threads_for(self, cores: int, workers: int) -> int:
+        """Torch threads per process: ``torch_threads``, or for 0 (auto) the cores shared out between
+        ``workers`` processes (at least one each); a single process takes all cores but one (left to
+        the HTTP event loop), and at least two where there are two."""
+        if self.torch_threads:
+            return self.torch_threads
+        if workers > 1:
+            return max(1, cores // workers)
+        return min(cores, max(2, cores - 1))
+
+
+def _on_cuda(device: str) -> bool:
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

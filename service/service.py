@@ -32,10 +32,12 @@ Also ``/healthz`` (= ``/livez``), ``/readyz`` and ``/metrics`` (BentoML's series
 ``nad_guard_*``: predictions and flags by predicted class, the trust-score histogram, refused
 requests).
 
-One BentoML service in one process: the HTTP event loop parses and checks each request (in
-:meth:`GuardInput.from_http_request`, so bad input is a 400 before it reaches the model), and both
-endpoints are *batchable*: BentoML's adaptive batching merges concurrent requests into one forward
-pass, run in a worker thread while the event loop goes on parsing. (Until November 2026 the guard
+One BentoML service in ``NAD_GUARD_WORKERS`` processes (:meth:`service.loader.Settings.workers_for`:
+two on a CPU with two cores or more, each with its share of the cores as torch threads). In each, the
+HTTP event loop parses and checks each request (in :meth:`GuardInput.from_http_request`, so bad input
+is a 400 before it reaches the model), and both endpoints are *batchable*: BentoML's adaptive batching
+merges concurrent requests into one forward pass, run in a worker thread while the event loop goes
+on parsing. (Until November 2026 the guard
 ran in a second BentoML service behind an internal HTTP hop, which about doubled the server's CPU
 per single-image request.) Every forward pass is padded with zero images to a multiple of
 ``NAD_GUARD_PAD_ROWS`` rows (8; :func:`nad_guard.guard.pad_rows`) so that an input's result is
@@ -68,7 +70,7 @@ from starlette.responses import Response
 from nad_guard.guard import pad_rows
 from service import bentoml_fixes
 from service.inputs import InputError, check_batch, decode_image, read_npy
-from service.loader import ENV_TAG, Settings, load_guard, read_spec, resolve_source
+from service.loader import ENV_TAG, Settings, load_guard, read_spec, resolve_source, usable_cores
 
 if t.TYPE_CHECKING:
     from starlette.requests import Request
@@ -331,16 +333,6 @@ def _record_metrics(records: list[dict[str, t.Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- service
-def _torch_threads(requested: int) -> int:
-    """``requested``, or all usable cores but one (left to the HTTP event loop), and at least two where
-    there are two: on a 2-core machine two threads give more images/s on batches than one (the event
-    loop's share is small there), and on larger ones one core stays free for HTTP."""
-    if requested:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores, max(2, cores - 1))
-
-
 def forward_step(settings: Settings) -> int:
     """Rows per forward pass: ``forward_rows`` rounded down to a multiple of ``pad_multiple`` (at least
     one multiple), the same rule as :meth:`nad_guard.guard.Guard.run`'s ``batch_size``. Merged batches
@@ -358,7 +350,10 @@ BATCHING = dict(batchable=True, batch_dim=0, max_batch_size=max(2, SETTINGS.max_
                 max_latency_ms=SETTINGS.max_latency_ms, input_spec=GuardInput)
 
 
-@bentoml.service(name="nad_guard", workers=1, threads=1, traffic={"timeout": 120})
+WORKERS = SETTINGS.workers_for(usable_cores())
+
+
+@bentoml.service(name="nad_guard", workers=WORKERS, threads=1, traffic={"timeout": 120})
 class NadGuard:
     """Predictions with a calibrated trust score (see the module docstring)."""
 
@@ -378,7 +373,7 @@ class NadGuard:
         from nad_guard.models import resolve_device
 
         self.settings = settings = Settings.from_env()
-        torch.set_num_threads(_torch_threads(settings.torch_threads))
+        torch.set_num_threads(settings.threads_for(usable_cores(), WORKERS))
         self.guard = load_guard(resolve_source(), device=str(resolve_device(settings.device)))
         self.class_names = self.guard.classifier.class_names
         for name in self.class_names:  # every class's series exists from the start (at 0)

@@ -40,6 +40,7 @@ BENTOML = str(Path(sys.executable).with_name("bentoml"))
 GUARD_DIR = Path(os.environ.get("NAD_GUARD_TEST_GUARD_DIR") or DEFAULT_GUARD_DIR)
 MAX_BATCH, MAX_BYTES = 64, 4 << 20
 START_TIMEOUT = 240  # 2 shared cores can be busy
+WORKERS = 2  # serving processes of the test server (metrics and results must not depend on which answers)
 
 
 def _free_port() -> int:
@@ -86,11 +87,12 @@ def home(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(home):
+def server(home):
+    """``(base URL, bentoml serve process)``, with two serving processes whatever the machine."""
     port = _free_port()
     # FORWARD_ROWS 16: merged batches (up to 64 rows) run in several passes, as large ones do by default
     env = _env(home, NAD_GUARD_MAX_BATCH=str(MAX_BATCH), NAD_GUARD_MAX_REQUEST_BYTES=str(MAX_BYTES),
-               NAD_GUARD_FORWARD_ROWS="16")
+               NAD_GUARD_FORWARD_ROWS="16", NAD_GUARD_WORKERS=str(WORKERS))
     log = home / "server.log"  # kept in pytest's temporary directory
     with log.open("wb") as out:
         proc = subprocess.Popen([BENTOML, "serve", "service.service:NadGuard", "--host", "127.0.0.1", "--port",
@@ -110,9 +112,14 @@ def url(home):
             if time.time() > deadline:
                 pytest.fail(f"the server was not ready after {START_TIMEOUT} s:\n{_stop(proc, log)[-4000:]}")
             time.sleep(0.5)
-        yield base
+        yield base, proc
     finally:
         _stop(proc, log)
+
+
+@pytest.fixture(scope="module")
+def url(server) -> str:
+    return server[0]
 
 
 @pytest.fixture(scope="module")
@@ -362,13 +369,27 @@ def test_bad_input_is_a_client_error_with_a_useful_message(url, path):
     assert r.status_code == 200 and len(r.json()) == 2
 
 
-def test_metrics_have_the_default_and_custom_series(url, images):
+def _scrapes(url: str, n: int = 6) -> list[str]:
+    """``n`` scrapes of /metrics, each on a new connection (so not always from the same worker)."""
+    return [requests.get(url + "/metrics", timeout=30, headers={"Connection": "close"}).text for _ in range(n)]
+
+
+def test_metrics_have_the_default_and_custom_series(server, images):
+    url, proc = server
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--service-name" in p.cmdline()]
+    assert len(workers) == WORKERS
+    before = sum(_series(_scrapes(url, 1)[0], "nad_guard_predictions_total").values())
     noise = np.random.default_rng(1).random((4, 1, 28, 28))
-    assert _post(url, "/predict_with_trust", json={"images": np.concatenate([images[:4], noise]).tolist()}).ok
+    batch = np.concatenate([images[:4], noise]).tolist()
+    with ThreadPoolExecutor(8) as pool:  # 8 requests at once: both workers take some
+        assert all(r.ok for r in pool.map(lambda _: _post(url, "/predict_with_trust", json={"images": batch}), range(8)))
     assert _post(url, "/predict_with_trust", json={"images": [[1]]}).status_code == 400
-    text = requests.get(url + "/metrics", timeout=30).text
+    scrapes = _scrapes(url)
+    totals = [sum(_series(t, "nad_guard_predictions_total").values()) for t in scrapes]
+    # every worker's /metrics counts every worker's predictions (BentoML's multiprocess registry)
+    assert totals == [before + 8 * 8] * len(scrapes)
+    text = scrapes[0]
     predictions = _series(text, "nad_guard_predictions_total")
-    assert sum(predictions.values()) >= 8
     assert _series(text, "nad_guard_flagged_total")  # one series per class, zero or not
     assert _series(text, "nad_guard_trust_score_count")[
         "nad_guard_trust_score_count"] == sum(predictions.values())
@@ -481,6 +502,21 @@ def test_settings_and_sources_fail_clearly(tmp_path):
     assert Settings.from_env({"NAD_GUARD_MAX_BATCH": "32"}).max_batch == 32
     with pytest.raises(GuardStartupError, match="NAD_GUARD_FORWARD_ROWS=0 must be at least 1"):
         Settings.from_env({"NAD_GUARD_FORWARD_ROWS": "0"})
+
+
+def test_worker_and_thread_counts():
+    auto = Settings.from_env({})
+    assert (auto.workers, auto.torch_threads) == (0, 0)
+    # auto: two processes with a core each on 2 cores; one process with all cores on 1
+    assert auto.workers_for(2) == 2 and auto.threads_for(2, 2) == 1
+    assert auto.workers_for(1) == 1 and auto.threads_for(1, 1) == 1
+    assert auto.workers_for(16) == 2 and auto.threads_for(16, 2) == 8
+    assert auto.threads_for(16, 1) == 15 and auto.threads_for(2, 1) == 2  # one process: a core left to HTTP past 2
+    assert Settings(device="cuda").workers_for(16) == 1  # one process holds the GPU
+    fixed = Settings.from_env({"NAD_GUARD_WORKERS": "3", "NAD_GUARD_TORCH_THREADS": "2"})
+    assert fixed.workers_for(2) == 3 and fixed.threads_for(2, 3) == 2
+    with pytest.raises(GuardStartupError, match="NAD_GUARD_WORKERS='two' is not an integer"):
+        Settings.from_env({"NAD_GUARD_WORKERS": "two"})
 
 
 def test_forward_passes_are_whole_multiples_of_the_padding():
