@@ -587,7 +587,8 @@ def markdown(s: dict) -> str:
                   f"| after the burst | {a['p50_ms']:.1f} | {a['p95_ms']:.1f} | {a['requests_per_s']:.1f} |"]
     run = m["run"]
     lines += ["", "## Memory", "",
-              f"Server RSS (serving process + worker): {m['rss_after_warmup']['total_mb']:.0f} MB after warm-up, "
+              f"Server RSS (the serving process and its {i.get('server_workers', '')} worker(s), summed): "
+              f"{m['rss_after_warmup']['total_mb']:.0f} MB after warm-up, "
               f"{m['rss_before_10k']['total_mb']:.0f} MB after the measurements above, "
               f"{m['rss_after_10k']['total_mb']:.0f} MB after {m['requests']:,} more single-image "
               f"{m.get('format', 'json')} `/predict_with_trust` requests at concurrency 32 "
