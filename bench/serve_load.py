@@ -567,8 +567,8 @@ def markdown(s: dict) -> str:
     if profiled:
         buckets = list(profiled[0]["profile"]["ms_per_request"])
         lines += ["", "## Where the server's time goes (py-spy, `/predict_with_trust` at the highest concurrency)", "",
-                  "Sampled time of the server worker's Python threads (100 Hz), in ms per request. The model's "
-                  "row is the time the worker thread spent in the guard (torch's own compute threads are not "
+                  "Sampled time of the server workers' Python threads (100 Hz, summed over the workers), in ms per "
+                  "request. The model's row is the time the worker thread spent in the guard (torch's own compute threads are not "
                   "sampled); the event-loop rows are CPU work on the HTTP side; `waiting in epoll` is idle time.", "",
                   "| bucket | " + " | ".join(f"{r['images_per_request']} img {r['format']}" for r in profiled) + " |",
                   "| --- | " + " | ".join("---:" for _ in profiled) + " |"]
