@@ -84,9 +84,9 @@ class Settings:
     def workers_for(self, cores: int) -> int:
         """Serving processes: ``workers``, or for 0 (auto) two on a CPU device with at least two
         cores, else one. Each process parses requests on its own event loop and runs its own merged
-        batches, so one parses while the other computes; one process left a 2-core machine about a
-        fifth idle under load (bench/results/serve_load.md). On CUDA one process holds the GPU
-        (two on a GPU were not measured)."""
+        batches, so one parses while the other computes: at concurrency 32 one process kept 1.50-1.65
+        of 2 cores busy, two kept 1.89-1.96 (bench/results/serve_load_runs/, runs 7 and 8). On CUDA
+        one process holds the GPU (two on a GPU were not measured)."""
         if self.workers:
             return self.workers
         return 1 if cores < 2 or _on_cuda(self.device) else 2
