@@ -33,15 +33,16 @@ Also ``/healthz`` (= ``/livez``), ``/readyz`` and ``/metrics`` (BentoML's series
 requests).
 
 One BentoML service in ``NAD_GUARD_WORKERS`` processes (:meth:`service.loader.Settings.workers_for`:
-two on a CPU with two cores or more, each with its share of the cores as torch threads). In each, the
-HTTP event loop parses and checks each request (in :meth:`GuardInput.from_http_request`, so bad input
-is a 400 before it reaches the model), and both endpoints are *batchable*: BentoML's adaptive batching
-merges concurrent requests into one forward pass, run in a worker thread while the event loop goes
-on parsing. (Until November 2026 the guard ran in a second BentoML service behind an internal HTTP
-hop, which about doubled the server's CPU per single-image request.) Every forward pass is padded with zero images to a multiple of
-``NAD_GUARD_PAD_ROWS`` rows (8; :func:`nad_guard.guard.pad_rows`) so that an input's result is
-bit-identical whatever it was batched with (CPU kernels round a row differently in batches of other
-sizes). Configuration by environment variables: :mod:`service.loader`.
+two on a CPU with two cores or more, each with its share of the cores as torch threads). In each,
+the HTTP event loop parses and checks each request (in :meth:`GuardInput.from_http_request`, so bad
+input is a 400 before it reaches the model), and both endpoints are *batchable*: BentoML's adaptive
+batching merges concurrent requests into one forward pass, run in a worker thread while the event
+loop goes on parsing. (Until November 2026 the guard ran in a second BentoML service behind an
+internal HTTP hop, which about doubled the server's CPU per single-image request.) Every forward
+pass is padded with zero images to a multiple of ``NAD_GUARD_PAD_ROWS`` rows (8;
+:func:`nad_guard.guard.pad_rows`) so that an input's result is bit-identical whatever it was batched
+with (CPU kernels round a row differently in batches of other sizes). Configuration by environment
+variables: :mod:`service.loader`.
 """
 
 from __future__ import annotations
