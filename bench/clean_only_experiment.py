@@ -27,32 +27,18 @@ two defaults, which win on different attacks), and ``knn`` on ``summary`` + ``kn
 The rule fixed before the run: change the default only if a candidate beats ``knn`` on ``summary``
 by more than 0.01."""
 import sys
-import time
 
 import numpy as np
-import torch
+from dev_common import evaluation_data
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from nad_guard.attacks import default_cache_dir
-from nad_guard.data import load_dataset
 from nad_guard.detectors import PathDetector
-from nad_guard.evaluate import EvalConfig, _Data
-from nad_guard.models import load_reference
-from nad_guard.paths import PathModel
 
-torch.set_num_threads(2)
 art, model, data, n = sys.argv[1:5]
-clf = load_reference(model)
-pm = PathModel.load(art, clf)
-train, test = load_dataset(data)
-cfg = EvalConfig(suite="cifar10" if "cifar" in data else "mnist", max_images=int(n) or None, train_images=1000,
-                 progress=False, device="cpu", encodings=("summary", "rich", "full"))
-t0 = time.time()
-d = _Data(pm, train, test, cfg, default_cache_dir(), lambda m: None)
-print(f"features {time.time() - t0:.0f} s; attacks {d.usable}", flush=True)
+d = evaluation_data(("summary", "rich", "full"), art, model, data, int(n), verbose=True)
 
 
 def pred(k):

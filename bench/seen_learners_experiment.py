@@ -3,25 +3,23 @@ candidates on the weakest seen attacks (CW-L2, PGD-L2, FGSM)? Same grouped 3-fol
 
     .venv/bin/python bench/seen_learners_experiment.py cw-l2,pgd-l2,fgsm
 """
-import sys, time, numpy as np, torch
+import sys
+import time
+
+import numpy as np
+from dev_common import evaluation_data
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.linear_model import LogisticRegression
-from sklearn.neural_network import MLPClassifier
-from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.svm import SVC
-from nad_guard.attacks import default_cache_dir
-from nad_guard.data import load_dataset
-from nad_guard.evaluate import EvalConfig, _Data
-from nad_guard.models import load_reference
-from nad_guard.paths import PathModel
-torch.set_num_threads(2)
-clf = load_reference("cifar10-resnet20"); pm = PathModel.load("runs/cifar_guard", clf)
-train, test = load_dataset("cifar10")
-cfg = EvalConfig(suite="cifar10", max_images=3000, train_images=1000, progress=False, device="cpu", encodings=("rich", "full"))
-d = _Data(pm, train, test, cfg, default_cache_dir(), lambda m: None)
+
+d = evaluation_data(("rich", "full"))
+
+
 def cands():
     yield "logistic", lambda: Pipeline([("s", StandardScaler()), ("c", LogisticRegression(C=1.0, max_iter=3000))])
     yield "logistic C0.1", lambda: Pipeline([("s", StandardScaler()), ("c", LogisticRegression(C=0.1, max_iter=3000))])

@@ -1,0 +1,73 @@
+"""Development experiment (detector-fit part only): do the classifier's whole logit vector, as extra
+columns next to the path features, help on the weak attacks? The ``rich`` encoding already holds
+the top-1 softmax, the top-2 softmax and logit margins and the energy; this adds, per input, the
+sorted logits minus the largest (9 columns on CIFAR-10) or the sorted log-probabilities (10).
+
+    .venv/bin/python bench/logit_features_experiment.py
+
+Logistic regression (the --select cv candidate; scaled, C = 1) on ``rich`` with and without them:
+
+* seen attacks CW-L2, PGD-L2, FGSM, APGD-DLR: 3-fold cross-validation grouped by source image, as
+  ``seen_learners_experiment.py``;
+* leave one attack out: trained on the even-index images' clean rows and the other eight attacks,
+  scored on the odd-index images' clean rows against the left-out attack.
+
+The rule fixed before the run: add the columns to an encoding only if they raise a weak attack's
+AUROC, or the leave-one-out mean or minimum, by more than 0.01."""
+import numpy as np
+import torch
+from dev_common import evaluation_data
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+d = evaluation_data(("rich",))
+KINDS = ("rich", "rich + sorted logits", "rich + sorted log-probs")
+
+
+def features(key: str, kind: str) -> np.ndarray:
+    X = d.f[key].path["rich"]
+    if kind == "rich":
+        return X
+    top = torch.as_tensor(d.f[key].base.logits).double().sort(1, descending=True).values
+    extra = (top[:, 1:] - top[:, :1]) if kind == "rich + sorted logits" else top.log_softmax(1)
+    return np.hstack([X, extra.numpy()])
+
+
+def logistic() -> Pipeline:
+    return Pipeline([("s", StandardScaler()), ("c", LogisticRegression(C=1.0, max_iter=3000))])
+
+
+def auroc(clean_scores: np.ndarray, attack_scores: np.ndarray) -> float:
+    return roc_auc_score(np.r_[np.zeros(len(clean_scores)), np.ones(len(attack_scores))],
+                         np.r_[clean_scores, attack_scores])
+
+
+print("seen: 3-fold cross-validation on the fit part, grouped by source image", flush=True)
+for attack in ("cw-l2", "pgd-l2", "fgsm", "apgd-dlr"):
+    for kind in KINDS:
+        Xc, Xa = features("fit:clean", kind), features(f"fit:{attack}", kind)
+        X, y = np.vstack([Xc, Xa]), np.r_[np.zeros(len(Xc)), np.ones(len(Xa))]
+        groups = np.r_[d.groups["fit:clean"], d.groups[f"fit:{attack}"]]
+        aucs = []
+        for tr, te in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(X, y, groups):
+            model = logistic().fit(X[tr], y[tr])
+            scores = model.decision_function(X[te])
+            aucs.append(auroc(scores[y[te] == 0], scores[y[te] == 1]))
+        print(f"{attack:8s} {kind:24s} {np.mean(aucs):.3f}", flush=True)
+
+print("leave one attack out: fitted on even-index images, scored on odd-index ones", flush=True)
+for kind in KINDS:
+    even = {k: d.groups[k] % 2 == 0 for k in ["fit:clean"] + [f"fit:{a}" for a in d.usable]}
+    results = []
+    for held in d.usable:
+        parts = [features("fit:clean", kind)[even["fit:clean"]]] + [
+            features(f"fit:{a}", kind)[even[f"fit:{a}"]] for a in d.usable if a != held]
+        y = np.r_[np.zeros(len(parts[0])), np.ones(sum(len(p) for p in parts[1:]))]
+        model = logistic().fit(np.vstack(parts), y)
+        results.append(auroc(model.decision_function(features("fit:clean", kind)[~even["fit:clean"]]),
+                             model.decision_function(features(f"fit:{held}", kind)[~even[f"fit:{held}"]])))
+    print(f"{kind:24s} mean {np.mean(results):.3f} min {np.min(results):.3f}  "
+          + " ".join(f"{a} {v:.3f}" for a, v in zip(d.usable, results)), flush=True)
