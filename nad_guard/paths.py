@@ -92,8 +92,7 @@ import hashlib
 import json
 import math
 import platform
-import contextlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -720,7 +719,7 @@ class PathModel:
             for xb in x.split(batch_size):
                 xb = xb.to(device)
                 logits, pooled = self.pooled_forward(xb)
-                with torch_threads(1) if device.type == "cpu" else contextlib.nullcontext():
+                with torch_threads(1) if device.type == "cpu" else nullcontext():
                     parts = path_features(pooled, logits, masks, stats, top_k=top_k,
                                           basis=self._feature_basis(device, pooled[0].dtype))
                 if subnetwork:

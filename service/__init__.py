@@ -8,8 +8,8 @@ spinning, which the event loop, and on a small machine the clients too, would ot
 
 Measured on the 2-core test machine, in-process: ``Guard.run`` on 64 rows alternating with 10 ms of
 Python work, 2 torch threads. The process kept 1.87-1.92 cores busy with the default policy and
-1.42-1.43 with ``PASSIVE``. The serving effect is in bench/results/serve_load.md. Set
-``OMP_WAIT_POLICY=ACTIVE`` to keep spinning (e.g. for a server with cores to spare).
+1.42-1.43 with ``PASSIVE``. The serving effect is in bench/results/serve_load_runs/omp_wait_policy/.
+Set ``OMP_WAIT_POLICY=ACTIVE`` to keep spinning (e.g. for a server with cores to spare).
 """
 
 import os
