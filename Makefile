@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP)
 
-# The service on http://HOST:PORT (POST /predict_with_trust, /predict; /healthz, /readyz, /metrics)
+# The service on http://HOST:PORT (loopback by default; HOST=0.0.0.0 to listen on every interface) (POST /predict_with_trust, /predict; /healthz, /readyz, /metrics)
 # with the bundled default guard; NAD_GUARD_DIR=DIR or NAD_GUARD_MODEL_TAG=TAG serve another.
-HOST ?= 0.0.0.0
+HOST ?= 127.0.0.1
 PORT ?= 3000
 run: install
 	BENTOML_DO_NOT_TRACK=True $(VENV)/bin/bentoml serve service.service:NadGuard --host $(HOST) --port $(PORT)
