@@ -142,7 +142,7 @@ class Gate:
             if self.key_digest is not None and path not in self.open_paths and not self._authorised(scope):
                 raise Refusal(HTTPStatus.UNAUTHORIZED, "this server needs an API key: send the header "
                               "'Authorization: Bearer <key>' (the key of NAD_GUARD_API_KEY on the server)",
-                              headers=[(b"www-authenticate", b'Bearer realm="nad-guard"')])
+                              headers=[(b"www-authenticate", b'Bearer realm="nad-guard"')], close=_has_body(scope))
             if path not in self.exact and not any(p.match(path) for p in self.patterns):
                 UNKNOWN_ROUTES.inc()
                 log.info("no such route: %s %s", method, _printable(path))

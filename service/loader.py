@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import typing as t
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -40,17 +41,26 @@ class GuardStartupError(RuntimeError):
     """The service cannot start: the guard is missing, corrupt or incompatible."""
 
 
-def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
+def _number_env(env: Mapping[str, str], name: str, default: float, kind: type, valid: t.Callable[[float], bool],
+                rule: str) -> t.Any:
     raw = env.get(name)
     if raw in (None, ""):
         return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise GuardStartupError(f"{name}={raw!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise GuardStartupError(f"{name}={value} must be a positive number of seconds")
+        raise GuardStartupError(f"{name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not valid(value):
+        raise GuardStartupError(f"{name}={value} {rule}")
     return value
+
+
+def _int_env(env: Mapping[str, str], name: str, default: int, lo: int = 1) -> int:
+    return _number_env(env, name, default, int, lambda v: v >= lo, f"must be at least {lo}")
+
+
+def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
+    return _number_env(env, name, default, float, lambda v: 0 < v < float("inf"), "must be a positive number of seconds")
 
 
 def _api_key(env: Mapping[str, str]) -> str:
@@ -73,19 +83,6 @@ def _api_key(env: Mapping[str, str]) -> str:
         raise GuardStartupError(f"{where}: the key must be at least 16 visible ASCII characters without spaces "
                                 "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     return key
-
-
-def _int_env(env: Mapping[str, str], name: str, default: int, lo: int = 1) -> int:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise GuardStartupError(f"{name}={raw!r} is not an integer") from None
-    if value < lo:
-        raise GuardStartupError(f"{name}={value} must be at least {lo}")
-    return value
 
 
 @dataclass(frozen=True)
