@@ -69,25 +69,26 @@ from nad_guard.guard import DEFAULT_GUARD_DIR, Guard  # noqa: E402
 from paths_common import cpu_model  # noqa: E402  (bench/ is on sys.path when a script there runs)
 
 
-def other_busy_processes(seconds: float = 1.0) -> list[str]:
-    """Other processes using more than 5% of a core over ``seconds`` (to report the machine's load)."""
+def other_busy_processes(seconds: float = 1.0) -> str:
+    """How many other processes used more than 5% of a core over ``seconds``, and the cores they kept busy
+    (to report the machine's load; their names are theirs, not this benchmark's, and are not recorded)."""
     mine = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
-    procs = [p for p in psutil.process_iter(["name"]) if p.pid not in mine]
+    procs = [p for p in psutil.process_iter() if p.pid not in mine]
     for p in procs:
         try:
             p.cpu_percent(None)
         except psutil.Error:
             pass
     time.sleep(seconds)
-    out = []
+    busy = []
     for p in procs:
         try:
             pct = p.cpu_percent(None)
             if pct > 5:
-                out.append(f"{p.info['name']} (pid {p.pid}) {pct:.0f}%")
+                busy.append(pct)
         except psutil.Error:
             pass
-    return out
+    return f"{len(busy)} above 5% of a core, {sum(busy) / 100:.2f} cores in total" if busy else "none"
 
 
 def git_state() -> str:
@@ -508,6 +509,11 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(summary))
 
 
+def _busy(value: str | list) -> str:
+    """``other_busy_processes``'s summary (older result files hold a list)."""
+    return value if isinstance(value, str) else (f"{len(value)} above 5% of a core" if value else "none")
+
+
 def markdown(s: dict) -> str:
     i, m, tg = s["info"], s["memory"], s["targets"]
     env = ", ".join(f"{k}={v}" for k, v in i.get("server_environment", {}).items()) or "none (defaults)"
@@ -521,9 +527,9 @@ def markdown(s: dict) -> str:
         f"torch {i['torch']}, BentoML {i['bentoml']}. Guard: {i['guard']}. Load average (1/5/15 min) "
         f"at start {tuple(round(v, 2) for v in i['load_average_start'])}, at end "
         f"{tuple(round(v, 2) for v in i['load_average_end'])} (this benchmark's own client and server "
-        "included); other processes above 5% of a core at start: "
-        f"{', '.join(i['other_busy_processes_start']) or 'none'}; at end: "
-        f"{', '.join(i['other_busy_processes_end']) or 'none'}. Client and server share the machine; "
+        "included); other processes at start: "
+        f"{_busy(i['other_busy_processes_start'])}; at end: "
+        f"{_busy(i['other_busy_processes_end'])}. Client and server share the machine; "
         "the `other cores` column below is how many cores other processes kept busy during each "
         "measurement (0 on a quiet machine; anything near 1 or more halves what is left to this benchmark).", "",
         *([f"**Not a quiet-machine run:** other processes kept {busy:.1f} of the {i['usable_cores']} cores busy on "

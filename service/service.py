@@ -26,16 +26,18 @@ Inputs:
   (:func:`service.inputs.read_npy`; never unpickled) and checked like JSON; the compact input (4 or 1
   bytes a pixel instead of about 7 characters of JSON, and no number parsing).
 
-Anything else is answered 400 (415 for a body that is none of JSON, .npy or a form, 413 for one over
-``NAD_GUARD_MAX_REQUEST_BYTES``) with ``[{"error": "<what is wrong; what is expected>"}]``.
+Anything else is answered 400 (401 without the key when one is set, 408 for a body that does not
+arrive in time, 413 for one over its media type's limit, 415 for one that is none of JSON, .npy or a
+form) with ``[{"error": "<what is wrong; what is expected>"}]``, by the gate in front of BentoML
+(:mod:`service.gate`, which also serves ``/docs.json``: :mod:`service.openapi`).
 Also ``/healthz`` (= ``/livez``), ``/readyz`` and ``/metrics`` (BentoML's series plus
 ``nad_guard_*``: predictions and flags by predicted class, the trust-score histogram, refused
-requests).
+requests, requests for unknown paths).
 
 One BentoML service in ``NAD_GUARD_WORKERS`` processes (:meth:`service.loader.Settings.workers_for`:
 two on a CPU with two cores or more, each with its share of the cores as torch threads). In each,
-the HTTP event loop parses and checks each request (in :meth:`GuardInput.from_http_request`, so bad
-input is a 400 before it reaches the model), and both endpoints are *batchable*: BentoML's adaptive
+the gate reads, parses and checks each request on the HTTP event loop (in a thread for large
+bodies and image files; bad input is a 400 before it reaches BentoML), and both endpoints are *batchable*: BentoML's adaptive
 batching merges concurrent requests into one forward pass, run in a worker thread while the event
 loop goes on parsing. (Until November 2026 the guard ran in a second BentoML service behind an
 internal HTTP hop, which about doubled the server's CPU per single-image request.) Every forward
@@ -49,27 +51,21 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import os
 import typing as t
-from http import HTTPStatus
 from pathlib import Path
 
-import anyio
 import bentoml
 import numpy as np
 import prometheus_client
 import pydantic_core
 from _bentoml_sdk.io_models import IORootModel  # BentoML 1.4's base of list outputs (not re-exported)
-from bentoml.exceptions import BentoMLException, InvalidArgument
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import UploadFile
-from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.responses import Response
 
 from nad_guard.guard import pad_rows
-from service import bentoml_fixes
-from service.inputs import InputError, check_batch, decode_image, read_npy
+from service import bentoml_fixes, openapi
+from service.gate import BATCH_KEY, Gate
 from service.loader import ENV_TAG, Settings, load_guard, read_spec, resolve_source, usable_cores
 
 if t.TYPE_CHECKING:
@@ -78,14 +74,7 @@ if t.TYPE_CHECKING:
 bentoml_fixes.apply()  # BentoML 1.4 keeps every request alive for `timeout` seconds otherwise
 SETTINGS = Settings.from_env()  # the batching parameters are fixed when the class is defined
 bentoml_fixes.cap_batching_wait(SETTINGS.batch_wait_ms / 1000)  # else a burst leaves lone requests held back
-INLINE_CHECK_BYTES = 1 << 20  # requests up to this size are checked on the event loop (about 1 ms or less)
-NPY = "application/x-npy"
-FIELDS = ("image", "images", "images_npy")
-USAGE = ("send exactly one of 'image' (a PNG or JPEG file in a multipart/form-data request, e.g. "
-         "curl -F image=@digit.png), 'images' (a JSON array (N, C, H, W) of numbers in [0, 1], e.g. "
-         "{\"images\": [...]} with Content-Type: application/json) or 'images_npy' (the same array as a .npy "
-         "file, float32 in [0, 1] or uint8: the body with Content-Type: application/x-npy, or a file part "
-         "-F images_npy=@batch.npy)")
+TIMEOUT_S = 120  # BentoML's request timeout (504 after it)
 
 # ---------------------------------------------------------------------------------------- metrics
 PREDICTIONS = prometheus_client.Counter(
@@ -96,15 +85,13 @@ FLAGGED = prometheus_client.Counter(
 TRUST = prometheus_client.Histogram(
     "nad_guard_trust_score", "Trust score (conformal p-value in (0, 1]; low = suspicious) of inputs scored "
     "by /predict_with_trust", buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0))
-REFUSED = prometheus_client.Counter(
-    "nad_guard_refused_requests", "Requests refused by the input checks (4xx), by endpoint", ["endpoint"])
 
 
 # ---------------------------------------------------------------------------------------- schemas
 class GuardInput(bentoml.IODescriptor):
     """Exactly one of ``image`` (multipart file), ``images`` (JSON array) or ``images_npy`` (.npy file,
     multipart, or the whole body as ``application/x-npy``). The fields document the API (OpenAPI, the
-    BentoML client); requests are parsed and checked by :func:`_parse_request`."""
+    BentoML client); requests are parsed and checked by the gate (:mod:`service.gate`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -119,7 +106,11 @@ class GuardInput(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request: Request, serde: t.Any) -> CheckedBatch:  # type: ignore[override]
-        return await _parse_request(request)
+        """The batch the gate read, parsed and checked (:mod:`service.gate`, in front of BentoML)."""
+        x = request.scope.get(BATCH_KEY)
+        if x is None:  # pragma: no cover - only if the gate were not installed
+            raise RuntimeError("the request did not pass service.gate.Gate (see bentoml_fixes.wrap_asgi)")
+        return CheckedBatch(x)
 
 
 class LayerDivergence(BaseModel):
@@ -170,31 +161,7 @@ class Predictions(JSONList):
     root: list[Prediction]
 
 
-# ---------------------------------------------------------------------------------------- request parsing
-def _error(message: str, status: HTTPStatus) -> BentoMLException:
-    return BentoMLException(message, error_code=status)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes before reading them."""
-    declared = request.headers.get("content-length")
-    too_large = (f"the request body is larger than the limit of {limit:,} bytes (NAD_GUARD_MAX_REQUEST_BYTES); "
-                 "send fewer images per request")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise _error(too_large, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        except ValueError:
-            raise InvalidArgument(f"invalid Content-Length header {declared!r}") from None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _error(too_large, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
+# ---------------------------------------------------------------------------------------- requests
 class CheckedBatch:
     """What :meth:`GuardInput.from_http_request` hands to BentoML: the checked batch as the endpoint's
     one argument. BentoML 1.4 passes ``{name: getattr(obj, name) for name in obj.model_fields}`` to
@@ -208,115 +175,10 @@ class CheckedBatch:
         self.x = x
 
 
-async def _parse_request(request: Request) -> CheckedBatch:
-    endpoint = request.url.path.strip("/") or "/"
-    try:
-        return CheckedBatch(await _checked_batch(request))
-    except InputError as e:
-        REFUSED.labels(endpoint=endpoint).inc()
-        raise InvalidArgument(str(e)) from None
-    except BentoMLException:
-        REFUSED.labels(endpoint=endpoint).inc()
-        raise
-
-
-async def _checked_batch(request: Request) -> np.ndarray:
-    """The request's input as a checked float32 ``(N, C, H, W)`` batch in ``[0, 1]``; raises
-    :class:`InputError` (400) or a :class:`BentoMLException` with a 4xx code."""
-    content_type = request.headers.get("content-type", "")
-    media = content_type.split(";")[0].strip().lower()
-    if media not in (NPY, "application/json", "multipart/form-data", "application/x-www-form-urlencoded"):
-        raise _error(f"unsupported Content-Type {content_type or '(none)'!r}; {USAGE}",
-                     HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
-    body = await _read_body(request, SETTINGS.max_request_bytes)
-    if media == NPY:
-        return await _check(read_npy, body, len(body))
-    if media == "application/json":
-        try:
-            data = pydantic_core.from_json(body) if body.strip() else None
-        except ValueError as e:
-            raise InputError(f"the body is not valid JSON ({e}); {USAGE}") from None
-        if not isinstance(data, dict):
-            raise InputError(f"the JSON body must be an object like {{\"images\": [...]}}; {USAGE}")
-        if data.get("image") is not None or data.get("images_npy") is not None:
-            raise InputError(f"{'image' if data.get('image') is not None else 'images_npy'!r} must be a file part "
-                             "of a multipart/form-data request (curl -F image=@digit.png, -F images_npy=@batch.npy); "
-                             "JSON requests send 'images', an (N, C, H, W) array")
-    else:
-        data = await _parse_form(request, body, multipart=media == "multipart/form-data")
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
-        raise InputError(f"unknown field(s) {', '.join(map(repr, unknown))}; {USAGE}")
-    given = [k for k in FIELDS if data.get(k) is not None]
-    if len(given) != 1:
-        names = [repr(k) for k in (given or FIELDS)]
-        raise InputError((f"neither {', '.join(names[:-1])} nor {names[-1]} given" if not given else
-                          f"both {' and '.join(names)} given" if len(given) == 2 else
-                          f"all of {', '.join(names)} given") + f"; {USAGE}")
-    field = given[0]
-    value = data[field]
-    if field == "image":
-        return await anyio.to_thread.run_sync(decode_image, value, _spec(), SETTINGS.max_image_pixels)
-    if field == "images_npy":
-        return await _check(read_npy, value, len(body))
-    return await _check(check_batch, value, len(body))
-
-
 @functools.cache
 def _spec() -> t.Any:
     """The served model's :class:`~nad_guard.models.InputSpec` (from the guard's meta.json)."""
     return read_spec(resolve_source())[0]
-
-
-async def _check(fn: t.Callable[[t.Any, t.Any, int], np.ndarray], value: t.Any, body_bytes: int) -> np.ndarray:
-    """``fn(value, spec, max_batch)``: on the event loop for requests up to ``INLINE_CHECK_BYTES``
-    (a thread hop costs more than checking them), in a thread for larger ones."""
-    if body_bytes <= INLINE_CHECK_BYTES:
-        return fn(value, _spec(), SETTINGS.max_batch)
-    return await anyio.to_thread.run_sync(fn, value, _spec(), SETTINGS.max_batch)
-
-
-async def _parse_form(request: Request, body: bytes, multipart: bool) -> dict[str, t.Any]:
-    """Fields of a multipart or URL-encoded form (the BentoML client sends ``images`` alone URL-encoded);
-    ``image`` and ``images_npy`` as bytes, ``images`` as parsed JSON."""
-    async def stream() -> t.AsyncGenerator[bytes, None]:
-        yield body
-
-    try:
-        if multipart:
-            form = await MultiPartParser(request.headers, stream(), max_files=3, max_fields=4,
-                                         max_part_size=SETTINGS.max_request_bytes).parse()
-        else:
-            form = await FormParser(request.headers, stream(), max_fields=4,
-                                    max_part_size=SETTINGS.max_request_bytes).parse()
-    except (MultiPartException, ValueError, KeyError) as e:
-        kind = "multipart/form-data" if multipart else "form"
-        raise InputError(f"malformed {kind} body ({getattr(e, 'message', e)}); {USAGE}") from None
-    data: dict[str, t.Any] = {}
-    try:
-        for key in set(form.keys()):
-            values = form.getlist(key)
-            if len(values) > 1:
-                raise InputError(f"field {key!r} is given {len(values)} times; send it once "
-                                 "(several images: use 'images' or 'images_npy', an (N, C, H, W) array)")
-            value = values[0]
-            if key in ("image", "images_npy"):
-                if not isinstance(value, UploadFile):
-                    example = "image=@digit.png" if key == "image" else "images_npy=@batch.npy"
-                    raise InputError(f"{key!r} must be a file part (curl -F {example}, not -F {key}=...)")
-                data[key] = await value.read()
-            elif key == "images":
-                text = (await value.read()) if isinstance(value, UploadFile) else value
-                try:
-                    data[key] = json.loads(text)
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise InputError(f"'images' must be JSON text of an (N, C, H, W) array ({e}); send a .npy "
-                                     "file as 'images_npy', or an image file as 'image'") from None
-            else:
-                data[key] = None  # reported as unknown
-    finally:
-        await form.close()
-    return data
 
 
 def _record_metrics(records: list[dict[str, t.Any]]) -> None:
@@ -353,7 +215,7 @@ BATCHING = dict(batchable=True, batch_dim=0, max_batch_size=max(2, SETTINGS.max_
 WORKERS = SETTINGS.workers_for(usable_cores())
 
 
-@bentoml.service(name="nad_guard", workers=WORKERS, threads=1, traffic={"timeout": 120})
+@bentoml.service(name="nad_guard", workers=WORKERS, threads=1, traffic={"timeout": TIMEOUT_S})
 class NadGuard:
     """Predictions with a calibrated trust score (see the module docstring)."""
 
@@ -405,3 +267,17 @@ class NadGuard:
         labels = probs.argmax(1)
         return [{"label": int(k), "class_name": self.class_names[int(k)], "confidence": float(p[k])}
                 for k, p in zip(labels, probs)]
+
+
+def _openapi_document() -> dict[str, t.Any]:
+    """``/docs.json``: BentoML's document with the prediction routes described as the gate serves them."""
+    return openapi.document(NadGuard.openapi_spec.asdict(), SETTINGS, _spec(), [f"/{name}" for name in NadGuard.apis])
+
+
+def _gate(app: t.Any) -> Gate:
+    return Gate(app, settings=SETTINGS, spec=_spec(), predict_paths=[f"/{name}" for name in NadGuard.apis],
+                openapi=functools.cache(_openapi_document),
+                timeouts={504: f"the request was not answered within {TIMEOUT_S} s (the server's request timeout)"})
+
+
+bentoml_fixes.wrap_asgi(NadGuard, _gate)  # the gate runs before BentoML's own middleware (service.gate)

@@ -7,6 +7,7 @@ stops start-up, and `bentoml build` packs a guard from the model store.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+import typing as t
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 GUARD_DIR = Path(os.environ.get("NAD_GUARD_TEST_GUARD_DIR") or DEFAULT_GUARD_DIR)
 MAX_BATCH, MAX_BYTES = 64, 4 << 20
+BODY_TIMEOUT_S = 5  # the test server's NAD_GUARD_BODY_TIMEOUT_S
 START_TIMEOUT = 240  # 2 shared cores can be busy
 WORKERS = 2  # serving processes of the test server (metrics and results must not depend on which answers)
 
@@ -86,14 +89,12 @@ def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bentoml_home")
 
 
-@pytest.fixture(scope="module")
-def server(home):
-    """``(base URL, bentoml serve process)``, with two serving processes whatever the machine."""
+@contextlib.contextmanager
+def _serving(home: Path, log_name: str = "server.log", **env: str):
+    """``(base URL, bentoml serve process, log file)`` of a server started with ``env``, stopped on exit."""
     port = _free_port()
-    # FORWARD_ROWS 16: merged batches (up to 64 rows) run in several passes, as large ones do by default
-    env = _env(home, NAD_GUARD_MAX_BATCH=str(MAX_BATCH), NAD_GUARD_MAX_REQUEST_BYTES=str(MAX_BYTES),
-               NAD_GUARD_FORWARD_ROWS="16", NAD_GUARD_WORKERS=str(WORKERS))
-    log = home / "server.log"  # kept in pytest's temporary directory
+    env = _env(home, **env)
+    log = home / log_name  # kept in pytest's temporary directory
     with log.open("wb") as out:
         proc = subprocess.Popen([BENTOML, "serve", "service.service:NadGuard", "--host", "127.0.0.1", "--port",
                                  str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -112,9 +113,19 @@ def server(home):
             if time.time() > deadline:
                 pytest.fail(f"the server was not ready after {START_TIMEOUT} s:\n{_stop(proc, log)[-4000:]}")
             time.sleep(0.5)
-        yield base, proc
+        yield base, proc, log
     finally:
         _stop(proc, log)
+
+
+@pytest.fixture(scope="module")
+def server(home):
+    """``(base URL, bentoml serve process, log file)``, with two serving processes whatever the machine."""
+    # FORWARD_ROWS 16: merged batches (up to 64 rows) run in several passes, as large ones do by default
+    with _serving(home, NAD_GUARD_MAX_BATCH=str(MAX_BATCH), NAD_GUARD_MAX_REQUEST_BYTES=str(MAX_BYTES),
+                  NAD_GUARD_FORWARD_ROWS="16", NAD_GUARD_WORKERS=str(WORKERS),
+                  NAD_GUARD_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -312,15 +323,24 @@ BAD = {
     "empty_file": ({"files": {"image": ("d.png", b"")}}, 400, "empty"),
     "truncated": ({"files": {"image": ("d.png", _png(np.random.default_rng(0).random((64, 64)))[:300])}}, 400,
                   "truncated or corrupt"),
-    "bomb": ({"files": {"image": ("bomb.png", _png_with_size(20_000, 20_000))}}, 400, "pixels|too large"),
-    "over_pixel_limit": ({"files": {"image": ("big.png", _png_with_size(8_000, 7_000))}}, 400,
-                         "56,000,000 pixels, more than the limit"),
+    "bomb": ({"files": {"image": ("bomb.png", _png_with_size(20_000, 20_000))}}, 400,  # over Pillow's own guard too
+             r"^the image is 400,000,000 pixels, more than the limit of 16,777,216 pixels \(NAD_GUARD_MAX_IMAGE_PIXELS\); "
+             r"shrink it before uploading \(the model takes 28x28\)$"),
+    "over_pixel_limit": ({"files": {"image": ("big.png", _png_with_size(5_000, 4_000))}}, 400,
+                         "the image is 5000x4000 = 20,000,000 pixels, more than the limit of 16,777,216"),
     "image_as_text": ({"files": {"image": (None, "digit.png")}}, 400, "must be a file part"),
     "images_as_binary": ({"files": {"images": ("d.png", _png(np.zeros((28, 28))))}}, 400, "must be JSON text"),
     "two_images": ({"files": [("image", ("a.png", _png(np.zeros((28, 28))))),
                               ("image", ("b.png", _png(np.zeros((28, 28)))))]}, 400, "given 2 times"),
     "bad_multipart": ({"data": b"--x\r\nnot a part", "headers": {"Content-Type": "multipart/form-data"}}, 400,
                       "malformed multipart"),
+    "empty_boundary": ({"data": b"--\r\n\r\n----\r\n", "headers": {"Content-Type": "multipart/form-data; boundary="}},
+                       400, "malformed multipart/form-data body: the Content-Type header gives no boundary"),
+    "unterminated_multipart": ({"data": b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+                                + _png(np.zeros((28, 28))), "headers": {"Content-Type": "multipart/form-data; boundary=xyz"}},
+                               400, "malformed multipart/form-data body: it does not end with its closing boundary '--xyz--'"),
+    "duplicate_key": (_json_text('{"images": [], "images": ' + json.dumps(Z.tolist()) + "}"), 400,
+                      "the JSON object gives the key 'images' more than once"),
     # .npy input (Content-Type: application/x-npy, or a multipart file part 'images_npy')
     "npy_float64": (_npy_body(_npy(Z)), 400, r"dtype float64.*float32 in \[0, 1\] or uint8"),
     "npy_int64": (_npy_body(_npy(Z.astype(np.int64))), 400, r"dtype int64"),
@@ -338,6 +358,8 @@ BAD = {
     "npy_garbage": (_npy_body(b"PK\x03\x04 this is a zip, not a .npy"), 400, r"not a \.npy file"),
     "npy_empty": (_npy_body(b""), 400, r"\.npy data is empty"),
     "npy_bad_header": (_npy_body(b"\x93NUMPY\x01\x00\x10\x00{'descr': <f4 }  \n"), 400, "header is malformed"),
+    "npy_long_header": (_npy_body(b"\x93NUMPY\x01\x00" + struct.pack("<H", 60_000) + b" " * 60_000), 400,
+                        r"the \.npy header says it is 60,000 bytes long; at most 10,000 are read"),
     "npy_pickled": (_npy_body(_npy(np.array([{"a": 1}, None], dtype=object), allow_pickle=True)), 400,
                     r"dtype object.*never unpickled"),
     "npy_records": (_npy_body(_npy(np.zeros((1, 1, 28, 28), [("a", "f4"), ("b", "u1")]))), 400, "records"),
@@ -356,17 +378,37 @@ BAD = {
 
 
 @pytest.mark.parametrize("path", ["/predict_with_trust", "/predict"])
-def test_bad_input_is_a_client_error_with_a_useful_message(url, path):
+def test_bad_input_is_a_client_error_with_a_useful_message(server, path):
+    url, _, log = server
+    logged = len(log.read_bytes())
     for name, (kwargs, status, pattern) in BAD.items():
         r = _post(url, path, **kwargs)
         assert r.status_code == status, (name, r.status_code, r.text[:300])
         body = r.json()
-        assert isinstance(body, list) and isinstance(body[0]["error"], str), (name, body)
+        assert isinstance(body, list) and len(body) == 1 and set(body[0]) == {"error"}, (name, body)
         assert re.search(pattern, body[0]["error"]), (name, body[0]["error"])
+        assert "allow_pickle" not in body[0]["error"] and "178,956,970" not in body[0]["error"], name  # our words
     # still up, and still right
     assert requests.get(url + "/healthz", timeout=10).status_code == 200
     r = _post(url, path, json={"images": Z.tolist()})
     assert r.status_code == 200 and len(r.json()) == 2
+    # each refusal is one line at WARNING with its reason: no traceback, nothing at ERROR
+    new = _log_lines(log, logged, f"refused POST {path} from", len(BAD))
+    refusals = [line for line in new if f"refused POST {path} from" in line]
+    assert len(refusals) == len(BAD) and all("[WARNING]" in line for line in refusals), refusals[:3]
+    assert any("images are 32x32 (shape (1, 1, 32, 32)); this model takes 28x28" in line for line in refusals)
+    assert not [line for line in new if "Traceback" in line or "[ERROR]" in line]
+
+
+def _log_lines(log: Path, start: int, marker: str, count: int) -> list[str]:
+    """The server log's lines after byte ``start``, once ``count`` of them hold ``marker`` (the workers'
+    output reaches the file through the server process, a moment later) or 10 s have passed."""
+    deadline = time.time() + 10
+    while True:
+        lines = log.read_bytes()[start:].decode(errors="replace").splitlines()
+        if sum(marker in line for line in lines) >= count or time.time() > deadline:
+            return lines
+        time.sleep(0.2)
 
 
 def _scrapes(url: str, n: int = 6) -> list[str]:
@@ -375,7 +417,7 @@ def _scrapes(url: str, n: int = 6) -> list[str]:
 
 
 def test_metrics_have_the_default_and_custom_series(server, images):
-    url, proc = server
+    url, proc, _ = server
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--service-name" in p.cmdline()]
     assert len(workers) == WORKERS
     before = sum(_series(_scrapes(url, 1)[0], "nad_guard_predictions_total").values())
@@ -394,9 +436,218 @@ def test_metrics_have_the_default_and_custom_series(server, images):
     assert _series(text, "nad_guard_trust_score_count")[
         "nad_guard_trust_score_count"] == sum(predictions.values())
     assert 'nad_guard_trust_score_bucket{le="0.05"}' in text
-    assert _series(text, 'nad_guard_refused_requests_total{endpoint="predict_with_trust"}')
+    assert _series(text, 'nad_guard_refused_requests_total{endpoint="predict_with_trust",status="400"}')
     assert "bentoml_service_request_total" in text and 'endpoint="/predict_with_trust"' in text
     assert requests.get(url + "/readyz", timeout=10).status_code == 200
+
+
+# ------------------------------------------------------------------------------------ hostile traffic
+TEST_LIMITS = {"application/x-npy": 12 + 10_000 + 64 * 784 * 4,  # .npy header allowance + float32 values
+               "application/json": 64 * 784 * 32 + 4096,  # 32 bytes a value
+               "multipart/form-data": 4 << 20}  # an image file's 16,777,216 bytes, capped by MAX_BYTES
+
+
+def _raw(url: str, head: bytes, body_chunks: t.Iterable[bytes] = (), pause: float = 0.0) -> tuple[int, bytes, bool]:
+    """Send ``head`` (request line and headers) then ``body_chunks`` on one connection, ``pause`` s apart,
+    until the server answers; returns (status, the answer until the server closed, whether it closed)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head)
+        sock.settimeout(pause or 60)
+        for chunk in body_chunks:
+            try:  # an answer already? then the server has stopped reading
+                if sock.recv(1, socket.MSG_PEEK):
+                    break
+            except TimeoutError:
+                pass
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        sock.settimeout(60)
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+            closed = True
+        except TimeoutError:
+            closed = False
+        except ConnectionResetError:
+            closed = True
+    return int(data.split(b" ", 2)[1]), data, closed
+
+
+def _head(path: str, content_type: str, length: int | None = None, chunked: bool = False) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Type: {content_type}"]
+    lines += [f"Content-Length: {length}"] if length is not None else []
+    lines += ["Transfer-Encoding: chunked"] if chunked else []
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_body_limits_follow_the_media_type_and_are_enforced_before_reading(url, images):
+    spec = InputSpec(1, 28, 28, (0.5,), (0.5,), [str(i) for i in range(10)])
+    limits = Settings(max_batch=MAX_BATCH, max_request_bytes=MAX_BYTES).body_limits(spec)
+    assert {k: limits[k] for k in TEST_LIMITS} == TEST_LIMITS == {
+        "application/x-npy": 210_716, "application/json": 1_609_728, "multipart/form-data": 4_194_304}
+    assert Settings().body_limits(spec)["application/x-npy"] == 812_828  # the defaults: 256 images
+    assert Settings().body_limits(spec)["application/json"] == 6_426_624
+    # the largest valid .npy request is accepted; one byte over the .npy limit is not, JSON of that size is
+    full = _npy(np.repeat(images[:1], MAX_BATCH, 0).astype(np.float32))
+    assert len(full) <= TEST_LIMITS["application/x-npy"]
+    assert _post(url, "/predict", **_npy_body(full)).status_code == 200
+    over = TEST_LIMITS["application/x-npy"] + 1
+    r = _post(url, "/predict", **_npy_body(full + b"\0" * (over - len(full))))
+    assert r.status_code == 413 and "limit of 210,716 bytes for application/x-npy" in r.json()[0]["error"]
+    padded = json.dumps({"images": images[:2].tolist()}).encode()
+    padded += b" " * (over - len(padded))
+    assert _post(url, "/predict", **{"data": padded, "headers": {"Content-Type": "application/json"}}).status_code == 200
+    # refused from Content-Length alone, before a byte of the body (else: 408 after the body timeout), and closed
+    for media, limit in TEST_LIMITS.items():
+        status, answer, closed = _raw(url, _head("/predict", media, limit + 1))
+        assert (status, closed) == (413, True), (media, answer[:300])
+        assert f"limit of {limit:,} bytes for {media}".encode() in answer
+    # a chunked body (no Content-Length) is cut off once it passes the limit
+    chunk = b"%x\r\n%s\r\n" % (65536, b"\0" * 65536)
+    status, answer, closed = _raw(url, _head("/predict", "application/x-npy", chunked=True), [chunk] * 8, pause=0.3)
+    assert (status, closed) == (413, True), answer[:300]
+    # the limits are in the API document
+    doc = requests.get(url + "/docs.json", timeout=30).json()
+    text = doc["paths"]["/predict"]["post"]["requestBody"]["description"]
+    assert "application/json 1,609,728 bytes" in text and "application/x-npy 210,716 bytes" in text
+
+
+def test_slow_clients_get_408_and_are_disconnected(url):
+    head = _head("/predict", "application/x-npy", 1000)
+    status, answer, closed = _raw(url, head)  # headers, then nothing
+    assert (status, closed) == (408, True), answer[:300]
+    assert b"did not arrive within 5 s (0 bytes received" in answer
+    # a client trickling a byte a second is cut off too: the limit is on the whole body, not between reads
+    status, answer, closed = _raw(url, head, [b"\x93"] * (BODY_TIMEOUT_S + 5), pause=1.0)
+    assert (status, closed) == (408, True), answer[:300]
+    assert re.search(rb"within 5 s \([1-9] bytes received", answer), answer[-200:]
+    assert requests.get(url + "/healthz", timeout=10).status_code == 200
+
+
+def test_unknown_routes_share_one_series(url):
+    def size_and_unknown() -> tuple[int, float]:
+        text = _scrapes(url, 1)[0]
+        return len(text), _series(text, "nad_guard_unknown_route_requests_total").get(
+            "nad_guard_unknown_route_requests_total", 0.0)
+
+    before, unknown0 = size_and_unknown()
+    rng = np.random.default_rng(17)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789-_.~")
+    paths = ["/" + "".join(rng.choice(alphabet, 16)) for _ in range(900)]
+    paths += ["/static_content/" + "".join(rng.choice(alphabet, 12)) for _ in range(50)]  # under the UI's files
+    paths += ["/predict_with_trust/" + "".join(rng.choice(alphabet, 8)) for _ in range(50)]
+    with requests.Session() as session:
+        answers = [session.get(url + p, timeout=30) for p in paths]
+    assert all(r.status_code == 404 for r in answers)
+    assert answers[0].json() == [{"error": f"no such route '{paths[0]}'; the service serves POST /predict, "
+                                           "/predict_with_trust (see /docs.json)"}]
+    after, unknown1 = size_and_unknown()
+    assert unknown1 - unknown0 == 1000  # counted once each, in one series summed over both workers
+    assert after <= 2 * before, (before, after)
+    assert all(p not in _scrapes(url, 1)[0] for p in paths[:20])
+    assert requests.get(url + "/docs.json", timeout=30).status_code == 200  # served routes still are
+    assert requests.get(url + "/", timeout=30).status_code == 200
+
+
+def _worker_rss(proc: subprocess.Popen) -> dict[int, int]:
+    return {p.pid: p.memory_info().rss for p in psutil.Process(proc.pid).children(recursive=True)
+            if "--service-name" in p.cmdline()}
+
+
+def test_huge_images_are_refused_or_decoded_in_bounded_memory(server, images):
+    url, proc, _ = server
+    small = _png(images[0, 0])
+    for _ in range(8):  # warm both workers' image path
+        assert _post(url, "/predict", files={"image": ("d.png", small)}).status_code == 200
+    start = _worker_rss(proc)
+
+    def png(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGBA", (side, side), (255, 255, 255, 255)).save(buf, "PNG")
+        return buf.getvalue()
+
+    huge, at_limit = png(7000), png(4096)  # 49 M pixels (the issue's 208 KB file), and 16.8 M: the limit
+    for _ in range(20):
+        r = _post(url, "/predict", files={"image": ("huge.png", huge)})
+        assert r.status_code == 400 and "7000x7000 = 49,000,000 pixels, more than the limit" in r.json()[0]["error"]
+    want = _post(url, "/predict", json={"images": np.ones((1, 1, 28, 28)).tolist()}).json()
+    for _ in range(20):
+        r = _post(url, "/predict", files={"image": ("big.png", at_limit)})
+        assert r.status_code == 200 and r.json() == want  # all white, whatever the size
+    end = _worker_rss(proc)
+    assert set(end) == set(start)
+    for pid, rss in start.items():
+        assert end[pid] <= 1.10 * rss, (pid, rss >> 20, end[pid] >> 20)
+
+
+def test_the_api_document_passes_schemathesis(url, tmp_path):
+    """Schemathesis (all checks) against the live server: every request the document calls valid is
+    accepted, every invalid one refused with a documented 4xx, every answer matches its schema. Its
+    hooks generate the bodies JSON Schema cannot describe (.npy, image files, JSON text in a form)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+           "NAD_GUARD_TEST_SPEC": f"1,28,28,{MAX_BATCH}"}
+    r = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{url}/docs.json", "--checks", "all", "--max-examples", "25",
+                        "--seed", "17", "--request-timeout", "60", "--no-color"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    assert re.search(r"Tested:\s+6", out) and re.search(r"\d+ generated, \d+ passed", out), out[-3000:]
+    assert "failure" not in out.split("SUMMARY")[-1].lower(), out[-3000:]
+
+
+def test_an_api_key_locks_all_but_the_probes(home, tmp_path, images):
+    key = "k3y-" + "x" * 28
+    auth = {"Authorization": f"Bearer {key}"}
+    x = images[:2].tolist()
+    with _serving(home, "server_key.log", NAD_GUARD_API_KEY=key, NAD_GUARD_WORKERS="1") as (url, _, log):
+        for path in ("/predict", "/predict_with_trust", "/metrics", "/docs.json", "/schema.json", "/nope"):
+            for headers in ({}, {"Authorization": "Bearer " + "y" * 32}, {"Authorization": f"Basic {key}"}):
+                r = requests.request("POST" if path.startswith("/predict") else "GET", url + path, headers=headers,
+                                     json={"images": x}, timeout=30)
+                assert r.status_code == 401, (path, headers, r.status_code)
+                assert r.headers["www-authenticate"] == 'Bearer realm="nad-guard"'
+                assert "needs an API key" in r.json()[0]["error"]
+        for path in ("/healthz", "/livez", "/readyz"):
+            assert requests.get(url + path, timeout=30).status_code == 200
+        assert requests.post(url + "/predict", json={"images": x}, headers=auth, timeout=30).status_code == 200
+        assert requests.get(url + "/metrics", headers=auth, timeout=30).status_code == 200
+        doc = requests.get(url + "/docs.json", headers=auth, timeout=30).json()
+        assert doc["paths"]["/predict"]["post"]["security"] == [{"bearer": []}]
+        assert "401" in doc["paths"]["/metrics"]["get"]["responses"]
+        with bentoml.SyncHTTPClient(url, token=key) as client:  # BentoML's client sends the same header
+            assert [p["label"] for p in client.predict(images=x)] == [
+                p["label"] for p in requests.post(url + "/predict", json={"images": x}, headers=auth, timeout=30).json()]
+        assert key not in log.read_text(errors="replace")
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(key + "\n")
+    with _serving(home, "server_key_file.log", NAD_GUARD_API_KEY_FILE=str(key_file), NAD_GUARD_METRICS_AUTH="0",
+                  NAD_GUARD_WORKERS="1") as (url, _, _):
+        assert requests.get(url + "/metrics", timeout=30).status_code == 200  # open by setting
+        assert requests.post(url + "/predict", json={"images": x}, timeout=30).status_code == 401
+        assert requests.post(url + "/predict", json={"images": x}, headers=auth, timeout=30).status_code == 200
+        assert "security" not in requests.get(url + "/docs.json", headers=auth, timeout=30).json()["paths"]["/metrics"]["get"]
+
+
+def test_api_key_settings_fail_clearly(tmp_path):
+    assert Settings.from_env({}).api_key == ""
+    assert Settings.from_env({"NAD_GUARD_API_KEY": "a" * 16}).api_key == "a" * 16
+    assert "a" * 16 not in repr(Settings.from_env({"NAD_GUARD_API_KEY": "a" * 16}))
+    with pytest.raises(GuardStartupError, match="at least 16 visible ASCII characters"):
+        Settings.from_env({"NAD_GUARD_API_KEY": "short"})
+    with pytest.raises(GuardStartupError, match="set only one"):
+        Settings.from_env({"NAD_GUARD_API_KEY": "a" * 16, "NAD_GUARD_API_KEY_FILE": "x"})
+    with pytest.raises(GuardStartupError, match="cannot read the key"):
+        Settings.from_env({"NAD_GUARD_API_KEY_FILE": str(tmp_path / "missing")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(GuardStartupError, match="the file is empty"):
+        Settings.from_env({"NAD_GUARD_API_KEY_FILE": str(tmp_path / "empty")})
+    assert Settings.from_env({"NAD_GUARD_METRICS_AUTH": "0"}).metrics_auth is False
+    with pytest.raises(GuardStartupError, match="NAD_GUARD_BODY_TIMEOUT_S=0.0 must be a positive number"):
+        Settings.from_env({"NAD_GUARD_BODY_TIMEOUT_S": "0"})
 
 
 # ------------------------------------------------------------------------------------ start-up, build
