@@ -28,7 +28,8 @@ Inputs:
 
 Anything else is answered 400 (415 for a body that is none of JSON, .npy or a form, 413 for one over
 ``NAD_GUARD_MAX_REQUEST_BYTES``) with ``[{"error": "<what is wrong; what is expected>"}]``.
-Also ``/healthz`` (= ``/livez``), ``/readyz`` and ``/metrics`` (BentoML's series plus
+Also ``/healthz`` (= ``/livez``), ``/readyz`` (200 with the detector's calibration size and false-positive
+bounds as JSON once ready: :mod:`service.readiness`) and ``/metrics`` (BentoML's series plus
 ``nad_guard_*``: predictions and flags by predicted class, the trust-score histogram, refused
 requests).
 
@@ -71,6 +72,7 @@ from nad_guard.guard import pad_rows
 from service import bentoml_fixes
 from service.inputs import InputError, check_batch, decode_image, read_npy
 from service.loader import ENV_TAG, Settings, load_guard, read_spec, resolve_source, usable_cores
+from service.readiness import ReadyDetail
 
 if t.TYPE_CHECKING:
     from starlette.requests import Request
@@ -405,3 +407,6 @@ class NadGuard:
         labels = probs.argmax(1)
         return [{"label": int(k), "class_name": self.class_names[int(k)], "confidence": float(p[k])}
                 for k, p in zip(labels, probs)]
+
+
+NadGuard.add_asgi_middleware(ReadyDetail)  # /readyz: the detector and its calibration's guarantees (service.readiness)
