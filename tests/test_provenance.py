@@ -85,3 +85,23 @@ def test_paths_and_commands_are_recorded_without_the_machines_paths(tmp_path):
                              str(tmp_path / "o"), f"--cache={tmp_path}/c", "--n", "3"]) == \
         "<outside-repo>/python3 bench/paths_bench.py --out '<outside-repo>/o' '--cache=<outside-repo>/c' --n 3"
 
+
+# Absolute paths of a machine (a home, /tmp, the work tree) and the process lists results used to hold.
+_MACHINE = re.compile(r"(?<![\w.<>-])/(?:work|root|home|tmp|Users|private|mnt|opt)/|busiest_other_processes|"
+                      r"busiest other processes")
+
+
+def test_result_files_hold_only_the_projects_own_facts():
+    files = subprocess.run(["git", "ls-files", "bench/results"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    bad = []
+    for name in files:
+        path = ROOT / name
+        if path.suffix not in (".json", ".md", ".txt", ".html", ".csv") or not path.is_file():
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if _MACHINE.search(line):
+                bad.append(f"{name}:{n}: {line.strip()[:120]}")
+    assert not bad, "\n".join(bad[:20])
