@@ -153,3 +153,39 @@ def test_fit_detector_records_provenance_and_calibration(guard, digits, tmp_path
     parts, info = holdout_parts(back, test)
     assert info["status"] == "verified" and [int((parts == p).sum()) for p in PARTS] == [len(fit), len(calib), len(ev)]
 
+
+def test_the_documented_example_answers():
+    """docs/serving.md quotes the bundled guard's answers to the example images to 4 significant digits (the
+    precision that holds across CPUs, docs/reproducibility.md): they must be what the guard answers."""
+    import re
+    from pathlib import Path
+
+    from nad_guard.guard import DEFAULT_GUARD_DIR
+    from service.inputs import decode_image
+
+    root = Path(__file__).resolve().parents[1]
+    quoted = [json.loads(block) for block in
+              re.findall(r"```json\n(\[\n.*?\n\])\n```", (root / "docs" / "serving.md").read_text(), re.S)]
+    default = Guard.load(DEFAULT_GUARD_DIR)
+    spec = default.classifier.spec
+    images = [np.load(root / "service" / "examples" / "digit_7.npy"),
+              decode_image((root / "service" / "examples" / "digit_7_fgsm.png").read_bytes(), spec, 10 ** 6)]
+    answers = [default.predict(torch.from_numpy(np.asarray(x, dtype=np.float32))) for x in images]
+    assert len(quoted) == 2
+
+    def same(doc, got):
+        if isinstance(doc, dict):
+            assert doc.keys() == got.keys()
+            for k in doc:
+                same(doc[k], got[k])
+        elif isinstance(doc, list):
+            assert len(doc) == len(got)
+            for a, b in zip(doc, got):
+                same(a, b)
+        elif isinstance(doc, float):
+            assert doc == pytest.approx(got, rel=1e-3), (doc, got)
+        else:
+            assert doc == got
+
+    for doc, got in zip(quoted, answers):
+        same(doc, got)
