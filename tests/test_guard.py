@@ -189,3 +189,31 @@ def test_the_documented_example_answers():
 
     for doc, got in zip(quoted, answers):
         same(doc, got)
+
+
+def test_fit_detector_cli_reports_the_calibration_and_refuses_an_impossible_rate(guard, tiny_model, tmp_path):
+    """fit-detector's output gives the calibration's size and bounds (JSON) and says the warning loudly
+    (stderr); a rate the calibration set cannot give at all is a usage error naming the size needed."""
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from nad_guard.cli import main
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.net.state_dict().items()}, str(weights))
+    guard.paths.save(tmp_path / "artifact")
+    args = ["fit-detector", "--artifact", str(tmp_path / "artifact"), "--model", "tiny_models:tiny_digits_cnn",
+            "--weights", str(weights), "--data", "digits", "--suite", "fast", "--method", "knn",
+            "--encoding", "summary", "--device", "cpu"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    cal = info["calibration"]
+    assert cal["n"] == info["calibration_clean"] > 19 and cal["marginal_bound"] <= 0.05 and not cal["adequate"]
+    assert f"clean calibration score {cal['rank']} of {cal['n']}" in res.stderr and "WARNING: only" in res.stderr
+    assert info["provenance"]["data"] == "digits" and "positions" not in json.dumps(info["provenance"])
+    meta = json.loads((tmp_path / "artifact" / "meta.json").read_text())["detector"]
+    assert meta["calibration"] == cal and len(meta["provenance"]["parts"]["calibration"]["positions"]) == 72
+    res = CliRunner().invoke(main, [*args, "--fpr", "0.001"])
+    assert res.exit_code == 2 and "cannot calibrate a false-positive rate of 0.001" in res.output
+    assert "at least 999" in res.output

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from nad_guard.attacks import generate, get_suite
+from nad_guard.calibration import conformal_rank
 from nad_guard.data import ImageSet
 from nad_guard.detectors import CLEAN_ONLY, PathDetector, cv_groups, select_by_cv
 from nad_guard.guard import Guard, guard_matrices, guard_matrix
@@ -71,6 +72,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     """
     if select not in ("fixed", "cv"):
         raise ValueError(f"select must be 'fixed' or 'cv', got {select!r}")
+    conformal_rank(len(calibration_set), fpr)  # too few calibration images for fpr at all: say so before any attack
     if select == "cv" and method in CLEAN_ONLY:
         raise ValueError(f"select='cv' chooses among the supervised detectors {CV_CANDIDATES['methods']}; "
                          f"{method!r} is clean-only")
