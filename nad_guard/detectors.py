@@ -127,17 +127,19 @@ class PathDetector(BaseEstimator):
     """Flags inputs whose path features look unlike clean, correctly handled inputs.
 
     A scikit-learn estimator (``get_params``/``set_params``/``clone``; ``sklearn.utils.estimator_checks``
-    passes, see ``tests/test_detectors.py``) with the per-sample methods of scikit-learn's outlier
-    detectors, **in this project's sign: higher = more suspicious** (scikit-learn's outlier detectors
-    use the opposite sign):
+    pass but for those named with the reason in ``tests/test_detectors.py``) with the per-sample methods
+    of scikit-learn's outlier detectors, **in this project's sign: higher = more suspicious**
+    (scikit-learn's outlier detectors use the opposite sign):
 
     * :meth:`fit` learns the score; it forgets everything of an earlier fit, threshold included;
     * :meth:`score_samples` ``(N,)``: the suspicion score;
     * :meth:`infer_threshold` calibrates the decision on held-out *clean* features
       (:func:`nad_guard.calibration.threshold_at_fpr`, the project's one rule); only then do
       :meth:`decision_function` (``score - threshold``, positive = flagged), :meth:`predict` (the
-      flags), :meth:`trust` (conformal p-values) and :meth:`records` exist (``hasattr`` is false
-      before, and calling them raises :class:`~sklearn.exceptions.NotFittedError`).
+      flags), :meth:`trust` (conformal p-values), :meth:`records` and :meth:`calibration` exist
+      (scikit-learn's ``available_if``: ``hasattr`` is false before, and calling one raises an
+      ``AttributeError`` whose cause, a :class:`~sklearn.exceptions.NotFittedError`, says to call
+      ``infer_threshold``).
 
     There is no ``score(X, y)``: the quality of a detector is an AUROC or a detection rate at the
     calibrated threshold (:mod:`nad_guard.metrics`), not one accuracy.
