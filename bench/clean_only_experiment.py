@@ -49,7 +49,7 @@ def detector(method):
     """nad-guard's own clean-only detector ``method`` (nad_guard.detectors), fitted on clean rows."""
     def make(Xf, yf):
         det = PathDetector(method).fit(Xf)
-        return lambda X, p: det.score(X)
+        return lambda X, p: det.score_samples(X)
     return make
 
 
@@ -105,7 +105,7 @@ def knn_member(k):
 
 def gaussian_member(X):
     det = PathDetector("gaussian").fit(X)
-    return det.score, det.score(X)
+    return det.score_samples, det.score_samples(X)
 
 
 def combined(members):

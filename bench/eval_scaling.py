@@ -40,6 +40,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paths_common import RESULTS, command_line, load_snapshot, machine  # noqa: E402
 
+from nad_guard.runinfo import portable_arg  # noqa: E402
+
 PROTOCOLS = "seen,unseen,fgsm-only,clean-only,mispredictions"
 
 
@@ -123,7 +125,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     x = np.array([r["images"] for r in rows], dtype=float)
     record = {"command": command_line(), "machine": machine(), "started": started, "ended": load_snapshot(),
-              "settings": {k: v for k, v in vars(args).items()}, "rows": rows,
+              "settings": {k: portable_arg(v) if isinstance(v, str) else v for k, v in vars(args).items()}, "rows": rows,
               "fit_wall_s": fit_line(x, np.array([r["wall_s"] for r in rows])),
               "fit_peak_rss_mib": fit_line(x, np.array([r["peak_rss_mib"] for r in rows]))}
     out = Path(args.out)

@@ -246,8 +246,7 @@ def cmd_critical(a: argparse.Namespace) -> None:
 
 def _load_line(rec: dict[str, Any]) -> str:
     b, e = rec["load_before"], rec["load_after"]
-    return (f"load average {b['loadavg'][0]:.2f} -> {e['loadavg'][0]:.2f} ({b['utc']} -> {e['utc']}); "
-            f"busiest other processes at start: {'; '.join(b['busiest_other_processes'][:3])}")
+    return f"load average {b['loadavg'][0]:.2f} -> {e['loadavg'][0]:.2f} ({b['utc']} -> {e['utc']})"
 
 
 def _machine_line(m: dict[str, Any]) -> str:

@@ -1,42 +1,24 @@
-"""Shared helpers for the path benchmarks: machine description, load sampling, result files."""
+"""Shared helpers for the path benchmarks: machine description, load sampling, result files.
+
+What a result may say about its run is :mod:`nad_guard.runinfo`'s: the CPU model, core count, versions,
+the load average and this script's own command relative to the repository; never another process's
+command line or name, never an absolute path of the machine."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nad_guard.runinfo import cpu_model, load_snapshot, portable_command, portable_path  # noqa: E402,F401
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def other_processes(limit: int = 5) -> list[str]:
-    """The busiest processes other than this one (``ps``), for honest load notes."""
-    try:
-        out = subprocess.run(["ps", "-eo", "pid,pcpu,etime,comm,args", "--sort=-pcpu"], capture_output=True,
-                             text=True, timeout=10).stdout.splitlines()[1:]
-    except (OSError, subprocess.SubprocessError):
-        return []
-    me = str(os.getpid())
-    rows = [" ".join(r.split())[:140] for r in out if r.split()[0] != me]
-    return rows[:limit]
 
 
 def machine() -> dict[str, Any]:
@@ -47,13 +29,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def load_snapshot() -> dict[str, Any]:
-    return {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg": list(os.getloadavg()),
-            "busiest_other_processes": other_processes()}
-
-
 def command_line() -> str:
-    return "/work/main/.venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
+    """This script's command, as run from the repository root with its virtual environment, paths made
+    portable (:func:`nad_guard.runinfo.portable_command`)."""
+    return portable_command(sys.argv, program=".venv/bin/python " + portable_path(sys.argv[0]))
 
 
 def append_record(name: str, record: dict[str, Any]) -> Path:

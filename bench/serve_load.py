@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 from nad_guard.data import load_dataset  # noqa: E402
 from nad_guard.guard import DEFAULT_GUARD_DIR, Guard  # noqa: E402
-from paths_common import cpu_model  # noqa: E402  (bench/ is on sys.path when a script there runs)
+from paths_common import cpu_model, portable_command, portable_path  # noqa: E402  (bench/ is on sys.path when a script there runs)
 
 
 def other_busy_processes(seconds: float = 1.0) -> str:
@@ -413,11 +413,13 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--formats takes some of {', '.join(FORMATS)}")
 
     info = {
-        "command": " ".join([".venv/bin/python bench/serve_load.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": portable_command(["", *(argv if argv is not None else sys.argv[1:])],  # no absolute paths
+                                    program=".venv/bin/python bench/serve_load.py"),
         "cpu": cpu_model(), "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
         "load_average_start": os.getloadavg(), "other_busy_processes_start": other_busy_processes(),
         "python": platform.python_version(), "torch": torch.__version__,
-        "guard": os.environ.get("NAD_GUARD_DIR") or os.environ.get("NAD_GUARD_MODEL_TAG") or "bundled default",
+        "guard": (portable_path(os.environ["NAD_GUARD_DIR"]) if os.environ.get("NAD_GUARD_DIR") else
+                  os.environ.get("NAD_GUARD_MODEL_TAG") or "bundled default"),
         "server_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NAD_GUARD_", "OMP_"))},
         "server_python_path": os.environ.get("PYTHONPATH", ""),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -32,11 +32,14 @@ divergence at a gate point
 Honest separation figures: a guard's detector is fitted on the *detector-fit* part (40%) of its data
 set's test split and its threshold on the *calibration* part (20%, see
 :func:`training.detector.holdout_splits`). When the audited split is that split, every image is
-assigned its part, the assignment is checked against the calibration scores stored in the detector,
-and ROC, AUROC and the caught share are measured on the *evaluation* part only (the images the
-detector never saw). When the assignment cannot be confirmed, the report says so and measures on
-all images. Attacks (optional) are made only on correctly classified images of the evaluation part
-(all images when the audited data is not the detector's), through :func:`nad_guard.attacks.generate`
+assigned its part from the provenance the guard's meta.json records (positions in the split, checked
+by content hash: :mod:`nad_guard.provenance`; no recomputed score is used to tell images apart), and
+ROC, AUROC and the caught share are measured on the *evaluation* part only (the images the detector
+never saw). When the guard records no provenance, or the audited split's content is not the recorded
+one, the report says so (and how to fix it) and measures on all images. The report also gives what
+the clean calibration set guarantees about the false-positive rate (:mod:`nad_guard.calibration`).
+Attacks (optional) are made only on correctly classified images of the evaluation part (all images
+when the audited data is not the detector's), through :func:`nad_guard.attacks.generate`
 and its on-disk cache; only successful ones are kept.
 """
 
@@ -56,14 +59,13 @@ import torch
 
 from nad_guard.data import DATASETS, ImageSet, stratified_split
 from nad_guard.guard import DEFAULT_GUARD_DIR, Guard, GuardResult
+from nad_guard.provenance import PART_INDEPENDENT, PART_UNKNOWN, locate
+from nad_guard.runinfo import portable_path
 
 GALLERY_SIZE = 24
 ATTACK_CHUNK = 2048   # images per attack call: bounds the adversarial images held at once
-VERIFY_IMAGES = 64    # calibration-part images checked against the detector's stored scores (at least)
 BOOTSTRAP_CELLS = 2_000_000  # bootstrap weights held at once (bounds the AUROC interval's memory)
 MAX_TABLE_ROWS = 500  # misprediction rows shown in index.html (all are in samples.csv)
-PARTS = ("detector-fit", "calibration", "evaluation")
-PART_UNKNOWN, PART_INDEPENDENT = "unknown", "not-used-by-detector"
 CLEAN = "clean"
 SCALARS = ("label", "pred", "confidence", "trust", "score", "flag", "nearest_path", "true_path_rank",
            "clf_true_rank")
@@ -253,100 +255,16 @@ def _unseen(parts: np.ndarray) -> np.ndarray:
 
 
 def holdout_parts(guard: Guard, data: ImageSet) -> tuple[np.ndarray, dict[str, Any]]:
-    """Which part of the guard detector's holdout split each image of ``data`` (a whole split) is in.
-
-    Returns ``(parts, info)``: ``parts`` ``(len(data),)`` str (:data:`PARTS`, or
-    :data:`PART_INDEPENDENT` when ``data`` is not the split the detector was fitted on, or
-    :data:`PART_UNKNOWN` when that cannot be told) and ``info`` (``status``: ``"pending"`` (to be
-    checked against the detector's calibration scores, :func:`verify_parts`), ``"independent"`` or
-    ``"undetermined"``; ``detector_data``, ``seed``, ``seed_source``, ``note``).
-    """
+    """Which part of the guard detector's holdout split each image of ``data`` (a whole split) is in,
+    read from the provenance recorded in the guard's meta.json and checked by content hash
+    (:func:`nad_guard.provenance.locate`: status ``verified``, ``independent``, ``mismatch`` or
+    ``unrecorded``). Returns ``(parts, info)``; ``parts`` ``(len(data),)`` holds :data:`nad_guard.provenance.PARTS`,
+    :data:`PART_INDEPENDENT` (never used by the detector) or :data:`PART_UNKNOWN`."""
     det = guard.meta.get("detector") or {}
-    fit_set, cal_set = det.get("fit_set"), det.get("calibration_set")
-    info: dict[str, Any] = {"detector_fit_set": fit_set, "detector_calibration_set": cal_set,
-                            "detector_fit_mispredicted": det.get("fit_mispredicted"),
-                            "audited_split": data.name, "seed": None, "seed_source": None}
-    n = len(data)
-    if not isinstance(fit_set, str) or not isinstance(cal_set, str) or not fit_set.endswith("[detector-fit]"):
-        info.update(status="undetermined", note="the guard's meta.json does not record which images its detector "
-                    "was fitted and calibrated on, so no image can be called unseen by the detector")
-        return np.full(n, PART_UNKNOWN, dtype=object), info
-    base = fit_set[:-len("[detector-fit]")]
-    info["detector_data"] = base
-    if cal_set != f"{base}[calibration]":
-        info.update(status="undetermined", note=f"the detector's fit set {fit_set!r} and calibration set {cal_set!r} "
-                    "are not two parts of one split")
-        return np.full(n, PART_UNKNOWN, dtype=object), info
-    # the detector's split is the audited one, or a seeded sample of it named "<split>[<n>]" (sample_heldout)
-    sample_size = None
-    if base != data.name:
-        inner = base[len(data.name) + 1:-1] if base.startswith(data.name + "[") and base.endswith("]") else ""
-        if not inner.isdigit():
-            info.update(status="independent", note=f"the detector was fitted and calibrated on parts of {base}; "
-                        f"the audited split {data.name} is another one, so the detector saw none of its images")
-            return np.full(n, PART_INDEPENDENT, dtype=object), info
-        sample_size = int(inner)
-    from training.detector import holdout_indices, sample_heldout
-
-    seed = det.get("seed")
-    info["seed"], info["seed_source"] = (int(seed), "meta.json") if seed is not None else (0, "fit-detector default")
-    parts = np.full(n, PART_UNKNOWN if sample_size is None else PART_INDEPENDENT, dtype=object)
-    sample, positions = sample_heldout(data, sample_size, info["seed"])
-    info["detector_sample_images"] = len(sample)
-    for name, pos in zip(PARTS, holdout_indices(sample.labels.numpy(), info["seed"])):
-        parts[positions[pos]] = name
-    info.update(status="pending", note="")
+    parts, info = locate(det.get("provenance"), data)
+    info.update(detector_fit_set=det.get("fit_set"), detector_calibration_set=det.get("calibration_set"),
+                detector_fit_mispredicted=det.get("fit_mispredicted"))
     return parts, info
-
-
-def _matched(a: np.ndarray, b: np.ndarray, rtol: float = 1e-6, atol: float = 1e-9) -> int:
-    """How many of sorted ``a`` pair off with a distinct, equal (within tolerance) value of sorted ``b``."""
-    i = j = matched = 0
-    while i < len(a) and j < len(b):
-        if abs(a[i] - b[j]) <= atol + rtol * abs(b[j]):
-            matched, i, j = matched + 1, i + 1, j + 1
-        elif a[i] < b[j]:
-            i += 1
-        else:
-            j += 1
-    return matched
-
-
-def verify_parts(guard: Guard, info: dict[str, Any], data: ImageSet, parts: np.ndarray, samples: Samples,
-                 batch_size: int = 256) -> bool:
-    """Check the rebuilt holdout parts against the detector: the correctly classified images of the
-    *calibration* part must have their scores among the calibration scores stored in the detector
-    (each stored score used once; at least 98% matched), and with the whole split audited their number
-    must equal the stored count. The audited calibration images are checked; when fewer than
-    :data:`VERIFY_IMAGES` of them were audited, the first :data:`VERIFY_IMAGES` images of the part
-    are run as well (a small extra pass). Updates ``info``; returns whether confirmed."""
-    cal_scores = np.sort(np.asarray(getattr(guard.detector, "calibration_scores_", []), dtype=np.float64))
-    in_cal = samples.part == "calibration"
-    full = len(samples) == len(data)
-    if in_cal.sum() >= VERIFY_IMAGES or full:
-        mine = samples.score[in_cal & samples.correct]
-    else:
-        pos = np.flatnonzero(parts == "calibration")[:VERIFY_IMAGES]
-        extra = _pass(guard, data, pos, parts, batch_size, False, "verify")
-        mine = extra.score[extra.correct]
-    matched = _matched(np.sort(mine), cal_scores)
-    share = matched / len(mine) if len(mine) else 0.0
-    ok = len(mine) > 0 and share >= 0.98 and (not full or len(mine) == len(cal_scores))
-    info.update(calibration_images_checked=int(len(mine)), calibration_scores_stored=int(len(cal_scores)),
-                calibration_scores_matched=int(matched))
-    seed_txt = (f"seed {info['seed']} ({info['seed_source']})")
-    if ok:
-        info.update(status="verified", note=(
-            f"the audited split is the one the detector was fitted on ({info['detector_data']}); its holdout parts "
-            f"were rebuilt with training.detector.holdout_splits, {seed_txt}, and confirmed: {matched} of "
-            f"{len(mine)} correctly classified calibration images have their score among the "
-            f"{len(cal_scores)} calibration scores stored in the detector"))
-    else:
-        info.update(status="undetermined", note=(
-            f"the audited split is the detector's data set ({info['detector_data']}), but its holdout parts, rebuilt "
-            f"with {seed_txt}, do not match the detector's stored calibration scores ({matched} of {len(mine)} "
-            "matched): which images the detector saw cannot be told from meta.json"))
-    return ok
 
 
 # --------------------------------------------------------------------------- the audit
@@ -366,6 +284,7 @@ class AuditResult:
     config: dict[str, Any]
     attack_stats: dict[str, Any]
     timings: dict[str, float]
+    calibration: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -482,11 +401,6 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
     t0 = time.perf_counter()
     clean = _pass(guard, data, positions, parts, batch_size, progress, "audit", gallery)
     t_clean = time.perf_counter() - t0
-    if split["status"] == "pending" and not verify_parts(guard, split, data, parts, clean, batch_size):
-        parts[:] = PART_UNKNOWN
-        clean.part[:] = PART_UNKNOWN
-        for g in gallery.heap:
-            g[1].part = PART_UNKNOWN
     log(f"audited {len(clean)} images in {t_clean:.1f} s; detector split: {split['status']}")
 
     adversarial: dict[str, Samples] = {}
@@ -524,19 +438,28 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
         "attack_suite": getattr(suite_obj, "name", None), "attacks": list(adversarial) or None,
         "attack_images": attack_images, "batch_size": batch_size, "attack_batch_size": attack_batch_size,
         "gallery_size": gallery_size, "device": str(dev), "seed": seed,
-        "cache_dir": str(cache_dir) if cache_dir is not None else None,
+        "cache_dir": portable_path(cache_dir) if cache_dir is not None else None,
     }
     result = AuditResult(
         clean=clean, adversarial=adversarial, gallery=gallery.items(), class_names=list(guard.classifier.class_names),
         layers=list(guard.paths.layer_names_), similarity=guard.paths.similarity().numpy(),
         threshold=float(guard.detector.threshold_), split=split, config=config, attack_stats=attack_stats,
-        timings={"clean_pass_s": round(t_clean, 3), "attacks_s": round(t_attack, 3)})
+        timings={"clean_pass_s": round(t_clean, 3), "attacks_s": round(t_attack, 3)},
+        calibration=calibration_record(guard))
     t0 = time.perf_counter()
     result.summary = summarize(result)
     result.timings["metrics_s"] = round(time.perf_counter() - t0, 3)
     result.timings["audit_s"] = round(time.perf_counter() - t_start, 3)
     result.timings["images_per_s"] = round(len(clean) / max(t_clean, 1e-9), 1)
     return result
+
+
+def calibration_record(guard: Guard) -> dict[str, Any]:
+    """What the guard's clean calibration set guarantees about its false-positive rate
+    (:meth:`PathDetector.calibration <nad_guard.detectors.PathDetector.calibration>`), with a one-line
+    ``summary``; ``warning`` is set when the set is too small for a tight bound."""
+    g = guard.detector.calibration()
+    return {**g.to_dict(), "summary": g.summary()}
 
 
 def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -652,6 +575,7 @@ def summarize(result: AuditResult) -> dict[str, Any]:
             {"class": names[j], **_share(correct[c.label == j])} for j in range(k)]},
         "confusion": conf,
         "flagged": {"correct": _share(c.flag[correct]), "mispredicted": _share(c.flag[~correct])},
+        "calibration": result.calibration,
     }
 
     # NAD's claim: where does the path of an error lead?
@@ -786,7 +710,7 @@ def write_report(result: AuditResult, out_dir: str | Path, *, command: str | Non
     ``command`` is recorded in the report (default: the Python API); ``timings`` (e.g. the CLI's load
     time) are added to the audit's own. Returns the written paths by name.
     """
-    from nad_guard.evaluate import machine_info
+    from nad_guard.runinfo import machine_info
     from nad_guard.metrics import write_json
 
     t0 = time.perf_counter()
@@ -1193,11 +1117,17 @@ def _html(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> str:
            "inputs), so errors of that part are not a fair test of it." if learned else "") + "</p>")
     add(f"<p>AUROC: the probability that an error gets a higher suspicion score than a correct prediction (0.5 = no "
         f"better than chance; 95% stratified bootstrap interval). <i>Caught</i>: the share of errors flagged at the "
-        f"calibrated threshold ({_f(result.threshold, '.4g')}, set to flag "
-        f"{_f(cfg['fpr'], '.0%') if cfg['fpr'] is not None else 'n/a'} of the clean calibration images; flagged = "
+        f"calibrated threshold ({_f(result.threshold, '.4g')}, calibrated on the clean calibration images for a "
+        f"false-positive rate of {_f(cfg['fpr'], '.0%') if cfg['fpr'] is not None else 'n/a'}; flagged = "
         "suspicion score above it); <i>false alarms</i>: the share of correct predictions flagged. The ROC uses the "
         "suspicion score (the trust score is a step function of it). The classifier's own confidence is shown for "
         "reference.</p>")
+    cal = s.get("calibration") or {}
+    if cal:
+        add(f"<p><b>Calibration</b> (split conformal; <code>nad_guard.calibration</code>): {_e(cal['summary'])}, "
+            "for clean inputs drawn like the calibration images.</p>")
+        if cal.get("warning"):
+            add(f'<p class="bad"><b>Warning:</b> {_e(cal["warning"])}.</p>')
     add(_table(["what", "positives", "correct", "AUROC", "AUROC 95% CI", "caught", "caught 95% CI", "false alarms"],
                ([_e(r["what"]), str(r["n_positive"]), str(r["n_correct"]), _f(r["auroc"]), _ci(r["auroc_ci"]),
                  _f(r["caught"]), _ci(r["caught_ci"]), _f(r["false_alarms"])] for r in sep["rows"])))
@@ -1273,8 +1203,13 @@ def resolve_guard_dir(artifact: str | Path) -> Path:
 
 
 def guard_data(guard: Guard) -> tuple[str | None, str | None]:
-    """``(data set, split)`` the guard's detector was fitted on, from its meta (``None`` if unknown)."""
-    fit_set = (guard.meta.get("detector") or {}).get("fit_set")
+    """``(data set, split)`` the guard's detector was fitted on, from its provenance record (or, for guards
+    without one, the name of its fit set); ``None`` where unknown."""
+    det = guard.meta.get("detector") or {}
+    record = det.get("provenance")
+    if isinstance(record, dict) and record.get("data") in DATASETS:
+        return record["data"], record.get("split")
+    fit_set = det.get("fit_set")
     if not isinstance(fit_set, str) or "/" not in fit_set:
         return None, None
     base = fit_set.split("[", 1)[0]
@@ -1284,5 +1219,5 @@ def guard_data(guard: Guard) -> tuple[str | None, str | None]:
 
 
 __all__ = ["AuditError", "AuditResult", "GalleryItem", "Samples", "check_fits", "confusion_matrix", "guard_data",
-           "holdout_parts", "load_split", "resolve_guard_dir", "run_audit", "summarize", "verify_parts", "wilson",
+           "calibration_record", "holdout_parts", "load_split", "resolve_guard_dir", "run_audit", "summarize", "wilson",
            "write_report", "write_samples_csv"]

@@ -46,6 +46,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from nad_guard.calibration import p_values
 from nad_guard.data import ImageSet
 
 ImagesLike = ImageSet | torch.Tensor
@@ -593,7 +594,8 @@ class DeepKNN(BaseDetector):
     For a candidate label ``j``, nonconformity ``alpha(x, j)`` = number of the ``k`` nearest
     training neighbours, summed over layers, whose label is not ``j``. The calibration set (held
     out from the kNN training data) gives ``A = {alpha(x_c, y_c)}``; the p-value of ``j`` is
-    ``(#{a in A: a >= alpha(x, j)} + 1) / (|A| + 1)``.
+    ``(#{a in A: a >= alpha(x, j)} + 1) / (|A| + 1)`` (:func:`nad_guard.calibration.p_values`, the
+    formula of nad-guard's own trust score).
 
     ``label="predicted"``: score = 1 - p-value of the classifier's predicted label (needs logits);
     ``label="credibility"``: score = 1 - max_j p-value (the paper's credibility).
@@ -668,10 +670,7 @@ class DeepKNN(BaseDetector):
     def p_values(self, features: Features) -> np.ndarray:
         """``(N, n_classes)`` conformal p-values of every label."""
         check_is_fitted(self)
-        alpha = self.nonconformity(features).numpy()
-        a = self.calibration_scores_
-        at_least = len(a) - np.searchsorted(a, alpha, side="left")
-        return (at_least + 1) / (len(a) + 1)
+        return p_values(self.calibration_scores_, self.nonconformity(features).numpy())
 
     def score_features(self, features: Features) -> np.ndarray:
         p = self.p_values(features)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+import warnings
 
 import click
 
@@ -164,8 +166,9 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
               help="Also train supervised detectors on the fit part's natural mispredictions (as suspicious).")
 @click.option("--max-images", type=int, default=None,
               help="Use a seeded stratified sample of this many test images (the same sample as evaluate's).")
-@click.option("--fpr", type=float, default=0.05, show_default=True,
-              help="False-positive rate on held-out clean data at the threshold.")
+@click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="False-positive rate asked of the threshold on clean inputs (guaranteed on average over "
+                   "calibration sets; the output gives the 95% bound for this one).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
 def fit_detector_cmd(artifact: str, model: str, weights: str | None, data: str, data_root: str | None, suite: str,
@@ -174,14 +177,43 @@ def fit_detector_cmd(artifact: str, model: str, weights: str | None, data: str, 
                      fpr: float, device: str, seed: int) -> None:
     """Generate the suite's attacks, fit the detector and calibrate its threshold, then write it into the
     artifact. The test split is divided (seeded, stratified) into detector-fit 40%, calibration 20%
-    (clean only: the threshold) and evaluation 40% (left untouched for `evaluate` and `audit`)."""
+    (clean only: the threshold) and evaluation 40% (left untouched for `evaluate` and `audit`); the guard's
+    meta.json records which images each part holds. The threshold is the ceil((n+1)(1-FPR))-th smallest of the
+    n clean calibration scores (split conformal): the output gives n and the false-positive bounds, and warns
+    when n is too small for a tight bound (it refuses when n < ceil(1/FPR) - 1)."""
     from training.detector import build_guard
 
-    info = build_guard(artifact, model, data, weights=weights, data_root=data_root, suite=suite,
-                       attacks=attacks.split(",") if attacks else None, method=method, encoding=encoding,
-                       select=select, mispredictions=mispredictions, fpr=fpr, max_images=max_images, device=device,
-                       seed=seed)
+    with _calibration_warnings():
+        info = build_guard(artifact, model, data, weights=weights, data_root=data_root, suite=suite,
+                           attacks=attacks.split(",") if attacks else None, method=method, encoding=encoding,
+                           select=select, mispredictions=mispredictions, fpr=fpr, max_images=max_images,
+                           device=device, seed=seed)
+    _report_calibration(info["calibration"])
     click.echo(json.dumps(info))
+
+
+@contextlib.contextmanager
+def _calibration_warnings():
+    """Turn :class:`~nad_guard.calibration.CalibrationError` into a usage error and hold
+    :class:`~nad_guard.calibration.CalibrationWarning` back for :func:`_report_calibration` (said once)."""
+    from nad_guard.calibration import CalibrationError, CalibrationWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        try:
+            yield
+        except CalibrationError as e:
+            raise click.UsageError(str(e)) from e
+
+
+def _report_calibration(cal: dict) -> None:
+    """The calibration's size and false-positive bounds on stderr, and its warning, loudly."""
+    from nad_guard.calibration import FPRGuarantee
+
+    g = FPRGuarantee(**{k: v for k, v in cal.items() if k in FPRGuarantee.__dataclass_fields__})
+    click.echo(f"calibration: {g.summary()}", err=True)
+    if g.warning:
+        click.secho(f"WARNING: {g.warning}", err=True, fg="red", bold=True)
 
 
 @main.command("build-default")
@@ -195,7 +227,10 @@ def build_default_cmd(out: str | None, device: str) -> None:
     from nad_guard.guard import DEFAULT_GUARD_DIR
     from training.detector import build_default
 
-    click.echo(json.dumps(build_default(out or DEFAULT_GUARD_DIR, device=device)))
+    with _calibration_warnings():
+        info = build_default(out or DEFAULT_GUARD_DIR, device=device)
+    _report_calibration(info["detector"]["calibration"])
+    click.echo(json.dumps(info))
 
 
 @main.command("evaluate")
@@ -239,8 +274,10 @@ def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data
     from nad_guard.attacks import default_cache_dir
     from nad_guard.data import load_dataset
     from nad_guard.evaluate import EvalConfig, run_evaluation, write_outputs
+    from pathlib import Path
+
     from nad_guard.models import resolve_device
-    from nad_guard.paths import PathModel
+    from nad_guard.paths import PathModel, _read_meta
     from training.paths import build_classifier
 
     split = lambda v: [s.strip() for s in v.split(",") if s.strip()]  # noqa: E731
@@ -253,8 +290,12 @@ def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data
                      device=str(resolve_device(device)), progress=not quiet)
     train, test = load_dataset(data, data_root)
     paths = PathModel.load(artifact, build_classifier(model, train, weights))
+    detector_meta = _read_meta(Path(artifact)).get("detector")
     result = run_evaluation(paths, train, test, cfg, cache_dir=cache_dir or default_cache_dir(),
-                            log=lambda msg: click.echo(msg, err=True))
+                            log=lambda msg: click.echo(msg, err=True),
+                            guard_provenance=(detector_meta.get("provenance") or {}) if detector_meta else None)
+    if "guard" in result["provenance"]:
+        click.echo(f"holdout parts vs the artifact's guard: {result['provenance']['guard']['note']}", err=True)
     files = write_outputs(result, out, command=_given_command("evaluate"))
     click.echo(json.dumps({"out": out, "seconds": result["seconds"], "summary": {
         p: {"nad_guard": s["nad_guard_mean_auroc"], "best_baseline": s["best_baseline"],
@@ -264,8 +305,11 @@ def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data
 
 
 def _given_command(name: str) -> str:
-    """The current command line as the user gave it (options at their defaults left out)."""
+    """The current command line as the user gave it (options at their defaults left out), with absolute
+    paths made portable (:func:`nad_guard.runinfo.portable_arg`)."""
     import shlex
+
+    from nad_guard.runinfo import portable_arg
 
     ctx = click.get_current_context()
     given = []
@@ -276,7 +320,7 @@ def _given_command(name: str) -> str:
         if isinstance(param, click.Option) and param.is_flag:
             given += [flag] if value else []
         else:
-            given += [flag, shlex.quote(str(value))]
+            given += [flag, shlex.quote(portable_arg(str(value)))]
     return " ".join([f"nad-guard {name}", *given])
 
 
@@ -316,6 +360,7 @@ def audit_cmd(artifact: str, data: str | None, data_root: str | None, split: str
     from nad_guard.audit import guard_data, load_split, resolve_guard_dir, run_audit, write_report
     from nad_guard.guard import Guard
     from nad_guard.models import resolve_device
+    from nad_guard.runinfo import portable_path
 
     t0 = time.perf_counter()
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
@@ -334,7 +379,7 @@ def audit_cmd(artifact: str, data: str | None, data_root: str | None, split: str
     result = run_audit(guard, images, max_images=max_images, attacks=names, suite=suite, attack_images=attack_images,
                        batch_size=batch_size, gallery_size=gallery_size, device=dev,
                        cache_dir=cache_dir or default_cache_dir(), seed=seed, progress=not quiet,
-                       source="default" if artifact == "default" else str(guard_dir), log=log)
+                       source="default" if artifact == "default" else portable_path(guard_dir), log=log)
     files = write_report(result, out, command=_given_command("audit"), timings={"load_s": round(load_s, 3)})
     s = result.summary
     claim = s["nad_claim"]["groups"]["mispredictions"]
@@ -345,6 +390,8 @@ def audit_cmd(artifact: str, data: str | None, data_root: str | None, split: str
         "path_top3_true": claim["path_top3"]["share"], "auroc_mispredictions": sep["auroc"],
         "caught": sep["caught"], "separation_basis": s["separation"]["basis"],
         "spearman_similarity_confusion": s["similarity_vs_confusion"]["errors"]["rho"],
+        "detector_split": s["split"]["status"], "calibration": s["calibration"]["summary"],
+        **({"calibration_warning": s["calibration"]["warning"]} if s["calibration"].get("warning") else {}),
         "seconds": round(time.perf_counter() - t0, 1), "report": str(files["index.html"])}))
 
 if __name__ == "__main__":

@@ -13,19 +13,23 @@ A :class:`PathDetector` is a scikit-learn estimator on a feature matrix ``X`` of
   forest).
 
 :meth:`PathDetector.infer_threshold` turns the score into a decision using held-out *clean*
-features only: the threshold is the ``(1 - fpr)`` quantile of their scores, and the trust score of
-an input is its conformal p-value among them,
+features only, by the project's one rule (:func:`nad_guard.calibration.threshold_at_fpr`: the
+``ceil((n + 1)(1 - fpr))``-th smallest of the ``n`` clean scores), and the trust score of an input is
+its conformal p-value among them,
 
     trust(x) = (1 + #{clean held-out scores >= score(x)}) / (n + 1)   in (0, 1],
 
 the share of clean held-out inputs that look at least as suspicious as ``x``: 1 is fully
-trustworthy, values below ``fpr`` are flagged. The flag is ``score > threshold``.
+trustworthy. The flag is ``score > threshold``, which with this rule is exactly ``trust <= fpr``.
+:meth:`PathDetector.calibration` says what the ``n`` clean scores guarantee (the false-positive
+rate's finite-sample bounds, :mod:`nad_guard.calibration`).
 
 Detectors are saved with skops (no pickle); loading accepts only an explicit allow-list of types.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,15 +38,21 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.covariance import LedoitWolf
 from sklearn.ensemble import HistGradientBoostingClassifier, IsolationForest
+from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from nad_guard.calibration import (CalibrationWarning, FPRGuarantee, fpr_guarantee, p_values, threshold_at_fpr,
+                                   warn_if_inadequate)
 
 SUPERVISED = ("logistic", "gboost")
 CLEAN_ONLY = ("knn", "gaussian", "isoforest")
 METHODS = SUPERVISED + CLEAN_ONLY
+DEFAULT_METHOD = "logistic"
 
 
 @dataclass(frozen=True)
@@ -116,12 +126,31 @@ def _make(method: str, random_state: int):
 class PathDetector(BaseEstimator):
     """Flags inputs whose path features look unlike clean, correctly handled inputs.
 
+    A scikit-learn estimator (``get_params``/``set_params``/``clone``; ``sklearn.utils.estimator_checks``
+    pass but for those named with the reason in ``tests/test_detectors.py``) with the per-sample methods
+    of scikit-learn's outlier detectors, **in this project's sign: higher = more suspicious**
+    (scikit-learn's outlier detectors use the opposite sign):
+
+    * :meth:`fit` learns the score; it forgets everything of an earlier fit, threshold included;
+    * :meth:`score_samples` ``(N,)``: the suspicion score;
+    * :meth:`infer_threshold` calibrates the decision on held-out *clean* features
+      (:func:`nad_guard.calibration.threshold_at_fpr`, the project's one rule); only then do
+      :meth:`decision_function` (``score - threshold``, positive = flagged), :meth:`predict` (the
+      flags), :meth:`trust` (conformal p-values), :meth:`records` and :meth:`calibration` exist
+      (scikit-learn's ``available_if``: ``hasattr`` is false before, and calling one raises an
+      ``AttributeError`` whose cause, a :class:`~sklearn.exceptions.NotFittedError`, says to call
+      ``infer_threshold``).
+
+    There is no ``score(X, y)``: the quality of a detector is an AUROC or a detection rate at the
+    calibrated threshold (:mod:`nad_guard.metrics`), not one accuracy.
+
     Parameters:
-        method: one of ``logistic``, ``gboost`` (supervised) or ``knn``, ``gaussian``, ``isoforest`` (clean-only).
+        method: ``logistic`` (the default everywhere: this class, ``fit_guard``, ``nad-guard
+            fit-detector``), ``gboost`` (supervised), or ``knn``, ``gaussian``, ``isoforest`` (clean-only).
         random_state: seed for the stochastic methods.
     """
 
-    def __init__(self, method: str = "gboost", random_state: int = 0):
+    def __init__(self, method: str = DEFAULT_METHOD, random_state: int = 0):
         self.method = method
         self.random_state = random_state
 
@@ -129,28 +158,60 @@ class PathDetector(BaseEstimator):
     def supervised(self) -> bool:
         return self.method in SUPERVISED
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = self.method in SUPERVISED
+        return tags
+
+    def _forget(self) -> None:
+        """Drop every attribute an earlier :meth:`fit` or :meth:`infer_threshold` set (names ending in
+        ``_``), so that a refit never keeps an old threshold or calibration."""
+        for name in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+            delattr(self, name)
+
     def fit(self, X, y=None) -> "PathDetector":
         """``X`` ``(N, F)``; ``y`` ``(N,)`` with 1 = adversarial / suspicious, 0 = clean (ignored by the
-        clean-only methods, which fit on the ``y == 0`` rows when ``y`` is given, else on all rows)."""
-        X = self._check_X(X, fitting=True)
+        clean-only methods, which fit on the ``y == 0`` rows when ``y`` is given, else on all rows).
+        Forgets any earlier fit and threshold: call :meth:`infer_threshold` again afterwards."""
+        self._forget()
+        if self.method not in METHODS:
+            raise ValueError(f"unknown detector method {self.method!r}; choose one of {', '.join(METHODS)}")
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=1)
         est = _make(self.method, self.random_state)
+        if y is not None or self.supervised:
+            y = self._labels(y, len(X))
         if self.supervised:
-            if y is None:
-                raise ValueError(f"method {self.method!r} is supervised: fit needs labels y (0 clean, 1 adversarial)")
-            y = np.asarray(y).astype(int).ravel()
-            if y.shape[0] != X.shape[0] or set(np.unique(y)) != {0, 1}:
-                raise ValueError("y must hold both 0 (clean) and 1 (adversarial) labels, one per row of X")
             est.fit(X, y)
         else:
-            est.fit(X if y is None else X[np.asarray(y).ravel() == 0])
+            est.fit(X if y is None else X[y == 0])
         self.estimator_ = est
-        self.n_features_in_ = X.shape[1]
         return self
 
-    def score(self, X) -> np.ndarray:  # type: ignore[override]
+    def _labels(self, y, n: int) -> np.ndarray:
+        """``y`` as 0 (clean) / 1 (suspicious): 0 and ``False`` are clean, any other integer label (or
+        ``True``) suspicious, so bool masks and attack ids both work; non-integer values are refused."""
+        if y is None:
+            raise ValueError(f"method {self.method!r} is supervised: it requires y to be passed, but the target y is "
+                             "None (give labels y: 0 clean, 1 adversarial)")
+        y = np.asarray(y)
+        if y.ndim != 1 or y.shape[0] != n:
+            raise ValueError(f"y must be one label per row of X, shape ({n},), got {y.shape}")
+        integer = y.dtype.kind in "biu" or (y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all())
+        if not integer:
+            raise ValueError("Unknown label type: y must hold integer labels, 0 for clean rows and 1 (or any other "
+                             f"integer) for adversarial / suspicious ones; got {y.dtype} values {y[:5].tolist()}")
+        y = (y != 0).astype(int)
+        if self.supervised and len(np.unique(y)) != 2:
+            raise ValueError(f"method {self.method!r} needs both kinds of rows in y: 0 (clean) and 1 (adversarial); "
+                             f"got only {'clean' if y[0] == 0 else 'adversarial'} ones (one class)")
+        if not self.supervised and not (y == 0).any():
+            raise ValueError(f"method {self.method!r} fits on the clean rows (y == 0) and y has none (one class)")
+        return y
+
+    def score_samples(self, X) -> np.ndarray:
         """Suspicion scores ``(N,)``: higher = more suspicious."""
         check_is_fitted(self, "estimator_")
-        X = self._check_X(X)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
         if self.supervised:
             return self.estimator_.predict_proba(X)[:, 1]
         if self.method == "isoforest":
@@ -158,49 +219,56 @@ class PathDetector(BaseEstimator):
         return self.estimator_.score_samples(X)
 
     def infer_threshold(self, X_clean, fpr: float = 0.05) -> "PathDetector":
-        """Fit the decision threshold on held-out clean features (never the test set)."""
-        if not 0 < fpr < 1:
-            raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-        s = np.sort(self.score(X_clean))
-        if s.size < int(np.ceil(1 / fpr)):
-            raise ValueError(f"{s.size} clean held-out inputs cannot calibrate fpr={fpr}: need at least "
-                             f"{int(np.ceil(1 / fpr))}")
+        """Fit the decision threshold on held-out clean features (never the test set), with the rule of
+        :func:`nad_guard.calibration.threshold_at_fpr`. Raises
+        :class:`~nad_guard.calibration.CalibrationError` when there are too few rows for ``fpr`` at all, and
+        warns (:class:`~nad_guard.calibration.CalibrationWarning`) when they are too few for a tight
+        bound on the realised false-positive rate (:meth:`calibration`)."""
+        s = np.sort(self.score_samples(X_clean))
+        threshold = threshold_at_fpr(s, fpr)
         self.calibration_scores_ = s
-        self.threshold_ = float(np.quantile(s, 1 - fpr, method="higher"))
+        self.threshold_ = threshold
         self.fpr_ = float(fpr)
+        warn_if_inadequate(self.calibration())
         return self
 
+    def _calibrated(self) -> bool:
+        check_is_fitted(self, "estimator_")
+        if not hasattr(self, "threshold_"):
+            raise NotFittedError("this PathDetector has no threshold yet: call infer_threshold(X_clean, fpr) on "
+                                 "held-out clean features")
+        return True
+
+    @available_if(_calibrated)
+    def calibration(self) -> FPRGuarantee:
+        """What the clean calibration scores guarantee about the false-positive rate (calibration size,
+        rank of the threshold, marginal and high-probability bounds; :func:`nad_guard.calibration.fpr_guarantee`)."""
+        return fpr_guarantee(len(self.calibration_scores_), self.fpr_)
+
+    @available_if(_calibrated)
+    def decision_function(self, X) -> np.ndarray:
+        """``score_samples(X) - threshold_`` ``(N,)``: positive = flagged."""
+        return self.score_samples(X) - self.threshold_
+
+    @available_if(_calibrated)
     def trust(self, X) -> np.ndarray:
         """Conformal p-values ``(N,)`` in (0, 1]: higher = more trustworthy."""
-        check_is_fitted(self, "threshold_")
-        return self._trust(self.score(X))
+        return self._trust(self.score_samples(X))
 
     def _trust(self, scores: np.ndarray) -> np.ndarray:
-        cal = self.calibration_scores_
-        at_least = cal.size - np.searchsorted(cal, scores, side="left")
-        return (1.0 + at_least) / (cal.size + 1.0)
+        return p_values(self.calibration_scores_, scores)
 
+    @available_if(_calibrated)
     def predict(self, X) -> np.ndarray:
-        """Flags ``(N,)`` bool: ``score > threshold_``."""
-        check_is_fitted(self, "threshold_")
-        return self.score(X) > self.threshold_
+        """Flags ``(N,)`` bool: ``score > threshold_`` (the same as ``trust(X) <= fpr_``)."""
+        return self.score_samples(X) > self.threshold_
 
+    @available_if(_calibrated)
     def records(self, X) -> list[TrustRecord]:
         """One :class:`TrustRecord` per row of ``X``."""
-        check_is_fitted(self, "threshold_")
-        s = self.score(X)
+        s = self.score_samples(X)
         t = self._trust(s)
         return [TrustRecord(float(a), float(b), self.threshold_, bool(a > self.threshold_)) for a, b in zip(s, t)]
-
-    def _check_X(self, X, fitting: bool = False) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[0] == 0:
-            raise ValueError(f"X must be a non-empty (N, F) matrix, got shape {X.shape}")
-        if not np.isfinite(X).all():
-            raise ValueError("X holds NaN or infinite values")
-        if not fitting and X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, the detector was fitted on {self.n_features_in_}")
-        return X
 
 
 # ------------------------------------------------------------------ model selection on training data only
@@ -227,7 +295,7 @@ def cross_val_auroc(method: str, X, y, groups, folds: int = 3, seed: int = 0) ->
             raise ValueError("a fold lacks clean or suspicious rows: too few rows or groups for "
                              f"{folds}-fold cross-validation")
         det = PathDetector(method, random_state=seed).fit(X[tr], y[tr])
-        aucs.append(roc_auc_score(y[te], det.score(X[te])))
+        aucs.append(roc_auc_score(y[te], det.score_samples(X[te])))
     return float(np.mean(aucs))
 
 
@@ -298,5 +366,11 @@ def load_detector(path: str | Path) -> PathDetector:
     if not isinstance(det, PathDetector):
         raise ValueError(f"{path} holds a {type(det).__name__}, not a PathDetector")
     check_is_fitted(det, "threshold_")
+    rule = threshold_at_fpr(det.calibration_scores_, det.fpr_)
+    if det.threshold_ != rule:
+        warnings.warn(f"{path}: the stored threshold {det.threshold_!r} is not the one the calibration rule gives on "
+                      f"its stored clean calibration scores ({rule!r}): it was set by an older version of nad-guard. "
+                      "It is used as stored; refit the detector (nad-guard fit-detector) to calibrate it by the "
+                      "current rule", CalibrationWarning, stacklevel=2)
     return det
 

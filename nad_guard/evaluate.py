@@ -59,8 +59,8 @@ configuration and timing) and ``roc_<protocol>.png`` plots.
 from __future__ import annotations
 
 import math
-import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -72,12 +72,17 @@ import torch.nn.functional as F
 from nad_guard.attacks import AttackResult, generate, get_suite
 from nad_guard.baselines import (LID, MSP, DeepKNN, Energy, Features, Mahalanobis, _combiner, capture,
                                  default_layers)
+from nad_guard.calibration import CalibrationWarning
+from nad_guard.calibration import fpr_guarantee as calibration_guarantee
 from nad_guard.data import ImageSet, stratified_split
 from nad_guard.detectors import PathDetector
 from nad_guard.guard import detector_matrix, guard_matrix, path_inputs
 from nad_guard.metrics import evaluate as evaluate_scores
 from nad_guard.metrics import markdown_table, plot_roc, threshold_at_fpr, write_json
 from nad_guard.paths import LAYER_FEATURES, PathModel
+from nad_guard.provenance import compare as compare_provenance
+from nad_guard.provenance import summary as provenance_summary
+from nad_guard.runinfo import machine_info
 
 SELECT = ("fixed", "cv")
 PROTOCOLS = ("seen", "unseen", "fgsm-only", "clean-only", "mispredictions", "adaptive")
@@ -260,14 +265,14 @@ class _Data:
                  log: Callable[[str], None]):
         from tqdm.auto import tqdm
 
-        from training.detector import correct_subset, holdout_splits, sample_heldout
+        from training.detector import correct_subset, holdout_provenance
 
         self.cfg, self.paths = cfg, paths
         clf = paths.classifier
         dev = torch.device(cfg.device)
         clf.to(dev)
-        test = sample_heldout(test, cfg.max_images, cfg.seed)[0]
-        fit, cal, ev = holdout_splits(test, cfg.seed)
+        (fit, cal, ev), self.provenance = holdout_provenance(test, test.name.split("/", 1)[0], cfg.max_images,
+                                                             cfg.seed)
         self.splits = {"fit": fit, "calibration": cal, "evaluation": ev}
         self.clean = {k: correct_subset(paths, v) for k, v in self.splits.items()}
         suite = get_suite(cfg.suite, seed=cfg.seed)
@@ -422,7 +427,8 @@ def _supervised_protocol(d: _Data, b: _Baselines, cfg: EvalConfig, tasks: list[t
             X = np.vstack([d.f[k].path[enc] for k in train_keys])
             for method in cfg.methods:
                 det = PathDetector(method, random_state=cfg.seed).fit(X, y)
-                scores[_nad_name(method, enc, cfg)] = {r: det.score(d.f[k].path[enc]) for r, k in test.items()}
+                scores[_nad_name(method, enc, cfg)] = {r: det.score_samples(d.f[k].path[enc])
+                                                       for r, k in test.items()}
         (cm, ce), cv = d.choose(train_keys)
         if cfg.select == "cv":
             scores = {"nad-guard": scores[_nad_name(cm, ce, cfg)], **scores}
@@ -447,7 +453,7 @@ def _clean_only(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[str,
     for i, (method, enc) in enumerate(cfg.clean_specs()):
         det = PathDetector(method, random_state=cfg.seed).fit(d.f["fit:clean"].path[enc])
         name = "nad-guard" if i == 0 else f"nad-guard[{method},{enc}]"
-        dets[name] = lambda k, det=det, enc=enc: det.score(d.f[k].path[enc])
+        dets[name] = lambda k, det=det, enc=enc: det.score_samples(d.f[k].path[enc])
     for name in UNSUPERVISED_BASELINES:
         dets[name] = lambda k, name=name: b.score(name, k)
     for attack in d.usable:
@@ -478,15 +484,15 @@ def _mispredictions(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[
         X = np.vstack([d.f[k].path[enc] for k in train_keys])
         y = d.training_set(train_keys)[0]
         det = PathDetector(method, random_state=cfg.seed).fit(X, y)
-        dets[name] = lambda k, det=det: det.score(d.f[k].path[enc])
+        dets[name] = lambda k, det=det: det.score_samples(d.f[k].path[enc])
     cm, ce = cfg.clean_specs()[0]
     clean_det = PathDetector(cm, random_state=cfg.seed).fit(d.f["fit:clean"].path[ce])
-    dets[f"nad-guard[{cm},{ce}]"] = lambda k: clean_det.score(d.f[k].path[ce])
+    dets[f"nad-guard[{cm},{ce}]"] = lambda k: clean_det.score_samples(d.f[k].path[ce])
     if d.n_wrong["fit"] >= MIN_MISPREDICTIONS:
         Xm = np.vstack([d.f["fit:clean"].path[enc], d.f["fit:wrong"].path[enc]])
         ym = np.r_[np.zeros(len(d.f["fit:clean"])), np.ones(len(d.f["fit:wrong"]))]
         mis_det = PathDetector(method, random_state=cfg.seed).fit(Xm, ym)
-        dets[f"nad-guard[{method},{enc},on-mispredictions]"] = lambda k: mis_det.score(d.f[k].path[enc])
+        dets[f"nad-guard[{method},{enc},on-mispredictions]"] = lambda k: mis_det.score_samples(d.f[k].path[enc])
     for name in UNSUPERVISED_BASELINES:
         dets[name] = lambda k, name=name: b.score(name, k)
     rows, scores = [], {}
@@ -546,8 +552,9 @@ def _adaptive(d: _Data, b: _Baselines, cfg: EvalConfig, log: Callable[[str], Non
     y = d.training_set(train_keys)[0]
     X = np.vstack([d.f[k].path[enc] for k in train_keys])
     real = PathDetector(method, random_state=cfg.seed).fit(X, y)
-    real.infer_threshold(d.f["calibration:clean"].path[enc], cfg.fpr)
-    thr = threshold_at_fpr(real.score(d.f["calibration:clean"].path[enc]), cfg.fpr)
+    with warnings.catch_warnings():  # the calibration's bounds are in the results' "calibration"
+        warnings.simplefilter("ignore", CalibrationWarning)
+        thr = real.infer_threshold(d.f["calibration:clean"].path[enc], cfg.fpr).threshold_  # the guard's own rule
     surrogate_det = real if method == "logistic" else PathDetector("logistic", random_state=cfg.seed).fit(X, y)
     lin = _torch_linear(surrogate_det.estimator_, torch.float64, dev)
     masks = [paths.masks_[n].to(dev) for n in paths.layer_names_]
@@ -559,7 +566,7 @@ def _adaptive(d: _Data, b: _Baselines, cfg: EvalConfig, log: Callable[[str], Non
         return logits, lin(feats)
 
     def nad_flag(x: torch.Tensor) -> torch.Tensor:
-        s = real.score(guard_matrix(paths, x, enc, batch_size=len(x))[1])
+        s = real.score_samples(guard_matrix(paths, x, enc, batch_size=len(x))[1])
         return torch.as_tensor(s > thr, device=x.device)
 
     # Mahalanobis-LR trained on the same data; its distance is differentiable
@@ -612,30 +619,14 @@ def _adaptive(d: _Data, b: _Baselines, cfg: EvalConfig, log: Callable[[str], Non
 
 # --------------------------------------------------------------------------- entry points
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores and load at the time of the call."""
-    import os
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average": [round(v, 2) for v in load] if load else None, "python": platform.python_version(),
-            "torch": torch.__version__}
-
-
 def run_evaluation(paths: PathModel, train: ImageSet, test: ImageSet, cfg: EvalConfig | None = None, *,
-                   cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None
-                   ) -> dict[str, Any]:
+                   cache_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
+                   guard_provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the protocols of ``cfg`` (see the module docstring) and return a JSON-ready result dict with
     ``rows`` (one per protocol, detector and attack), ``summary`` (mean AUROC per detector and protocol),
-    ``attacks`` (per split: success rate, mean perturbation, time), ``adaptive``, ``config``, ``machine``
+    ``attacks`` (per split: success rate, mean perturbation, time), ``adaptive``, ``config``, ``machine``,
+    ``provenance`` (which images each part holds, by content hash; with ``guard_provenance``, the record of
+    the artifact's guard, whether they are its detector's parts: :func:`nad_guard.provenance.compare`)
     and ``seconds``. ``scores`` (kept for the ROC plots) is not JSON and is dropped by :func:`write_outputs`."""
     cfg = cfg or EvalConfig()
     log = log or (lambda _m: None)
@@ -695,6 +686,10 @@ def run_evaluation(paths: PathModel, train: ImageSet, test: ImageSet, cfg: EvalC
                  "baseline_train_images": len(d.train_labels), "baseline_layers": d.layers,
                  "gate_points": paths.layer_names_},
         "attacks": attacks, "rows": rows, "summary": summarize(rows), "adaptive": adaptive,
+        "calibration": calibration_guarantee(len(d.clean["calibration"]), cfg.fpr).to_dict(),
+        "provenance": {**provenance_summary(d.provenance),
+                       **({"guard": compare_provenance(d.provenance, guard_provenance)}
+                          if guard_provenance is not None else {})},
         "machine": {"start": machine_start, "end": machine_info()}, "timings": timings,
         "seconds": round(time.time() - t_start, 1), "scores": scores,
     }
@@ -791,7 +786,19 @@ def render_markdown(r: dict[str, Any]) -> str:
               f"unsupervised parts: {dd['baseline_train_images']} training images. nad-guard = {_who(r['config'])} "
               f"(clean-only: {_clean_who(r['config'])}). "
               f"Bootstrap: {r['config']['n_resamples']} stratified resamples, "
-              "95% percentile intervals.", "", "## Attacks (successful ones only are kept)", ""]
+              "95% percentile intervals.", ""]
+    cal = r.get("calibration")
+    if cal:
+        g = calibration_guarantee(cal["n"], cal["fpr"])
+        lines += [f"Every threshold (the TPR columns, `test_fpr`) is set by the rule the deployed guard uses "
+                  f"(`nad_guard.calibration`): {g.summary()}." + (f" **{g.warning}.**" if g.warning else ""), ""]
+    prov = r.get("provenance")
+    if prov:
+        lines += [f"Holdout parts (seed {prov['seed']}, recorded by content hash): split {prov['split_name']} sha256 "
+                  f"{prov['split_sha256'][:12]}, "
+                  + ", ".join(f"{k} {v['images']} images sha256 {v['sha256'][:12]}" for k, v in prov["parts"].items())
+                  + "." + (f" Against the artifact's guard: {prov['guard']['note']}." if "guard" in prov else ""), ""]
+    lines += ["## Attacks (successful ones only are kept)", ""]
     rows = []
     for split, res in r["attacks"].items():
         for a, s in res.items():

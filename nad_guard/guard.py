@@ -30,7 +30,10 @@ activation that lies outside the predicted class's sub-architecture (0 = entirel
 
 Artifact layout (one directory): ``meta.json`` and ``paths.safetensors`` (:class:`PathModel`),
 ``classifier.safetensors`` (the classifier's weights) with ``meta["classifier"]`` saying how to
-rebuild it, and ``detector.skops`` with ``meta["detector"]`` (method, encoding, threshold, metrics).
+rebuild it, and ``detector.skops`` with ``meta["detector"]`` (method, encoding, threshold, metrics, the
+calibration's size and false-positive bounds under ``calibration`` (:mod:`nad_guard.calibration`), and,
+for detectors fitted by ``fit-detector`` / ``build-default``, which images each holdout part holds under
+``provenance`` (:mod:`nad_guard.provenance`)).
 """
 
 from __future__ import annotations
@@ -222,7 +225,7 @@ class Guard:
         x, n = pad_rows(x, pad_multiple)
         step = max(pad_multiple, batch_size - batch_size % max(1, pad_multiple))
         f, X = guard_matrix(self.paths, x, self.encoding, step)
-        s = self.detector.score(X)[:n]
+        s = self.detector.score_samples(X)[:n]
         return GuardResult(f.rows(slice(0, n)), s, self.detector._trust(s), s > self.detector.threshold_,
                            self.detector.threshold_)
 
@@ -243,6 +246,7 @@ class Guard:
         meta["detector"] = {"file": DETECTOR_FILE, "method": self.detector.method, "encoding": self.encoding,
                             "threshold": self.detector.threshold_, "fpr": self.detector.fpr_,
                             "n_features": int(self.detector.n_features_in_),
+                            "calibration": self.detector.calibration().to_dict(),
                             **(detector_info or self.meta.get("detector_info", {}))}
         (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return path

@@ -7,9 +7,10 @@ the negative class (label 0) is clean.
 
 * :func:`auroc`, :func:`aupr` (average precision, as scikit-learn defines it: no interpolation),
   :func:`roc_curve`; ties count half, as in the Mann-Whitney statistic.
-* :func:`threshold_at_fpr` sets a threshold on *held-out clean* scores (never on the test set) so
-  that at most ``fpr`` of them lie strictly above it; a sample is flagged when its score is
-  strictly above the threshold (:func:`detection_rate`).
+* :func:`threshold_at_fpr` (:mod:`nad_guard.calibration`, the rule the deployed guard uses too) sets
+  a threshold on *held-out clean* scores (never on the test set): their
+  ``ceil((n + 1)(1 - fpr))``-th smallest; a sample is flagged when its score is strictly above the
+  threshold (:func:`detection_rate`).
 * :func:`bootstrap_ci`: seeded, stratified (positives and negatives resampled separately,
   so every resample has both), percentile intervals, vectorised over resamples.
 * :func:`evaluate` bundles it all into a :class:`DetectionMetrics`; :func:`markdown_table`,
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from nad_guard.calibration import threshold_at_fpr
 
 METRICS = ("auroc", "aupr", "tpr")
 
@@ -100,21 +103,6 @@ def roc_curve(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndar
     y, s = _check(y_true, scores)
     tp, fp, thr = _cumulative(y, s, np.ones((1, len(y))))
     return np.r_[0.0, fp[0] / fp[0, -1]], np.r_[0.0, tp[0] / tp[0, -1]], np.r_[np.inf, thr]
-
-
-def threshold_at_fpr(clean_scores: Any, fpr: float = 0.05) -> float:
-    """The threshold from held-out clean scores such that at most ``fpr`` of them are strictly above.
-
-    With ``n`` clean scores sorted ascending, ``k = floor(fpr * n)`` may lie above: the threshold is
-    the ``(n - k)``-th smallest. Ties can only lower the achieved rate.
-    """
-    c = np.sort(np.asarray(clean_scores, dtype=np.float64).ravel())
-    if not 0 <= fpr < 1:
-        raise ValueError(f"fpr must be in [0, 1), got {fpr}")
-    if len(c) == 0 or not np.isfinite(c).all():
-        raise ValueError("need at least one finite clean score to set a threshold")
-    k = int(math.floor(fpr * len(c) + 1e-9))
-    return float(c[len(c) - k - 1])
 
 
 def detection_rate(scores: Any, threshold: float) -> float:

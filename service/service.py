@@ -30,7 +30,8 @@ Anything else is answered 400 (401 without the key when one is set, 408 for a bo
 arrive in time, 413 for one over its media type's limit, 415 for one that is none of JSON, .npy or a
 form) with ``[{"error": "<what is wrong; what is expected>"}]``, by the gate in front of BentoML
 (:mod:`service.gate`, which also serves ``/docs.json``: :mod:`service.openapi`).
-Also ``/healthz`` (= ``/livez``), ``/readyz`` and ``/metrics`` (BentoML's series plus
+Also ``/healthz`` (= ``/livez``), ``/readyz`` (200 with the detector's calibration size and false-positive
+bounds as JSON once ready: :mod:`service.readiness`) and ``/metrics`` (BentoML's series plus
 ``nad_guard_*``: predictions and flags by predicted class, the trust-score histogram, refused
 requests, requests for unknown paths).
 
@@ -67,6 +68,7 @@ from nad_guard.guard import pad_rows
 from service import bentoml_fixes, openapi
 from service.gate import BATCH_KEY, Gate
 from service.loader import ENV_TAG, Settings, load_guard, read_spec, resolve_source, usable_cores
+from service.readiness import ReadyDetail
 
 if t.TYPE_CHECKING:
     from starlette.requests import Request
@@ -281,3 +283,4 @@ def _gate(app: t.Any) -> Gate:
 
 
 bentoml_fixes.wrap_asgi(NadGuard, _gate)  # the gate runs before BentoML's own middleware (service.gate)
+NadGuard.add_asgi_middleware(ReadyDetail)  # /readyz: the detector and its calibration's guarantees (service.readiness)

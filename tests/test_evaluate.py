@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from nad_guard.calibration import CalibrationWarning
 from nad_guard.evaluate import PROTOCOLS, EvalConfig, run_evaluation, soft_detector_matrix, write_outputs
 from nad_guard.guard import guard_matrix
 from nad_guard.paths import LAYER_FEATURES
@@ -68,6 +69,22 @@ def test_splits_are_disjoint_and_clean_sets_correct(result):
     assert d["fit_images"] + d["calibration_images"] + d["evaluation_images"] == 360
     assert d["fit_clean"] <= d["fit_images"] and d["evaluation_clean"] + d["evaluation_mispredicted"] == \
         d["evaluation_images"]
+
+
+def test_the_parts_are_recorded_by_content_hash(result, digits):
+    """evaluate records which images its parts hold, as fit-detector does, so the two can be compared."""
+    from nad_guard.provenance import compare, content_sha256
+    from training.detector import holdout_provenance
+
+    prov = result["provenance"]
+    test = with_errors(digits[1])
+    assert prov["split_sha256"] == content_sha256(test) and "guard" not in prov
+    assert [prov["parts"][p]["images"] for p in ("detector-fit", "calibration", "evaluation")] == \
+        [result["data"][f"{k}_images"] for k in ("fit", "calibration", "evaluation")]
+    _, record = holdout_provenance(test, "digits", None, 0)
+    assert compare(prov, record)["status"] == "same"
+    _, other = holdout_provenance(test, "digits", None, 1)  # another seed: other parts of the same split
+    assert compare(prov, other)["status"] == "different" and compare(prov, None)["status"] == "unrecorded"
 
 
 def test_path_detector_beats_chance_clearly(result):
@@ -137,6 +154,7 @@ def test_outputs_and_cli(paths, tiny_model, digits, result, tmp_path):
     js = json.loads((out / "results.json").read_text())
     assert {r["protocol"] for r in js["rows"]} == {"seen", "clean-only"}
     assert js["machine"]["start"]["cores"] >= 1 and js["seconds"] > 0
+    assert str(tmp_path) not in json.dumps(js) and "--out '<outside-repo>/cli'" in js["command"]
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert "roc_seen.png" in pngs and "roc_clean-only_pgd.png" in pngs
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
@@ -185,11 +203,12 @@ def test_guard_with_the_full_encoding_round_trips(paths, digits, tmp_path):
     _, X = guard_matrix(paths, x, "full")
     assert X.shape[1] > guard_matrix(paths, x, "rich")[1].shape[1]
     y = (np.arange(80) % 2).astype(int)  # any labels: only the plumbing is checked here
-    det = PathDetector("logistic").fit(X, y).infer_threshold(X[:40])
+    with pytest.warns(CalibrationWarning):  # 40 clean calibration rows: a loose false-positive bound, said so
+        det = PathDetector("logistic").fit(X, y).infer_threshold(X[:40])
     guard = Guard(paths, det, "full")
     guard.classifier.net.cpu()
     save_weights = tmp_path / "g"
     guard.save(save_weights)
     loaded = Guard.load(save_weights, classifier=paths.classifier)
     assert loaded.encoding == "full"
-    np.testing.assert_allclose(loaded.run(x).score, det.score(X), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(loaded.run(x).score, det.score_samples(X), rtol=1e-5, atol=1e-9)

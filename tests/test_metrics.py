@@ -1,11 +1,14 @@
 """Detection metrics on hand-made scores with known answers; calibration; bootstrap; reports."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from nad_guard.calibration import (CalibrationError, CalibrationWarning, calibration_size_needed, fpr_guarantee,
+                                   min_calibration_size)
 from nad_guard.metrics import (aupr, auroc, bootstrap_ci, detection_rate, evaluate, labels_and_scores,
                                markdown_table, plot_roc, roc_curve, threshold_at_fpr, write_report)
 
@@ -41,10 +44,59 @@ def test_agrees_with_scikit_learn_with_ties():
 
 def test_threshold_and_detection_rate_by_hand():
     clean = np.arange(1.0, 11.0)  # 1..10
-    t = threshold_at_fpr(clean, fpr=0.2)  # 2 of 10 may lie strictly above
-    assert t == 8.0 and detection_rate(clean, t) == 0.2
-    assert threshold_at_fpr(clean, fpr=0.0) == 10.0
+    # n = 10, fpr = 0.2: k = ceil(11 * 0.8) = 9, the 9th smallest; a new clean score lands above it with
+    # probability (11 - 9) / 11 = 0.18 <= 0.2
+    t = threshold_at_fpr(clean, fpr=0.2)
+    assert t == 9.0 and detection_rate(clean, t) == 0.1
+    assert threshold_at_fpr(np.arange(1.0, 20.0), fpr=0.05) == 19.0  # n = 19: k = ceil(20 * 0.95) = 19
+    with pytest.raises(CalibrationError, match="needs at least 19"):
+        threshold_at_fpr(np.arange(1.0, 19.0), fpr=0.05)  # n = 18: k = 19 > n
     assert detection_rate([7.0, 8.0, 9.0, 10.5], threshold=8.0) == 0.5  # strictly above flags
+
+
+def test_the_issue_example_200_clean_scores_one_rule():
+    """On 200 clean scores the guard and evaluate used to flag 9 and 10: one rule now, 9 (k = 191)."""
+    from nad_guard.detectors import PathDetector
+    from nad_guard.evaluate import EvalConfig, _metrics_row
+
+    rng = np.random.default_rng(5)
+    det = PathDetector("gaussian").fit(rng.normal(size=(500, 3)))
+    cal, clean_test, adv = rng.normal(size=(200, 3)), rng.normal(size=(1000, 3)), rng.normal(1.5, 1, size=(300, 3))
+    with pytest.warns(CalibrationWarning, match="About 240"):  # 200 is fewer than a tight bound needs
+        det.infer_threshold(cal, fpr=0.05)
+    assert det.predict(cal).sum() == 9 == (det.score_samples(cal) > threshold_at_fpr(det.score_samples(cal))).sum()
+    # evaluate's reported FPR and TPR (nad_guard.evaluate builds its rows with this call) are the deployed
+    # detector's on the same scores
+    row = _metrics_row("nad-guard", "x", det.score_samples(clean_test), det.score_samples(adv),
+                       det.score_samples(cal), EvalConfig(n_resamples=50))
+    assert row["threshold"] == det.threshold_
+    assert row["test_fpr"] == det.predict(clean_test).mean() and row["tpr"] == det.predict(adv).mean()
+
+
+def test_conformal_guarantees_hold_by_simulation():
+    """For exchangeable clean scores: the marginal FPR is (n + 1 - k) / (n + 1) <= fpr, and the realised FPR
+    is below the Beta bound in at least 95% of calibration sets (uniform scores: realised FPR = 1 - threshold)."""
+    rng = np.random.default_rng(6)
+    for n, fpr in ((19, 0.05), (99, 0.1), (199, 0.05), (535, 0.05)):
+        g = fpr_guarantee(n, fpr)
+        assert g.rank == math.ceil((n + 1) * (1 - fpr) - 1e-9) and g.above == n - g.rank
+        assert g.marginal_bound <= fpr + 1e-12
+        realised = np.array([1 - threshold_at_fpr(rng.random(n), fpr) for _ in range(4000)])
+        assert realised.mean() == pytest.approx(g.marginal_bound, abs=0.004)
+        covered = (realised <= g.realised_bound).mean()
+        assert 0.94 <= covered <= 0.96, (n, covered)
+    assert fpr_guarantee(535, 0.05).adequate and not fpr_guarantee(199, 0.05).adequate
+    assert min_calibration_size(0.05) == 19 and min_calibration_size(0.1) == 9 and min_calibration_size(0.01) == 99
+
+
+def test_calibration_size_needed_is_where_the_bound_stays_tight():
+    for fpr in (0.05, 0.1):
+        needed = calibration_size_needed(fpr)
+        tight = [fpr_guarantee(n, fpr).realised_bound <= 1.5 * fpr for n in range(needed - 60, needed + 200)]
+        assert all(tight[60:]) and not all(tight[:60])
+        g = fpr_guarantee(100, fpr)  # loose for both rates: the warning names the size that is enough
+        assert not g.adequate and g.needed == needed and f"About {needed} clean calibration inputs" in g.warning
+    assert calibration_size_needed(0.05) == 240
 
 
 def test_threshold_on_held_out_clean_reaches_target_fpr():
@@ -102,3 +154,7 @@ def test_bad_inputs_are_refused():
         bootstrap_ci([0, 1], [0.1, 0.2], "tpr")
     with pytest.raises(ValueError, match="fpr"):
         threshold_at_fpr([1.0, 2.0], fpr=1.0)
+    with pytest.raises(ValueError, match="fpr"):
+        threshold_at_fpr([1.0, 2.0], fpr=0.0)
+    with pytest.raises(ValueError, match="finite"):
+        threshold_at_fpr([1.0, np.nan], fpr=0.5)

@@ -263,20 +263,23 @@ def test_features_do_not_depend_on_the_batch(fitted: tuple[PathModel, dict], dig
     masks = [pm.masks_[n] for n in pm.layer_names_]
     stats = [pm.stats_[n] for n in pm.layer_names_]
     whole = path_features(pooled, logits, masks, stats)
+    # Equal up to float32 rounding (rtol/atol 1e-5), not bit for bit: how a CPU kernel rounds depends on the
+    # batch's size and on the instructions it uses (AVX-512, AVX2, ...). Only Guard.run, which pads every pass
+    # to a multiple of 8 rows, promises bit-identical results whatever the batch (tests/test_guard.py).
     for i in (0, 7, 23):  # the feature math is row-wise; only BLAS rounds a 1-row matmul differently
         row = path_features([p[i:i + 1] for p in pooled], logits[i:i + 1], masks, stats)
         for k in whole:
             if whole[k].is_floating_point():
-                assert torch.allclose(whole[k][i:i + 1], row[k], rtol=1e-6, atol=1e-6), k
+                assert torch.allclose(whole[k][i:i + 1], row[k], rtol=1e-5, atol=1e-5), k
             else:
                 assert torch.equal(whole[k][i:i + 1], row[k]), k
     batch = pm.features(x, subnetwork=True)
     single = [pm.features(x[i:i + 1], subnetwork=True) for i in range(len(x))]
     # end to end, the network's own convolutions may round differently at batch size 1
-    assert torch.allclose(torch.cat([s.X for s in single]), batch.X, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(torch.cat([s.X for s in single]), batch.X, rtol=1e-5, atol=1e-5)
     for field in ("pred", "nearest_class", "pred_rank"):
         assert torch.equal(torch.cat([getattr(s, field) for s in single]), getattr(batch, field))
-    assert torch.equal(pm.features(x, subnetwork=True, batch_size=5).X, batch.X)
+    assert torch.allclose(pm.features(x, subnetwork=True, batch_size=5).X, batch.X, rtol=1e-5, atol=1e-5)
     assert batch.subnet_drop is not None and batch.X.shape == (24, 7 * 3 + 7)
 
 

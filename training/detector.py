@@ -10,22 +10,30 @@ import numpy as np
 import torch
 
 from nad_guard.attacks import generate, get_suite
+from nad_guard.calibration import conformal_rank
 from nad_guard.data import ImageSet
 from nad_guard.detectors import CLEAN_ONLY, PathDetector, cv_groups, select_by_cv
 from nad_guard.guard import Guard, guard_matrices, guard_matrix
 from nad_guard.models import resolve_device
 from nad_guard.paths import PathModel
+from nad_guard.provenance import summary as provenance_summary
+from nad_guard.provenance import with_calibration_clean
 
 
-def partition_correct(paths: PathModel, images: ImageSet, batch_size: int = 256) -> tuple[ImageSet, ImageSet]:
-    """``(correct, wrong)``: the images the classifier labels correctly, and those it gets wrong."""
+def correct_mask(paths: PathModel, images: ImageSet, batch_size: int = 256) -> torch.Tensor:
+    """``(N,)`` bool: whether the classifier labels each image correctly."""
     device = next(paths.classifier.parameters()).device
     keep = []
     with torch.no_grad():
         for s in range(0, len(images), batch_size):
             pred = paths.classifier(images.float(s, s + batch_size).to(device)).argmax(1).cpu()
             keep.append(pred == images.labels[s:s + batch_size])
-    ok = torch.cat(keep)
+    return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool)
+
+
+def partition_correct(paths: PathModel, images: ImageSet, batch_size: int = 256) -> tuple[ImageSet, ImageSet]:
+    """``(correct, wrong)``: the images the classifier labels correctly, and those it gets wrong."""
+    ok = correct_mask(paths, images, batch_size)
     return (images.subset(ok.nonzero().flatten(), f"{images.name}[correct]"),
             images.subset((~ok).nonzero().flatten(), f"{images.name}[mispredicted]"))
 
@@ -42,7 +50,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
               attacks: Sequence[str] | None = None, method: str = "logistic", encoding: str = "rich",
               select: str = "fixed", cv_folds: int = 3, mispredictions: bool = True, fpr: float = 0.05,
               device: str = "auto", batch_size: int = 128, cache_dir: str | Path | None = None, progress: bool = True,
-              seed: int = 0) -> Guard:
+              seed: int = 0, provenance: dict[str, Any] | None = None) -> Guard:
     """Train a detector on path features of ``fit_set`` and calibrate its threshold on the correctly
     classified images of ``calibration_set`` (held out, clean only).
 
@@ -55,9 +63,16 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     pair with the best ``cv_folds``-fold cross-validated AUROC on this training data, folds holding out
     whole attacks (or, with fewer attacks than folds, whole source images; see
     :func:`nad_guard.detectors.cv_groups`); the scores go into the guard's metadata.
+
+    ``provenance``: the record of which images ``fit_set`` and ``calibration_set`` are
+    (:func:`holdout_provenance`); the guard's metadata gets it, plus the calibration images that set the
+    threshold. The metadata always gets the calibration's size and false-positive bounds
+    (:meth:`PathDetector.calibration`); a calibration set too small for a tight bound warns
+    (:class:`~nad_guard.calibration.CalibrationWarning`), one too small for ``fpr`` at all raises.
     """
     if select not in ("fixed", "cv"):
         raise ValueError(f"select must be 'fixed' or 'cv', got {select!r}")
+    conformal_rank(len(calibration_set), fpr)  # too few calibration images for fpr at all: say so before any attack
     if select == "cv" and method in CLEAN_ONLY:
         raise ValueError(f"select='cv' chooses among the supervised detectors {CV_CANDIDATES['methods']}; "
                          f"{method!r} is clean-only")
@@ -100,14 +115,23 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
         method, encoding = best.split(",")
         selection = {"folds": cv_folds, "folds_by": by, "cv_auroc": cv, "selected": best}
     det = PathDetector(method, random_state=seed).fit(X[encoding], y)
-    calib = correct_subset(paths, calibration_set)
+    cal_ok = correct_mask(paths, calibration_set)
+    calib = calibration_set.subset(cal_ok.nonzero().flatten(), f"{calibration_set.name}[correct]")
+    if provenance is not None:
+        cal_positions = np.asarray(provenance["parts"]["calibration"]["positions"])
+        if len(cal_positions) != len(calibration_set):
+            raise ValueError(f"the provenance record's calibration part has {len(cal_positions)} images, the "
+                             f"calibration set {len(calibration_set)}")
+        provenance = with_calibration_clean(provenance, cal_positions[cal_ok.numpy()])
     det.infer_threshold(guard_matrix(paths, calib.float(), encoding, batch_size)[1], fpr=fpr)
     info: dict[str, Any] = {"suite": suite, "attacks": per_attack, "fit_set": fit_set.name,
                             "fit_clean": n_clean, "fit_adversarial": int(sum(len(v) for v in ys[1:])) - n_wrong,
                             "fit_mispredicted": n_wrong,
                             "calibration_set": calibration_set.name, "calibration_clean": len(calib),
+                            "calibration": det.calibration().to_dict(),
                             "seed": seed, "seconds": round(time.time() - t0, 1),
-                            **({"selection": selection} if selection else {})}
+                            **({"selection": selection} if selection else {}),
+                            **({"provenance": provenance} if provenance is not None else {})}
     paths.classifier.cpu()
     return Guard(paths, det, encoding, {"detector_info": info})
 
@@ -156,6 +180,25 @@ def holdout_splits(test: ImageSet, seed: int = 0) -> tuple[ImageSet, ImageSet, I
             test.subset(evaluation, f"{test.name}[evaluation]"))
 
 
+def holdout_provenance(test: ImageSet, data: str, max_images: int | None = None, seed: int = 0
+                       ) -> tuple[tuple[ImageSet, ImageSet, ImageSet], dict[str, Any]]:
+    """The ``(fit, calibration, evaluation)`` parts of :func:`holdout_splits` of the seeded sample of
+    ``test`` (:func:`sample_heldout`), and the provenance record saying which images of ``test`` each
+    holds (:mod:`nad_guard.provenance`; ``data`` is the data set's name for :func:`load_dataset`)."""
+    from nad_guard.provenance import PARTS, make_record
+
+    sample, positions = sample_heldout(test, max_images, seed)
+    indices = holdout_indices(sample.labels.numpy(), seed)
+    parts = holdout_splits(sample, seed)
+    kind = test.name.rsplit("/", 1)[-1] if "/" in test.name else "test"
+    record = make_record(test, data=data, split_kind=kind, parts={p: positions[i] for p, i in zip(PARTS, indices)},
+                         seed=seed, fractions=dict(zip(PARTS, HOLDOUT_FRACTIONS)),
+                         rule="training.detector.holdout_indices (seeded, stratified)",
+                         sample=None if len(sample) == len(test) else
+                         {"max_images": max_images, "seed": seed, "rule": "training.detector.sample_heldout"})
+    return parts, record
+
+
 def build_guard(artifact: str | Path, model: str, data: str, *, weights: str | None = None,
                 data_root: str | None = None, suite: str = "mnist", attacks: Sequence[str] | None = None,
                 method: str = "logistic", encoding: str = "rich", select: str = "fixed", mispredictions: bool = True,
@@ -169,13 +212,15 @@ def build_guard(artifact: str | Path, model: str, data: str, *, weights: str | N
 
     train, test = load_dataset(data, data_root)
     paths = PathModel.load(artifact, build_classifier(model, train, weights))
-    fit, calibration, _ = holdout_splits(sample_heldout(test, max_images, seed)[0], seed)
+    (fit, calibration, _), record = holdout_provenance(test, data, max_images, seed)
     guard = fit_guard(paths, fit, calibration, suite=suite, attacks=attacks,
                       method=method, encoding=encoding, select=select, mispredictions=mispredictions, fpr=fpr,
-                      device=device, seed=seed, cache_dir=default_cache_dir(), progress=progress)
+                      device=device, seed=seed, cache_dir=default_cache_dir(), progress=progress, provenance=record)
     guard.save(artifact)
+    info = dict(guard.meta["detector_info"])
+    info["provenance"] = provenance_summary(info.get("provenance"))
     return {"artifact": str(artifact), "method": guard.detector.method, "encoding": guard.encoding,
-            "threshold": guard.detector.threshold_, **guard.meta["detector_info"]}
+            "threshold": guard.detector.threshold_, **info}
 
 
 DEFAULT_RECIPE: dict[str, Any] = {"model": "mnist-cnn", "data": "mnist5k", "schedule": "joint", "target_keep": 0.25,

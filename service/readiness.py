@@ -1,0 +1,71 @@
+"""``/readyz`` with a detail: once BentoML says the service is ready (200), the answer's body is JSON
+saying which detector decides and what its calibration guarantees, so that whoever deploys a guard
+sees how far its false-positive rate can be trusted::
+
+    {"status": "ready", "guard": {"method": "logistic", "encoding": "rich",
+     "threshold": 0.274..., "fpr": 0.05,
+     "calibration": {"n": 199, "rank": 190, "marginal_bound": 0.05, "realised_bound": 0.0776,
+                     "confidence": 0.95, "adequate": false, "needed": 240, "warning": "only 199 ...",
+                     "summary": "..."}}}
+
+(:mod:`nad_guard.calibration`). Any other answer of BentoML's (503 while starting) passes unchanged.
+The detail is read once from the guard's meta.json (a guard without a ``calibration`` record gets it
+computed from its calibration size and rate).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import typing as t
+
+READYZ = "/readyz"
+
+
+def readiness_detail(detector: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The ``guard`` part of the ``/readyz`` body, from the ``detector`` record of a guard's meta.json."""
+    from nad_guard.calibration import fpr_guarantee
+
+    g = fpr_guarantee(int(detector["calibration_clean"]), float(detector["fpr"]))
+    return {"method": detector.get("method"), "encoding": detector.get("encoding"),
+            "threshold": detector.get("threshold"), "fpr": detector.get("fpr"),
+            "calibration": {**{k: v for k, v in g.to_dict().items() if k != "rule"}, "summary": g.summary()}}
+
+
+@functools.cache
+def _body() -> bytes:
+    from service.loader import read_spec, resolve_source
+
+    try:
+        body = {"status": "ready", "guard": readiness_detail(read_spec(resolve_source())[1])}
+    except Exception as e:  # the service is ready whatever the detail: say why it is missing
+        body = {"status": "ready", "guard": None, "detail_error": f"{type(e).__name__}: {e}"}
+    return json.dumps(body).encode()
+
+
+class ReadyDetail:
+    """ASGI middleware: a 200 from ``/readyz`` gets :func:`readiness_detail` as its JSON body."""
+
+    def __init__(self, app: t.Any, body: t.Callable[[], bytes] = _body) -> None:
+        self.app, self.body = app, body
+
+    async def __call__(self, scope: dict, receive: t.Any, send: t.Any) -> None:
+        if scope.get("type") != "http" or scope.get("path") != READYZ:
+            return await self.app(scope, receive, send)
+        state: dict[str, t.Any] = {}
+
+        async def detail(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                state["ready"] = message["status"] == 200
+                if not state["ready"]:
+                    await send(message)
+            elif not state.get("ready"):
+                await send(message)
+            elif not message.get("more_body", False):
+                body = self.body()
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, detail)
