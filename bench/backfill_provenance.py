@@ -4,7 +4,7 @@
     python bench/backfill_provenance.py bench/results/guard_cifar10-resnet20 --data cifar10 --max-images 3000
 
 Rebuilds the holdout parts the guard was fitted with by the rule ``fit-detector`` uses
-(:func:`training.detector.holdout_provenance`: the seeded sample, then the seeded stratified
+(:func:`nad_guard.holdout.holdout_provenance`: the seeded sample, then the seeded stratified
 40/20/40 parts), and **confirms once, on the machine that runs this**, that they are the very parts
 the detector used: the scores of the calibration part's correctly classified images must pair off,
 one to one, with every calibration score stored in the detector (within ``rtol`` 1e-5, a float32
@@ -37,7 +37,7 @@ from nad_guard.detectors import save_detector  # noqa: E402
 from nad_guard.guard import DETECTOR_FILE, Guard, guard_matrix  # noqa: E402
 from nad_guard.paths import META_FILE  # noqa: E402
 from nad_guard.provenance import with_calibration_clean  # noqa: E402
-from training.detector import correct_mask, holdout_provenance  # noqa: E402
+from nad_guard.holdout import correct_mask, holdout_provenance  # noqa: E402
 
 
 def paired(a: np.ndarray, b: np.ndarray, rtol: float = 1e-5, atol: float = 1e-9) -> int:

@@ -21,7 +21,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from nad_guard.attacks import default_cache_dir, generate
-from nad_guard.paths import hooked
+from nad_guard.hooks import hooked
 
 ATTACKS = ("cw-l2", "pgd-l2", "fgsm")
 d = evaluation_data(("rich",))

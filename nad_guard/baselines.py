@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 
-import contextlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from torch import nn
 
 from nad_guard.calibration import p_values
 from nad_guard.data import ImageSet
+from nad_guard.hooks import capture
 
 ImagesLike = ImageSet | torch.Tensor
 
@@ -151,47 +151,6 @@ def default_layers(model: nn.Module) -> list[str]:
         raise ValueError(f"no default layers for {type(net).__name__}; pass layer names explicitly "
                          "(see model.named_modules())")
     return relus
-
-
-def _pool(out: torch.Tensor) -> torch.Tensor:
-    if out.ndim == 4:
-        return out.mean(dim=(2, 3))
-    if out.ndim == 3:
-        return out.mean(dim=1)
-    if out.ndim == 2:
-        return out
-    raise ValueError(f"cannot pool a layer output of shape {tuple(out.shape)}")
-
-
-@contextlib.contextmanager
-def capture(model: nn.Module, layers: Sequence[str], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Context manager: forward hooks put each named module's pooled output into the yielded dict
-    (cleared by the caller between passes). Hooks are always removed on exit."""
-    modules = dict(model.named_modules())
-    missing = [n for n in layers if n not in modules]
-    if missing:
-        raise ValueError(f"no module named {missing} in {type(model).__name__}; e.g. "
-                         f"{', '.join(list(modules)[1:8])}")
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def fn(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if name in store:
-                raise ValueError(f"module {name} runs more than once per forward pass; pick another layer")
-            if not torch.is_tensor(output):
-                raise ValueError(f"module {name} returns {type(output).__name__}, not a tensor")
-            pooled = _pool(output.float())
-            store[name] = pooled.detach() if detach else pooled
-        return fn
-
-    handles = []
-    try:
-        for n in layers:
-            handles.append(modules[n].register_forward_hook(hook(n)))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _batches(images: ImagesLike, batch_size: int) -> Iterator[torch.Tensor]:

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from nad_guard.models import Classifier
-from nad_guard.paths import _device_of, apply_gate, find_gate_points, hooked
+from nad_guard.hooks import device_of, hooked
+from nad_guard.paths import apply_gate, find_gate_points
 
 
 @dataclass
@@ -84,7 +85,7 @@ def critical_paths(classifier: Classifier, x: torch.Tensor, *, layers: Sequence[
     classifier.check_input(x)
     points = find_gate_points(classifier, layers)
     names = [p.name for p in points]
-    device = _device_of(classifier)
+    device = device_of(classifier)
     parts: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for xb in x.split(batch_size):
         parts.append(_one_batch(classifier, names, [p.channels for p in points], xb.to(device), steps=steps,

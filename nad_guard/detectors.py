@@ -253,9 +253,11 @@ class PathDetector(BaseEstimator):
     @available_if(_calibrated)
     def trust(self, X) -> np.ndarray:
         """Conformal p-values ``(N,)`` in (0, 1]: higher = more trustworthy."""
-        return self._trust(self.score_samples(X))
+        return self.trust_of_scores(self.score_samples(X))
 
-    def _trust(self, scores: np.ndarray) -> np.ndarray:
+    @available_if(_calibrated)
+    def trust_of_scores(self, scores: np.ndarray) -> np.ndarray:
+        """The trust (conformal p-values) of scores already computed by :meth:`score_samples`."""
         return p_values(self.calibration_scores_, scores)
 
     @available_if(_calibrated)
@@ -267,7 +269,7 @@ class PathDetector(BaseEstimator):
     def records(self, X) -> list[TrustRecord]:
         """One :class:`TrustRecord` per row of ``X``."""
         s = self.score_samples(X)
-        t = self._trust(s)
+        t = self.trust_of_scores(s)
         return [TrustRecord(float(a), float(b), self.threshold_, bool(a > self.threshold_)) for a, b in zip(s, t)]
 
 

@@ -1,6 +1,6 @@
 """The detection evaluation harness: nad-guard and the baselines under one honest protocol.
 
-Splits (as :func:`training.detector.holdout_splits`): the test set is divided, seeded and
+Splits (as :func:`nad_guard.holdout.holdout_splits`): the test set is divided, seeded and
 stratified, into a *detector-fit* part (40%), a *calibration* part (20%, clean only: thresholds)
 and an *evaluation* part (40%). Clean sets hold only images the classifier gets right; adversarial
 sets hold only successful attacks on those clean images (:func:`nad_guard.attacks.generate`, cached
@@ -70,12 +70,13 @@ import torch
 import torch.nn.functional as F
 
 from nad_guard.attacks import AttackResult, generate, get_suite
-from nad_guard.baselines import (LID, MSP, DeepKNN, Energy, Features, Mahalanobis, _combiner, capture,
-                                 default_layers)
+from nad_guard.baselines import LID, MSP, DeepKNN, Energy, Features, Mahalanobis, _combiner, default_layers
 from nad_guard.calibration import CalibrationWarning
 from nad_guard.calibration import fpr_guarantee as calibration_guarantee
 from nad_guard.data import ImageSet, stratified_split
 from nad_guard.detectors import PathDetector
+from nad_guard.hooks import capture
+from nad_guard.holdout import correct_subset, holdout_provenance
 from nad_guard.guard import detector_matrix, guard_matrix, path_inputs
 from nad_guard.metrics import evaluate as evaluate_scores
 from nad_guard.metrics import markdown_table, plot_roc, threshold_at_fpr, write_json
@@ -265,7 +266,6 @@ class _Data:
                  log: Callable[[str], None]):
         from tqdm.auto import tqdm
 
-        from training.detector import correct_subset, holdout_provenance
 
         self.cfg, self.paths = cfg, paths
         clf = paths.classifier

@@ -49,7 +49,8 @@ import torch
 from nad_guard.detectors import PathDetector, load_detector, save_detector
 from nad_guard.models import (REFERENCE_MODELS, Classifier, InputSpec, load_state_dict_file, resolve_device,
                               torchvision_classifier)
-from nad_guard.paths import META_FILE, ArtifactError, PathFeatures, PathModel, _read_meta
+from nad_guard.hooks import hooked, pool
+from nad_guard.paths import META_FILE, ArtifactError, PathFeatures, PathModel, read_meta
 
 ENCODINGS = ("summary", "rich", "full")
 POOLED_ENCODINGS = ("full",)  # need the pooled gate-point activations (see path_inputs)
@@ -83,7 +84,6 @@ def detector_matrix(f: PathFeatures, encoding: str = "rich", pooled: list[torch.
 def path_inputs(paths: PathModel, x: torch.Tensor, batch_size: int = 256) -> tuple[PathFeatures, list[torch.Tensor]]:
     """:meth:`PathModel.features` of ``x`` plus the pooled gate-point activations ``(N, C_l)`` (CPU) read
     from the same forward passes (what the ``full`` encoding needs)."""
-    from nad_guard.paths import hooked, pool
 
     names = paths.layer_names_
     store: list[list[torch.Tensor]] = [[] for _ in names]
@@ -127,6 +127,32 @@ def pad_rows(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tenso
     if pad:
         x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
     return x, n
+
+
+def forward_step(batch_size: int, pad_multiple: int = PAD_MULTIPLE) -> int:
+    """Rows per forward pass: ``batch_size`` rounded down to a multiple of ``pad_multiple`` (at least one
+    multiple), so that every pass of a padded batch (:func:`pad_rows`) is itself a multiple."""
+    m = max(1, pad_multiple)
+    return max(m, batch_size - batch_size % m)
+
+
+def read_guard_meta(path: str | Path) -> dict[str, Any]:
+    """``meta.json`` of a guard directory, read without loading any weights, and checked: a path artifact
+    this library reads (:func:`~nad_guard.paths.read_meta`) that also holds a classifier record with a
+    valid input spec and a detector record. The one reader of a guard's metadata (the guard, the service
+    and the command line use it); :class:`ArtifactError` says what is missing."""
+    path = Path(path)
+    meta = read_meta(path)
+    ref, det_meta = meta.get("classifier"), meta.get("detector")
+    if not isinstance(ref, dict) or not isinstance(det_meta, dict):
+        raise ArtifactError(f"{path} holds paths but no {'classifier' if not isinstance(ref, dict) else 'detector'}"
+                            "; build the guard with `nad-guard fit-detector`")
+    try:
+        InputSpec.from_dict(ref["spec"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path / META_FILE} has no valid classifier spec ({e!r}); build the guard with "
+                            "`nad-guard fit-detector`") from e
+    return meta
 
 
 def classifier_reference(clf: Classifier) -> dict[str, Any]:
@@ -223,11 +249,21 @@ class Guard:
         a multiple of ``pad_multiple`` rows (:func:`pad_rows`), so a result does not depend on the batch
         it came in; ``pad_multiple=1`` turns that off."""
         x, n = pad_rows(x, pad_multiple)
-        step = max(pad_multiple, batch_size - batch_size % max(1, pad_multiple))
-        f, X = guard_matrix(self.paths, x, self.encoding, step)
+        f, X = guard_matrix(self.paths, x, self.encoding, forward_step(batch_size, pad_multiple))
         s = self.detector.score_samples(X)[:n]
-        return GuardResult(f.rows(slice(0, n)), s, self.detector._trust(s), s > self.detector.threshold_,
+        return GuardResult(f.rows(slice(0, n)), s, self.detector.trust_of_scores(s), s > self.detector.threshold_,
                            self.detector.threshold_)
+
+    def probabilities(self, x: torch.Tensor, batch_size: int = 256, pad_multiple: int = PAD_MULTIPLE
+                      ) -> torch.Tensor:
+        """The classifier's softmax ``(N, K)`` for ``x`` alone (no paths, no trust score), with the same
+        padded passes as :meth:`run`, so a row's result does not depend on the batch it came in."""
+        clf = self.classifier
+        x, n = pad_rows(x, pad_multiple)
+        step = forward_step(batch_size, pad_multiple)
+        with torch.no_grad():
+            return torch.cat([clf(x[i:i + step].to(clf.mean.device)).softmax(1).float().cpu()
+                              for i in range(0, len(x), step)])[:n]
 
     def predict(self, x: torch.Tensor, batch_size: int = 256) -> list[dict[str, Any]]:
         return self.run(x, batch_size).records(self.classifier.class_names)
@@ -257,11 +293,8 @@ class Guard:
         missing, corrupt or inconsistent. ``classifier`` replaces the stored one (needed for custom
         classifiers, whose architecture cannot be rebuilt from the directory); its weights must match."""
         path = Path(path)
-        meta = _read_meta(path)
-        ref, det_meta = meta.get("classifier"), meta.get("detector")
-        if not isinstance(ref, dict) or not isinstance(det_meta, dict):
-            raise ArtifactError(f"{path} holds paths but no {'classifier' if not isinstance(ref, dict) else 'detector'}"
-                                "; build the guard with `nad-guard fit-detector`")
+        meta = read_guard_meta(path)
+        ref, det_meta = meta["classifier"], meta["detector"]
         try:
             clf = classifier or _rebuild_classifier(ref, path / ref.get("file", CLASSIFIER_FILE))
             paths = PathModel.load(path, clf)

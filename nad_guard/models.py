@@ -16,6 +16,7 @@ unpickling.
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -295,6 +296,53 @@ def load_torchscript(path: str | Path, spec: InputSpec) -> Classifier:
         kind = "an exported program (.pt2)" if path.suffix == ".pt2" else "TorchScript"
         raise ValueError(f"cannot load {path} as {kind}: {e}") from e
     return Classifier(net, spec, f"{'export' if path.suffix == '.pt2' else 'torchscript'}:{path.name}")
+
+
+def classifier_from_factory(ref: str) -> Classifier:
+    """Call the user's factory ``package.module:function`` (no arguments); it must return a
+    :class:`Classifier` with its weights loaded. ``ValueError`` says what is wrong, and for a module
+    that cannot be imported, to put the folder that holds it on ``PYTHONPATH``."""
+    module, _, func = ref.partition(":")
+    if not module or not func:
+        raise ValueError(f"{ref!r} must look like package.module:function")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module!r} for {ref!r} ({e}); put the folder that holds it on "
+                         "PYTHONPATH, e.g. PYTHONPATH=path/to/folder nad-guard ...") from e
+    fn = getattr(mod, func, None)
+    if not callable(fn):
+        raise ValueError(f"{module!r} has no function {func!r} (for {ref!r})")
+    clf = fn()
+    if not isinstance(clf, Classifier):
+        raise ValueError(f"{ref} returned {type(clf).__name__}, not a nad_guard Classifier")
+    return clf
+
+
+def build_classifier(model: str, weights: str | Path | None = None, *, class_names: Sequence[str],
+                     input_size: int) -> Classifier:
+    """The one way the project turns a model's name into a :class:`Classifier`: a reference model
+    (:data:`REFERENCE_MODELS`; its bundled weights unless ``weights``), a torchvision architecture
+    (sized to ``class_names`` and ``input_size``; random weights unless ``weights``), or
+    ``package.module:function`` (:func:`classifier_from_factory`). ``weights`` (safetensors or a
+    weights-only torch checkpoint) replace the model's weights."""
+    import torchvision
+
+    if model in REFERENCE_MODELS:
+        if weights is None:
+            return load_reference(model)
+        clf = REFERENCE_MODELS[model](class_names)
+    elif model in torchvision.models.list_models(module=torchvision.models):
+        return torchvision_classifier(model, len(class_names), weights, input_size=input_size,
+                                      class_names=class_names)
+    elif ":" in model:
+        clf = classifier_from_factory(model)
+    else:
+        raise ValueError(f"unknown model {model!r}: use a reference model ({', '.join(REFERENCE_MODELS)}), "
+                         "a torchvision architecture, or package.module:function")
+    if weights is not None:
+        clf.net.load_state_dict(load_state_dict_file(weights))
+    return clf
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -92,10 +92,10 @@ import hashlib
 import json
 import math
 import platform
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,7 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 from nad_guard import __version__
+from nad_guard.hooks import device_of, hooked, pool, torch_threads
 from nad_guard.models import BasicBlock, CifarResNet, Classifier
 
 ARTIFACT_FORMAT = "nad-guard-paths"
@@ -154,58 +155,6 @@ def _unwrap(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[nn.Mod
     return model, tuple(input_shape)
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    t = next(module.parameters(), None)
-    if t is None:
-        t = next(module.buffers(), None)
-    return t.device if t is not None else torch.device("cpu")
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads, then restore the previous count.
-
-    The count is process-wide, so torch work in other Python threads sees it for the duration.
-
-    :meth:`PathModel.features` computes the per-row feature arithmetic on one thread. Those are about a
-    hundred operations on ``(N, C_l)`` tensors (small matrix products, top-k, softmax), and each
-    parallel region costs more to start than it saves. Measured on the 2-core test machine with the
-    MNIST guard at 128 rows and ``OMP_WAIT_POLICY=PASSIVE`` (the service's setting),
-    :func:`path_features` took:
-
-    * 4.8 ms on 2 threads, and 1.5-1.7 ms on 1;
-    * with the default wait policy: 1.6-1.8 ms on either count.
-    """
-    old = torch.get_num_threads()
-    if old == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@contextmanager
-def hooked(net: nn.Module, names: Sequence[str], fn: Callable[[int, torch.Tensor], torch.Tensor | None]
-           ) -> Iterator[None]:
-    """Attach ``fn(i, output)`` as a forward hook on module ``names[i]`` for the ``with`` block.
-
-    A non-``None`` return value replaces the module's output. The hooks are removed on exit, also when
-    the block raises; nothing else about ``net`` changes.
-    """
-    modules = dict(net.named_modules())
-    handles = []
-    try:
-        for i, name in enumerate(names):
-            handles.append(modules[name].register_forward_hook(lambda _m, _inp, out, i=i: fn(i, out)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _trace(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, int], dict[str, Any], list[str]]:
     """One dry forward on zeros: call count and last output of every module, and leaf call order."""
     calls: dict[str, int] = {}
@@ -221,7 +170,7 @@ def _trace(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, int]
             order.append(names[i])
 
     with torch.no_grad(), hooked(net, names, record):
-        net(torch.zeros(1, *input_shape, device=_device_of(net)))
+        net(torch.zeros(1, *input_shape, device=device_of(net)))
     return calls, outputs, order
 
 
@@ -300,11 +249,6 @@ def find_gate_points(model: nn.Module, layers: Sequence[str] | None = None, *,
 
 
 # --------------------------------------------------------------------------- feature math
-
-def pool(out: torch.Tensor) -> torch.Tensor:
-    """``(N, C, ...)`` -> ``(N, C)``: mean over all positions; a 2-D output is returned as is."""
-    return out if out.ndim == 2 else out.flatten(2).mean(2)
-
 
 def apply_gate(out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Multiply ``out`` ``(N, C, ...)`` channel-wise by ``gate`` ``(N, C)``."""
@@ -609,7 +553,7 @@ class PathModel:
         n = len(labels)
         if n == 0:
             raise ValueError("fit_stats needs at least one image")
-        device = _device_of(self.classifier)
+        device = device_of(self.classifier)
         # per layer: [sum, sumsq] over correct and over all rows; per-class sums and counts (correct, all)
         acc = {key: [None] * len(names) for key in ("s_ok", "q_ok", "s_all", "q_all", "c_ok", "c_all")}
         cnt_ok, cnt_all = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
@@ -711,7 +655,7 @@ class PathModel:
         self._check_fitted(stats=True)
         self.classifier.check_input(x)
         names = self.layer_names_
-        device = _device_of(self.classifier)
+        device = device_of(self.classifier)
         masks = [self.masks_[n].to(device) for n in names]
         stats = [self.stats_[n].to(device) for n in names]
         chunks: list[dict[str, torch.Tensor]] = []
@@ -776,7 +720,7 @@ class PathModel:
         from safetensors.torch import load_file
 
         path = Path(path)
-        meta = _read_meta(path)
+        meta = read_meta(path)
         mine = classifier.spec.to_dict()
         try:
             model = dict(meta["model"])
@@ -828,7 +772,9 @@ def _as_list(v: Any) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` of a path artifact (or guard) directory, checked to be an artifact of the version this
+    library reads; :class:`ArtifactError` says what is wrong otherwise."""
     meta_file = path / META_FILE
     if not path.is_dir():
         raise ArtifactError(f"no path artifact at {path}: not a directory")

@@ -3,21 +3,22 @@ content hash and position when it is audited or evaluated. No recomputed float i
 identity (scores differ in their last bits from one CPU to another).
 
 The record (``meta.json["detector"]["provenance"]``, written by ``nad-guard fit-detector`` and
-``build-default``, :func:`training.detector.build_guard`)::
+``build-default``, :func:`training.detector.build_guard`, the evaluation harness)::
 
     {"format": 1,
      "data": "cifar10", "split": "test", "split_name": "cifar10/test",
      "split_images": 10000, "split_sha256": "<sha256 of the split's labels and decoded pixels>",
-     "sample": {"max_images": 3000, "seed": 0, "rule": "training.detector.sample_heldout"} or null,
+     "sample": {"max_images": 3000, "seed": 0, "rule": "nad_guard.holdout.sample_heldout"} or null,
      "seed": 0, "fractions": {"detector-fit": 0.4, "calibration": 0.2, "evaluation": 0.4},
-     "rule": "training.detector.holdout_indices",
+     "rule": "nad_guard.holdout.holdout_indices",
      "parts": {"detector-fit": {"images": 1200, "sha256": "...", "positions": [...]}, ...},
      "calibration_clean": {"images": 535, "positions": [...]}}
 
 ``positions`` are positions in the whole split, sorted; a part's ``sha256`` covers its images' labels
 and pixels in that order (:func:`content_sha256`). ``calibration_clean`` are the calibration images the
 classifier labelled correctly, the ones whose detector scores set the threshold. The rule and seed say
-how the parts were drawn; the positions are what the checks use, so a change in a random number
+how the parts were drawn (records written before the code moved name the same rules under
+``training.detector``); the positions are what the checks use, so a change in a random number
 generator cannot move an image into another part unnoticed.
 
 :func:`locate` assigns each image of an audited split its part, with a status:

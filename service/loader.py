@@ -20,16 +20,14 @@ the source and what to do; the server then does not start.
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
 import typing as t
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from nad_guard.guard import DEFAULT_GUARD_DIR, Guard
-from nad_guard.models import Classifier, InputSpec
+from nad_guard.guard import DEFAULT_GUARD_DIR, Guard, read_guard_meta
+from nad_guard.models import Classifier, InputSpec, classifier_from_factory
 from nad_guard.paths import ArtifactError
 
 ENV_TAG, ENV_DIR, ENV_CLASSIFIER = "NAD_GUARD_MODEL_TAG", "NAD_GUARD_DIR", "NAD_GUARD_CLASSIFIER"
@@ -96,7 +94,10 @@ class Settings:
     max_latency_ms: int = 10_000          # NAD_GUARD_MAX_LATENCY_MS: adaptive batching bound [10 s]
     batch_wait_ms: int = 5                # NAD_GUARD_BATCH_WAIT_MS: cap on the learned batching wait [5]
     pad_multiple: int = 8                 # NAD_GUARD_PAD_ROWS: pad forward passes to a multiple of this [8]
-    forward_rows: int = 128               # NAD_GUARD_FORWARD_ROWS: rows per forward pass of a merged batch [128]
+    # NAD_GUARD_FORWARD_ROWS: rows per forward pass of a merged batch [128], rounded down to a multiple of
+    # pad_multiple (nad_guard.guard.forward_step). On the 2-core test machine the MNIST CNN's forward pass gave
+    # 8-32% fewer images/s at 256 rows than at 128 in repeated in-process runs (bench/results/serve_load.md).
+    forward_rows: int = 128
     device: str = "cpu"                   # NAD_GUARD_DEVICE: cpu, cuda[:N] or auto [cpu]
     workers: int = 0                      # NAD_GUARD_WORKERS: serving processes, 0 = auto (see workers_for) [0]
     torch_threads: int = 0                # NAD_GUARD_TORCH_THREADS: per process, 0 = auto (see threads_for) [0]
@@ -217,16 +218,10 @@ def _classifier_from_env(env: Mapping[str, str]) -> Classifier | None:
     ref = env.get(ENV_CLASSIFIER)
     if not ref:
         return None
-    module, _, func = ref.partition(":")
-    if not module or not func:
-        raise GuardStartupError(f"{ENV_CLASSIFIER}={ref!r} must look like package.module:function")
     try:
-        clf = getattr(importlib.import_module(module), func)()
-    except (ImportError, AttributeError) as e:
-        raise GuardStartupError(f"{ENV_CLASSIFIER}={ref!r} cannot be imported: {e}") from e
-    if not isinstance(clf, Classifier):
-        raise GuardStartupError(f"{ENV_CLASSIFIER}={ref!r} returned {type(clf).__name__}, not a nad_guard Classifier")
-    return clf
+        return classifier_from_factory(ref)
+    except ValueError as e:
+        raise GuardStartupError(f"{ENV_CLASSIFIER}: {e}") from e
 
 
 def load_guard(source: GuardSource, device: str = "cpu", env: Mapping[str, str] | None = None) -> Guard:
@@ -247,14 +242,8 @@ def load_guard(source: GuardSource, device: str = "cpu", env: Mapping[str, str] 
 def read_spec(source: GuardSource) -> tuple[InputSpec, dict]:
     """The classifier's input spec and the detector's metadata from ``meta.json`` alone (no weights),
     for the HTTP front end; raises :class:`GuardStartupError` if they are missing or malformed."""
-    meta_file = source.path / "meta.json"
     try:
-        meta = json.loads(meta_file.read_text())
-        spec = InputSpec.from_dict(meta["classifier"]["spec"])
-        detector = dict(meta["detector"])
-    except FileNotFoundError:
-        raise GuardStartupError(f"cannot load the guard from {source}: {meta_file} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise GuardStartupError(f"cannot load the guard from {source}: {meta_file} has no valid classifier "
-                                f"spec and detector ({e!r}); build the guard with `nad-guard fit-detector`") from e
-    return spec, detector
+        meta = read_guard_meta(source.path)
+    except ArtifactError as e:
+        raise GuardStartupError(f"cannot load the guard from {source}: {e}") from e
+    return InputSpec.from_dict(meta["classifier"]["spec"]), dict(meta["detector"])

@@ -64,7 +64,6 @@ from _bentoml_sdk.io_models import IORootModel  # BentoML 1.4's base of list out
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from nad_guard.guard import pad_rows
 from service import bentoml_fixes, openapi
 from service.gate import BATCH_KEY, Gate
 from service.loader import ENV_TAG, Settings, load_guard, read_spec, resolve_source, usable_cores
@@ -197,16 +196,6 @@ def _record_metrics(records: list[dict[str, t.Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- service
-def forward_step(settings: Settings) -> int:
-    """Rows per forward pass: ``forward_rows`` rounded down to a multiple of ``pad_multiple`` (at least
-    one multiple), the same rule as :meth:`nad_guard.guard.Guard.run`'s ``batch_size``. Merged batches
-    are run in passes of this size: on the 2-core test machine the MNIST CNN's forward pass gave 8-32%
-    fewer images/s at 256 rows than at 128 in repeated in-process runs (bench/results/serve_load.md
-    has the figures of its run at 32, 64, 128 and 256 rows)."""
-    m = max(1, settings.pad_multiple)
-    return max(m, settings.forward_rows - settings.forward_rows % m)
-
-
 # Both endpoints: GuardInput parses and checks each request on the event loop; BentoML merges
 # concurrent requests' arrays (up to max_batch_size rows) into one call and splits the returned list
 # of records (one per row) back into each request's share.
@@ -260,12 +249,8 @@ class NadGuard:
         """Plain classification (no trust score), for comparison."""
         import torch
 
-        clf = self.guard.classifier
-        xp, n = pad_rows(torch.from_numpy(x), self.settings.pad_multiple)
-        step = forward_step(self.settings)
-        with torch.no_grad():
-            probs = torch.cat([clf(xp[i:i + step].to(clf.mean.device)).softmax(1).float().cpu()
-                               for i in range(0, len(xp), step)])[:n].numpy()
+        probs = self.guard.probabilities(torch.from_numpy(x), batch_size=self.settings.forward_rows,
+                                         pad_multiple=self.settings.pad_multiple).numpy()
         labels = probs.argmax(1)
         return [{"label": int(k), "class_name": self.class_names[int(k)], "confidence": float(p[k])}
                 for k, p in zip(labels, probs)]

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from nad_guard.audit import (AuditError, check_fits, confusion_matrix, holdout_parts, load_split, run_audit,
                              wilson, write_report)
-from nad_guard.cli import main
+from nad_guard_cli import main
 from nad_guard.data import ImageSet
 from nad_guard.guard import DEFAULT_GUARD_DIR, Guard
 from nad_guard.provenance import PARTS
@@ -133,7 +133,7 @@ def test_similarity_and_confusion_are_compared_over_class_pairs(audited):
 
 
 def test_holdout_parts_are_the_detectors_and_separation_uses_the_evaluation_part(audited, mnist_test):
-    from training.detector import holdout_splits
+    from nad_guard.holdout import holdout_splits
 
     result, out = audited
     assert result.split["status"] == "verified"
@@ -207,7 +207,7 @@ def test_a_split_that_cannot_be_verified_is_said_so_with_what_to_do(guard, mnist
 def test_holdout_parts_of_a_detector_fitted_on_a_sample(guard, mnist_test):
     """A detector fitted on `fit-detector --max-images 500`: its record holds the parts of that seeded
     sample, and every image outside the sample counts as unseen by the detector."""
-    from training.detector import holdout_indices, holdout_provenance, sample_heldout
+    from nad_guard.holdout import holdout_indices, holdout_provenance, sample_heldout
 
     (fit, cal, ev), record = holdout_provenance(mnist_test, "mnist5k", 500, 0)
     assert record["sample"]["max_images"] == 500 and [len(fit), len(cal), len(ev)] == [200, 100, 200]

@@ -7,7 +7,8 @@ import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from nad_guard.baselines import (LID, MSP, DeepKNN, Energy, Features, Mahalanobis, capture, default_layers,
+from nad_guard.hooks import capture
+from nad_guard.baselines import (LID, MSP, DeepKNN, Energy, Features, Mahalanobis, default_layers,
                                  extract_features)
 from nad_guard.models import mnist_cnn, resnet20
 

@@ -8,7 +8,8 @@ import torch
 from nad_guard.critical import critical_paths
 from nad_guard.data import ImageSet
 from nad_guard.models import Classifier
-from nad_guard.paths import apply_gate, find_gate_points, hooked
+from nad_guard.hooks import hooked
+from nad_guard.paths import apply_gate, find_gate_points
 
 
 @pytest.fixture(scope="module")

@@ -132,10 +132,11 @@ def test_decision_function_predict_and_trust_agree():
 
 
 def test_one_default_method_everywhere():
-    from nad_guard.cli import main
+    from nad_guard_cli import main
     from nad_guard.detectors import DEFAULT_METHOD
     from nad_guard.evaluate import EvalConfig
-    from training.detector import DEFAULT_RECIPE, build_guard, fit_guard
+    from nad_guard.fitting import fit_guard
+    from training.detector import DEFAULT_RECIPE, build_guard
 
     def default(fn, name="method"):
         return inspect.signature(fn).parameters[name].default

@@ -74,7 +74,7 @@ def test_splits_are_disjoint_and_clean_sets_correct(result):
 def test_the_parts_are_recorded_by_content_hash(result, digits):
     """evaluate records which images its parts hold, as fit-detector does, so the two can be compared."""
     from nad_guard.provenance import compare, content_sha256
-    from training.detector import holdout_provenance
+    from nad_guard.holdout import holdout_provenance
 
     prov = result["provenance"]
     test = with_errors(digits[1])
@@ -129,7 +129,7 @@ def test_soft_surrogate_matches_the_detector_input(paths, digits, encoding):
 def test_outputs_and_cli(paths, tiny_model, digits, result, tmp_path):
     from safetensors.torch import save_file
 
-    from nad_guard.cli import main
+    from nad_guard_cli import main
 
     files = write_outputs(result, tmp_path / "lib", command="test")
     assert (tmp_path / "lib" / "results.md").read_text().startswith("# Detection evaluation")

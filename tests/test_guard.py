@@ -12,7 +12,8 @@ from nad_guard.calibration import CalibrationWarning
 from nad_guard.guard import Guard, detector_matrix
 from nad_guard.metrics import auroc
 from nad_guard.paths import ArtifactError
-from training.detector import correct_subset, fit_guard, holdout_splits
+from nad_guard.fitting import fit_guard
+from nad_guard.holdout import correct_subset, holdout_splits
 from training.paths import fit_paths
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,7 +131,7 @@ def test_fit_detector_records_provenance_and_calibration(guard, digits, tmp_path
     with the calibration's size and false-positive bounds; the audit verifies the split from it alone."""
     from nad_guard.audit import holdout_parts
     from nad_guard.provenance import PARTS, content_sha256
-    from training.detector import holdout_provenance
+    from nad_guard.holdout import holdout_provenance
 
     test = digits[1]
     (fit, calib, ev), record = holdout_provenance(test, "digits", None, 0)
@@ -197,7 +198,7 @@ def test_fit_detector_cli_reports_the_calibration_and_refuses_an_impossible_rate
     from click.testing import CliRunner
     from safetensors.torch import save_file
 
-    from nad_guard.cli import main
+    from nad_guard_cli import main
 
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_model.net.state_dict().items()}, str(weights))

@@ -409,7 +409,7 @@ def test_artifact_for_another_architecture_is_refused(saved: Path) -> None:
 
 
 def test_torch_threads_sets_and_restores_the_count():
-    from nad_guard.paths import torch_threads
+    from nad_guard.hooks import torch_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -771,12 +771,13 @@ def test_worker_and_thread_counts():
 
 
 def test_forward_passes_are_whole_multiples_of_the_padding():
-    from service.service import forward_step
+    from nad_guard.guard import forward_step
 
-    assert forward_step(Settings()) == 128
-    assert forward_step(Settings(forward_rows=100, pad_multiple=8)) == 96
-    assert forward_step(Settings(forward_rows=5, pad_multiple=8)) == 8
-    assert forward_step(Settings(forward_rows=5, pad_multiple=1)) == 5
+    d = Settings()
+    assert forward_step(d.forward_rows, d.pad_multiple) == 128
+    assert forward_step(100, 8) == 96
+    assert forward_step(5, 8) == 8
+    assert forward_step(5, 1) == 5
 
 
 def test_timeout_middleware_releases_each_request_at_once():

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import time
@@ -67,9 +66,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nad_guard.data import ImageSet, load_dataset
-from nad_guard.models import (REFERENCE_MODELS, Classifier, load_reference, load_state_dict_file, resolve_device,
-                              torchvision_classifier)
-from nad_guard.paths import PathModel, apply_gate, find_gate_points, hooked
+from nad_guard.models import Classifier, build_classifier, resolve_device
+from nad_guard.hooks import hooked
+from nad_guard.paths import PathModel, apply_gate, find_gate_points
 
 CHECKPOINT_FILE = "paths-checkpoint.pt"
 
@@ -460,32 +459,6 @@ def fit_paths_nad(classifier: Classifier, train_set: ImageSet, test_set: ImageSe
 
 # --------------------------------------------------------------------------- command line
 
-def build_classifier(model: str, train_set: ImageSet, weights: str | None = None) -> Classifier:
-    """A classifier from a reference model name, a torchvision architecture name (sized to
-    ``train_set``), or ``package.module:function`` returning a :class:`Classifier`; ``weights``
-    (safetensors or a weights-only torch checkpoint) replace its weights."""
-    import torchvision
-
-    if model in REFERENCE_MODELS:
-        if weights is None:
-            return load_reference(model)
-        clf = REFERENCE_MODELS[model](train_set.classes)
-    elif model in torchvision.models.list_models(module=torchvision.models):
-        return torchvision_classifier(model, train_set.num_classes, weights, input_size=train_set.shape[1],
-                                      class_names=train_set.classes)
-    elif ":" in model:
-        module, _, func = model.partition(":")
-        clf = getattr(importlib.import_module(module), func)()
-        if not isinstance(clf, Classifier):
-            raise ValueError(f"{model} returned {type(clf).__name__}, not a nad_guard Classifier")
-    else:
-        raise ValueError(f"unknown model {model!r}: use a reference model ({', '.join(REFERENCE_MODELS)}), "
-                         "a torchvision architecture, or package.module:function")
-    if weights is not None:
-        clf.net.load_state_dict(load_state_dict_file(weights))
-    return clf
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m training.paths", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
@@ -524,7 +497,7 @@ def fit_and_save(model: str, data: str, out: str | Path, *, weights: str | None 
     """Load data and classifier, learn the paths with ``schedule`` and save the artifact to ``out``
     (rank 0 only under torchrun). Returns a summary of the metrics on rank 0, else ``None``."""
     train, test = load_dataset(data, data_root)
-    clf = build_classifier(model, train, weights)
+    clf = build_classifier(model, weights, class_names=train.classes, input_size=train.shape[1])
     common: dict[str, Any] = {"layers": layers, "device": device, "seed": seed, "checkpoint_dir": checkpoint_dir,
                               "progress": progress}
     common |= {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}

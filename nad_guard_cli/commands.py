@@ -1,4 +1,8 @@
-"""The ``nad-guard`` command line (click)."""
+"""The ``nad-guard`` command line (click).
+
+Each command imports what it needs when it runs, so that ``nad-guard --help`` and a mistyped option
+answer at once instead of after importing torch, torchattacks and matplotlib.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import contextlib
 import json
 import time
 import warnings
+from pathlib import Path
 
 import click
 
@@ -274,11 +279,8 @@ def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data
     from nad_guard.attacks import default_cache_dir
     from nad_guard.data import load_dataset
     from nad_guard.evaluate import EvalConfig, run_evaluation, write_outputs
-    from pathlib import Path
-
-    from nad_guard.models import resolve_device
-    from nad_guard.paths import PathModel, _read_meta
-    from training.paths import build_classifier
+    from nad_guard.models import build_classifier, resolve_device
+    from nad_guard.paths import PathModel, read_meta
 
     split = lambda v: [s.strip() for s in v.split(",") if s.strip()]  # noqa: E731
     m, e = split(methods), split(encodings)
@@ -289,8 +291,9 @@ def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data
                      train_images=train_images, adaptive_images=adaptive_images,
                      device=str(resolve_device(device)), progress=not quiet)
     train, test = load_dataset(data, data_root)
-    paths = PathModel.load(artifact, build_classifier(model, train, weights))
-    detector_meta = _read_meta(Path(artifact)).get("detector")
+    paths = PathModel.load(artifact, build_classifier(model, weights, class_names=train.classes,
+                                                      input_size=train.shape[1]))
+    detector_meta = read_meta(Path(artifact)).get("detector")
     result = run_evaluation(paths, train, test, cfg, cache_dir=cache_dir or default_cache_dir(),
                             log=lambda msg: click.echo(msg, err=True),
                             guard_provenance=(detector_meta.get("provenance") or {}) if detector_meta else None)

@@ -1,0 +1,114 @@
+"""Fit and calibrate a guard's detector on path features (used by ``nad-guard fit-detector`` and the
+evaluation harness): attacks on the fit part, features, detector, threshold on held-out clean images."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from nad_guard.attacks import generate, get_suite
+from nad_guard.calibration import conformal_rank
+from nad_guard.data import ImageSet
+from nad_guard.detectors import CLEAN_ONLY, PathDetector, cv_groups, select_by_cv
+from nad_guard.guard import Guard, guard_matrices, guard_matrix
+from nad_guard.holdout import correct_mask, partition_correct
+from nad_guard.models import resolve_device
+from nad_guard.paths import PathModel
+from nad_guard.provenance import with_calibration_clean
+
+
+CV_CANDIDATES = {"methods": ("logistic", "gboost"), "encodings": ("rich", "full")}
+
+
+def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *, suite: str = "mnist",
+              attacks: Sequence[str] | None = None, method: str = "logistic", encoding: str = "rich",
+              select: str = "fixed", cv_folds: int = 3, mispredictions: bool = True, fpr: float = 0.05,
+              device: str = "auto", batch_size: int = 128, cache_dir: str | Path | None = None, progress: bool = True,
+              seed: int = 0, provenance: dict[str, Any] | None = None) -> Guard:
+    """Train a detector on path features of ``fit_set`` and calibrate its threshold on the correctly
+    classified images of ``calibration_set`` (held out, clean only).
+
+    Supervised methods learn the correctly classified images (label 0) against the suite's successful
+    attacks on them and, with ``mispredictions``, the images the classifier gets wrong (label 1): the
+    guard's question is whether a prediction can be trusted, whatever the cause. Clean-only methods
+    (``knn``, ``gaussian``, ``isoforest``) generate no attacks and see only the correct images.
+
+    ``select="cv"`` ignores ``method`` and ``encoding`` and takes, among :data:`CV_CANDIDATES`, the
+    pair with the best ``cv_folds``-fold cross-validated AUROC on this training data, folds holding out
+    whole attacks (or, with fewer attacks than folds, whole source images; see
+    :func:`nad_guard.detectors.cv_groups`); the scores go into the guard's metadata.
+
+    ``provenance``: the record of which images ``fit_set`` and ``calibration_set`` are
+    (:func:`nad_guard.holdout.holdout_provenance`); the guard's metadata gets it, plus the calibration images that set the
+    threshold. The metadata always gets the calibration's size and false-positive bounds
+    (:meth:`PathDetector.calibration`); a calibration set too small for a tight bound warns
+    (:class:`~nad_guard.calibration.CalibrationWarning`), one too small for ``fpr`` at all raises.
+    """
+    if select not in ("fixed", "cv"):
+        raise ValueError(f"select must be 'fixed' or 'cv', got {select!r}")
+    conformal_rank(len(calibration_set), fpr)  # too few calibration images for fpr at all: say so before any attack
+    if select == "cv" and method in CLEAN_ONLY:
+        raise ValueError(f"select='cv' chooses among the supervised detectors {CV_CANDIDATES['methods']}; "
+                         f"{method!r} is clean-only")
+    t0 = time.time()
+    dev = resolve_device(device)
+    paths.classifier.to(dev)
+    encodings = (encoding,) if select == "fixed" else CV_CANDIDATES["encodings"]
+
+    def matrices(x: torch.Tensor) -> dict[str, np.ndarray]:
+        return guard_matrices(paths, x, encodings, batch_size)[1]
+
+    clean, wrong = partition_correct(paths, fit_set)
+    X_clean = matrices(clean.float())
+    n_clean = len(clean)
+    blocks, ys, sources, per_attack = [X_clean], [np.zeros(n_clean)], [], {}
+    suite_obj = get_suite(suite, seed=seed)
+    n_wrong = 0
+    if method not in CLEAN_ONLY:
+        for name in attacks or [a for a in suite_obj.names if not a.startswith("noise")]:
+            res = generate(paths.classifier, clean, attack=name, suite=suite_obj, batch_size=batch_size,
+                           device=dev, cache_dir=cache_dir, progress=progress)
+            if len(res.adv_images):
+                blocks.append(matrices(res.adv_images))
+                ys.append(np.ones(len(res.adv_images)))
+                sources.append(res.indices.numpy())  # each adversarial's source image
+            per_attack[name] = {"success_rate": res.stats.success_rate, "kept": res.stats.n_kept,
+                                "seconds": res.stats.seconds}
+        if mispredictions and len(wrong):
+            blocks.append(matrices(wrong.float()))
+            ys.append(np.ones(len(wrong)))
+            sources.append(n_clean + np.arange(len(wrong)))
+            n_wrong = len(wrong)
+    y = np.concatenate(ys)
+    X = {e: np.vstack([b[e] for b in blocks]) for e in encodings}
+    selection = None
+    if select == "cv":
+        groups, by = cv_groups(n_clean, sources, cv_folds)
+        best, cv = select_by_cv({f"{m},{e}": (m, X[e]) for e in encodings for m in CV_CANDIDATES["methods"]}, y,
+                                groups, cv_folds, seed)
+        method, encoding = best.split(",")
+        selection = {"folds": cv_folds, "folds_by": by, "cv_auroc": cv, "selected": best}
+    det = PathDetector(method, random_state=seed).fit(X[encoding], y)
+    cal_ok = correct_mask(paths, calibration_set)
+    calib = calibration_set.subset(cal_ok.nonzero().flatten(), f"{calibration_set.name}[correct]")
+    if provenance is not None:
+        cal_positions = np.asarray(provenance["parts"]["calibration"]["positions"])
+        if len(cal_positions) != len(calibration_set):
+            raise ValueError(f"the provenance record's calibration part has {len(cal_positions)} images, the "
+                             f"calibration set {len(calibration_set)}")
+        provenance = with_calibration_clean(provenance, cal_positions[cal_ok.numpy()])
+    det.infer_threshold(guard_matrix(paths, calib.float(), encoding, batch_size)[1], fpr=fpr)
+    info: dict[str, Any] = {"suite": suite, "attacks": per_attack, "fit_set": fit_set.name,
+                            "fit_clean": n_clean, "fit_adversarial": int(sum(len(v) for v in ys[1:])) - n_wrong,
+                            "fit_mispredicted": n_wrong,
+                            "calibration_set": calibration_set.name, "calibration_clean": len(calib),
+                            "calibration": det.calibration().to_dict(),
+                            "seed": seed, "seconds": round(time.time() - t0, 1),
+                            **({"selection": selection} if selection else {}),
+                            **({"provenance": provenance} if provenance is not None else {})}
+    paths.classifier.cpu()
+    return Guard(paths, det, encoding, {"detector_info": info})
