@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from nad_guard.evaluate import EvalConfig, _Data
+from nad_guard.evaluate import EvalConfig, EvalData
 from nad_guard.paths import PathModel
 from nad_guard.attacks import default_cache_dir
 from nad_guard.data import load_dataset
@@ -23,7 +23,7 @@ clf = load_reference(model)
 pm = PathModel.load(art, clf)
 train, test = load_dataset(data)
 cfg = EvalConfig(suite="cifar10" if "cifar" in data else "mnist", max_images=int(n) or None, train_images=1000, progress=False, device="cpu")
-d = _Data(pm, train, test, cfg, default_cache_dir(), print)
+d = EvalData(pm, train, test, cfg, default_cache_dir(), print)
 enc = "rich"
 ak = ["fit:clean"] + [f"fit:{a}" for a in d.usable]
 F = lambda k: d.f[k].path[enc]

@@ -327,7 +327,9 @@ class Energy(BaseDetector):
         return (-t * torch.logsumexp(_logits(features) / t, dim=1)).numpy()
 
 
-def _combiner(c: float) -> Pipeline:
+def combiner(c: float) -> Pipeline:
+    """The supervised baselines' combiner (Ma et al.; Lee et al.): standardise the per-layer scores, then a
+    logistic regression with inverse regularisation ``c``."""
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
 
 
@@ -371,7 +373,7 @@ class Mahalanobis(BaseDetector):
         self._fit_gaussians(features, y)
         self.combiner_ = None
         if self.combine == "logistic":
-            self.combiner_ = _combiner(self.C).fit(self.layer_scores(detector_features), t)
+            self.combiner_ = combiner(self.C).fit(self.layer_scores(detector_features), t)
         return self
 
     def fit(self, model: nn.Module, images: ImagesLike, labels: Any = None, *,
@@ -385,7 +387,7 @@ class Mahalanobis(BaseDetector):
         self.combiner_ = None
         if self.combine == "logistic":
             det = self._extract(model, detector_images, self.layers_, batch_size, device)
-            self.combiner_ = _combiner(self.C).fit(self.layer_scores(det), _targets(det, detector_targets))
+            self.combiner_ = combiner(self.C).fit(self.layer_scores(det), _targets(det, detector_targets))
         return self
 
     def _check_fit_args(self, features: Features, labels: Any, has_detector_data: bool) -> np.ndarray:
@@ -523,7 +525,7 @@ class LID(BaseDetector):
         self.layers_ = layers
         self.combiner_ = None
         if t is not None and self.combine == "logistic":
-            self.combiner_ = _combiner(self.C).fit(self.layer_scores(detector_features), t)
+            self.combiner_ = combiner(self.C).fit(self.layer_scores(detector_features), t)
         return self
 
     def layer_scores(self, features: Features) -> np.ndarray:

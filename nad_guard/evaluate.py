@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from nad_guard.attacks import AttackResult, generate, get_suite
-from nad_guard.baselines import LID, MSP, DeepKNN, Energy, Features, Mahalanobis, _combiner, default_layers
+from nad_guard.baselines import LID, MSP, DeepKNN, Energy, Features, Mahalanobis, combiner, default_layers
 from nad_guard.calibration import CalibrationWarning
 from nad_guard.calibration import fpr_guarantee as calibration_guarantee
 from nad_guard.data import ImageSet, stratified_split
@@ -259,13 +259,12 @@ def _torch_linear(pipeline: Any, dtype: torch.dtype, device: torch.device) -> Ca
 
 # --------------------------------------------------------------------------- the run
 
-class _Data:
+class EvalData:
     """Splits, attacks and features of one run (computed once, shared by the protocols)."""
 
     def __init__(self, paths: PathModel, train: ImageSet, test: ImageSet, cfg: EvalConfig, cache_dir: Path | None,
                  log: Callable[[str], None]):
         from tqdm.auto import tqdm
-
 
         self.cfg, self.paths = cfg, paths
         clf = paths.classifier
@@ -373,7 +372,7 @@ class _Data:
 class _Baselines:
     """Unsupervised baselines fitted once; per-set scores and layer scores cached."""
 
-    def __init__(self, d: _Data, seed: int):
+    def __init__(self, d: EvalData, seed: int):
         self.d = d
         self.msp, self.energy = MSP(), Energy()
         self.maha = Mahalanobis(combine="last").fit_features(d.train_base, d.train_labels)
@@ -397,7 +396,7 @@ class _Baselines:
         return self._cache[k]
 
 
-def _metrics_row(detector: str, attack: str, clean: np.ndarray, susp: np.ndarray, cal: np.ndarray,
+def metrics_row(detector: str, attack: str, clean: np.ndarray, susp: np.ndarray, cal: np.ndarray,
                  cfg: EvalConfig) -> dict[str, Any]:
     m = evaluate_scores(clean, susp, cal, fpr=cfg.fpr, n_resamples=cfg.n_resamples, seed=cfg.seed)
     return {"detector": detector, "attack": attack, **m.to_dict()}
@@ -411,7 +410,7 @@ def _nad_name(method: str, encoding: str, cfg: EvalConfig) -> str:
     return f"nad-guard[{method},{encoding}]"
 
 
-def _supervised_protocol(d: _Data, b: _Baselines, cfg: EvalConfig, tasks: list[tuple[str, list[str]]],
+def _supervised_protocol(d: EvalData, b: _Baselines, cfg: EvalConfig, tasks: list[tuple[str, list[str]]],
                          progress_desc: str, keep_scores: dict[str, Any]) -> list[dict[str, Any]]:
     """Each task ``(test_attack, train_attacks)``: fit every supervised detector on the fit part's clean
     images + the train attacks' adversarials, score the evaluation part."""
@@ -434,19 +433,19 @@ def _supervised_protocol(d: _Data, b: _Baselines, cfg: EvalConfig, tasks: list[t
             scores = {"nad-guard": scores[_nad_name(cm, ce, cfg)], **scores}
         for which in ("mahalanobis", "lid"):
             L = np.vstack([b.layer_scores(which, k) for k in train_keys])
-            comb = _combiner(1.0).fit(L, y)
+            comb = combiner(1.0).fit(L, y)
             scores[f"{which}-lr"] = {r: comb.decision_function(b.layer_scores(which, k)) for r, k in test.items()}
         for name in ("msp", "energy", "deep-knn"):
             scores[name] = {r: b.score(name, k) for r, k in test.items()}
         for det_name, s in scores.items():
-            rows.append({**_metrics_row(det_name, test_attack, s["clean"], s["adv"], s["cal"], cfg),
+            rows.append({**metrics_row(det_name, test_attack, s["clean"], s["adv"], s["cal"], cfg),
                          "trained_on": "+".join(train_attacks),
                          **({"selected": f"{cm},{ce}", "cv": cv} if det_name == "nad-guard" else {})})
         keep_scores[test_attack] = scores
     return rows
 
 
-def _clean_only(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[str, Any]) -> list[dict[str, Any]]:
+def _clean_only(d: EvalData, b: _Baselines, cfg: EvalConfig, keep_scores: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     keys = {"clean": "evaluation:clean", "cal": "calibration:clean"}
     dets = {}
@@ -461,18 +460,18 @@ def _clean_only(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[str,
         for name, fn in dets.items():
             s = {r: fn(k) for r, k in {**keys, "adv": f"evaluation:{attack}"}.items()}
             scores[name] = s
-            rows.append({**_metrics_row(name, attack, s["clean"], s["adv"], s["cal"], cfg), "trained_on": "clean"})
+            rows.append({**metrics_row(name, attack, s["clean"], s["adv"], s["cal"], cfg), "trained_on": "clean"})
         keep_scores[attack] = scores
     return rows
 
 
-def _deployed_keys(d: _Data) -> list[str]:
+def _deployed_keys(d: EvalData) -> list[str]:
     """The deployed detector's training data: the fit part's clean images, every attack on them and the
     fit part's natural mispredictions (as ``nad-guard fit-detector`` trains it)."""
     return (["fit:clean"] + [f"fit:{a}" for a in d.usable] + (["fit:wrong"] if "fit:wrong" in d.f else []))
 
 
-def _mispredictions(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[str, Any]) -> list[dict[str, Any]]:
+def _mispredictions(d: EvalData, b: _Baselines, cfg: EvalConfig, keep_scores: dict[str, Any]) -> list[dict[str, Any]]:
     if "evaluation:wrong" not in d.f or len(d.f["evaluation:wrong"]) == 0:
         return []
     keys = {"clean": "evaluation:clean", "adv": "evaluation:wrong", "cal": "calibration:clean"}
@@ -500,7 +499,7 @@ def _mispredictions(d: _Data, b: _Baselines, cfg: EvalConfig, keep_scores: dict[
         s = {r: fn(k) for r, k in keys.items()}
         scores[name] = s
         trained_on = {"nad-guard": "all attacks + fit mispredictions"}.get(name, "all attacks" if "attacks only" in name else "")
-        rows.append({**_metrics_row(name, "mispredictions", s["clean"], s["adv"], s["cal"], cfg),
+        rows.append({**metrics_row(name, "mispredictions", s["clean"], s["adv"], s["cal"], cfg),
                      "trained_on": trained_on,
                      **({"selected": f"{method},{enc}", "cv": cv} if name == "nad-guard" else {})})
     keep_scores["mispredictions"] = scores
@@ -537,7 +536,7 @@ def _adaptive_pgd(clf: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, surro
     return success
 
 
-def _adaptive(d: _Data, b: _Baselines, cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, Any]:
+def _adaptive(d: EvalData, b: _Baselines, cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, Any]:
     """Adaptive white-box attack on the deployed nad-guard detector and on Mahalanobis-LR."""
     paths, clf = d.paths, d.paths.classifier
     dev = next(iter(clf.buffers())).device
@@ -571,7 +570,7 @@ def _adaptive(d: _Data, b: _Baselines, cfg: EvalConfig, log: Callable[[str], Non
 
     # Mahalanobis-LR trained on the same data; its distance is differentiable
     L = np.vstack([b.layer_scores("mahalanobis", k) for k in train_keys])
-    comb = _combiner(1.0).fit(L, y)
+    comb = combiner(1.0).fit(L, y)
     m_thr = threshold_at_fpr(comb.decision_function(b.layer_scores("mahalanobis", "calibration:clean")), cfg.fpr)
     m_lin = _torch_linear(comb, torch.float64, dev)
     maha = b.maha
@@ -640,7 +639,7 @@ def run_evaluation(paths: PathModel, train: ImageSet, test: ImageSet, cfg: EvalC
     cfg.clean_specs()
     t_start = time.time()
     machine_start = machine_info()
-    d = _Data(paths, train, test, cfg, Path(cache_dir) if cache_dir is not None else None, log)
+    d = EvalData(paths, train, test, cfg, Path(cache_dir) if cache_dir is not None else None, log)
     t0 = time.time()
     b = _Baselines(d, cfg.seed)
     log(f"baselines fitted in {time.time() - t0:.0f} s")

@@ -57,7 +57,7 @@ def test_threshold_and_detection_rate_by_hand():
 def test_the_issue_example_200_clean_scores_one_rule():
     """On 200 clean scores the guard and evaluate used to flag 9 and 10: one rule now, 9 (k = 191)."""
     from nad_guard.detectors import PathDetector
-    from nad_guard.evaluate import EvalConfig, _metrics_row
+    from nad_guard.evaluate import EvalConfig, metrics_row
 
     rng = np.random.default_rng(5)
     det = PathDetector("gaussian").fit(rng.normal(size=(500, 3)))
@@ -67,7 +67,7 @@ def test_the_issue_example_200_clean_scores_one_rule():
     assert det.predict(cal).sum() == 9 == (det.score_samples(cal) > threshold_at_fpr(det.score_samples(cal))).sum()
     # evaluate's reported FPR and TPR (nad_guard.evaluate builds its rows with this call) are the deployed
     # detector's on the same scores
-    row = _metrics_row("nad-guard", "x", det.score_samples(clean_test), det.score_samples(adv),
+    row = metrics_row("nad-guard", "x", det.score_samples(clean_test), det.score_samples(adv),
                        det.score_samples(cal), EvalConfig(n_resamples=50))
     assert row["threshold"] == det.threshold_
     assert row["test_fpr"] == det.predict(clean_test).mean() and row["tpr"] == det.predict(adv).mean()
