@@ -1,29 +1,27 @@
 """Experiment: can the deployed detector match MSP on natural mispredictions?
 
-    python bench/mispredictions_experiment.py runs/cifar_guard cifar10-resnet20 cifar10 3000
+    .venv/bin/python bench/experiments/2026-11-23-mispredictions-vs-msp/mispredictions_experiment.py
+
+(``--artifact``, ``--model``, ``--data``, ``--images``: see ``--help``; the defaults are the recorded run's,
+which was ``runs/cifar_guard cifar10-resnet20 cifar10 3000`` as positional arguments.)
 
 Rebuilds `nad-guard evaluate`'s splits, attacks (from the cache) and features for a path artifact, then
 scores the evaluation part's mispredictions and attacks with variants of the deployed detector:
 logistic regression with mispredictions weighted up (C in 1, 0.1, 0.01), MSP alone, and the union
 (max) and sum of the clean-calibrated ranks of the attack detector and of 1 - MSP. Prints
 (mispredictions AUROC, mean attack AUROC, per-attack AUROCs) per variant."""
-import sys, time, numpy as np, torch
-torch.set_num_threads(1)
+import sys, time
+from pathlib import Path
+import numpy as np
 from sklearn.metrics import roc_auc_score
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from nad_guard.evaluate import EvalConfig, EvalData
-from nad_guard.paths import PathModel
-from nad_guard.attacks import default_cache_dir
-from nad_guard.data import load_dataset
-from nad_guard.models import load_reference
-art, model, data, n = sys.argv[1:5]
-clf = load_reference(model)
-pm = PathModel.load(art, clf)
-train, test = load_dataset(data)
-cfg = EvalConfig(suite="cifar10" if "cifar" in data else "mnist", max_images=int(n) or None, train_images=1000, progress=False, device="cpu")
-d = EvalData(pm, train, test, cfg, default_cache_dir(), print)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/experiments, for common.py
+from common import evaluation_data, experiment_parser  # noqa: E402
+args = experiment_parser(__doc__).parse_args()
+# as recorded: one torch thread, evaluate's default encodings (rich, full), its log lines printed
+d = evaluation_data(("rich", "full"), args.artifact, args.model, args.data, args.images, threads=1, log=print)
 enc = "rich"
 ak = ["fit:clean"] + [f"fit:{a}" for a in d.usable]
 F = lambda k: d.f[k].path[enc]

@@ -1,6 +1,9 @@
 """Development experiment: which clean-only detector, on which encoding, for `--protocols clean-only`?
 
-    .venv/bin/python bench/clean_only_experiment.py runs/cifar_guard cifar10-resnet20 cifar10 3000
+    .venv/bin/python bench/experiments/2026-11-23-clean-only-detector/clean_only_experiment.py
+
+(options ``--artifact``, ``--model``, ``--data``, ``--images``; the defaults are the recorded run's:
+the committed guard ``bench/results/guard_cifar10-resnet20``, ``cifar10-resnet20``, ``cifar10``, 3000).
 
 Rebuilds `nad-guard evaluate`'s splits, attacks (from the cache) and features, and then uses the
 **detector-fit part only** (the calibration and evaluation parts, on which the committed results are
@@ -27,9 +30,9 @@ two defaults, which win on different attacks), and ``knn`` on ``summary`` + ``kn
 The rule fixed before the run: change the default only if a candidate beats ``knn`` on ``summary``
 by more than 0.01."""
 import sys
+from pathlib import Path
 
 import numpy as np
-from dev_common import evaluation_data
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
@@ -37,8 +40,11 @@ from sklearn.preprocessing import StandardScaler
 
 from nad_guard.detectors import PathDetector
 
-art, model, data, n = sys.argv[1:5]
-d = evaluation_data(("summary", "rich", "full"), art, model, data, int(n), verbose=True)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/experiments, for common.py
+from common import evaluation_data, experiment_parser  # noqa: E402
+
+args = experiment_parser(__doc__).parse_args()
+d = evaluation_data(("summary", "rich", "full"), args.artifact, args.model, args.data, args.images, verbose=True)
 
 
 def pred(k):

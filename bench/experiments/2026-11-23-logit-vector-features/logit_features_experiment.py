@@ -3,27 +3,35 @@ columns next to the path features, help on the weak attacks? The ``rich`` encodi
 the top-1 softmax, the top-2 softmax and logit margins and the energy; this adds, per input, the
 sorted logits minus the largest (9 columns on CIFAR-10) or the sorted log-probabilities (10).
 
-    .venv/bin/python bench/logit_features_experiment.py
+    .venv/bin/python bench/experiments/2026-11-23-logit-vector-features/logit_features_experiment.py
+
+(``--artifact``, ``--model``, ``--data``, ``--images``: see ``--help``; the defaults are the recorded run's.)
 
 Logistic regression (the --select cv candidate; scaled, C = 1) on ``rich`` with and without them:
 
 * seen attacks CW-L2, PGD-L2, FGSM, APGD-DLR: 3-fold cross-validation grouped by source image, as
-  ``seen_learners_experiment.py``;
+  ``../2026-11-23-seen-attack-learners/seen_learners_experiment.py``;
 * leave one attack out: trained on the even-index images' clean rows and the other eight attacks,
   scored on the odd-index images' clean rows against the left-out attack.
 
 The rule fixed before the run: add the columns to an encoding only if they raise a weak attack's
 AUROC, or the leave-one-out mean or minimum, by more than 0.01."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
-from dev_common import evaluation_data
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-d = evaluation_data(("rich",))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/experiments, for common.py
+from common import evaluation_data, experiment_parser  # noqa: E402
+
+args = experiment_parser(__doc__).parse_args()
+d = evaluation_data(("rich",), args.artifact, args.model, args.data, args.images)
 KINDS = ("rich", "rich + sorted logits", "rich + sorted log-probs")
 
 

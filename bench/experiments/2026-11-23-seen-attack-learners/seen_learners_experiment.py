@@ -1,13 +1,15 @@
 """Development experiment (detector-fit part only): do other supervised learners beat the --select cv
 candidates on the weakest seen attacks (CW-L2, PGD-L2, FGSM)? Same grouped 3-fold CV by source image.
 
-    .venv/bin/python bench/seen_learners_experiment.py cw-l2,pgd-l2,fgsm
+    .venv/bin/python bench/experiments/2026-11-23-seen-attack-learners/seen_learners_experiment.py cw-l2,pgd-l2,fgsm
+
+(``--artifact``, ``--model``, ``--data``, ``--images``: see ``--help``; the defaults are the recorded run's.)
 """
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
-from dev_common import evaluation_data
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -17,7 +19,14 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-d = evaluation_data(("rich", "full"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/experiments, for common.py
+from common import evaluation_data, experiment_parser  # noqa: E402
+
+parser = experiment_parser(__doc__)
+parser.add_argument("attacks", nargs="?", default="cw-l2,pgd-l2,fgsm",
+                    help="Comma-separated seen attacks to score (default: %(default)s).")
+args = parser.parse_args()
+d = evaluation_data(("rich", "full"), args.artifact, args.model, args.data, args.images)
 
 
 def cands():
@@ -26,7 +35,7 @@ def cands():
     yield "gboost", lambda: HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_leaf_nodes=31, l2_regularization=1.0, early_stopping=True, n_iter_no_change=20, random_state=0)
     yield "mlp", lambda: Pipeline([("s", StandardScaler()), ("c", MLPClassifier((256, 64), alpha=1e-2, max_iter=300, early_stopping=True, random_state=0))])
     yield "svc-rbf", lambda: Pipeline([("s", StandardScaler()), ("c", SVC(C=1.0, gamma="scale"))])
-for attack in sys.argv[1].split(","):
+for attack in args.attacks.split(","):
     for enc in ("rich", "full"):
         Xc, Xa = d.f["fit:clean"].path[enc], d.f[f"fit:{attack}"].path[enc]
         X = np.vstack([Xc, Xa]); y = np.r_[np.zeros(len(Xc)), np.ones(len(Xa))]

@@ -4,15 +4,19 @@ activations help on the weak seen attacks? The path features pool every channel 
 spatial maximum minus the mean (704 columns for the CIFAR-10 ResNet-20's ten gate points), computed
 from the same cached attacked images.
 
-    .venv/bin/python bench/spatial_features_experiment.py
+    .venv/bin/python bench/experiments/2026-11-23-spatial-activation-features/spatial_features_experiment.py
+
+(``--artifact``, ``--model``, ``--data``, ``--images``: see ``--help``; the defaults are the recorded run's.)
 
 Candidates: logistic regression (C = 1 and 0.1, scaled) and gradient boosting, on ``rich``,
 ``rich`` + spatial, and spatial alone; 3-fold cross-validation grouped by source image on CW-L2,
-PGD-L2 and FGSM (as ``seen_learners_experiment.py``, whose best candidates were 0.893, 0.889 and
-0.955). A scratch version ran first; this script reproduces it."""
+PGD-L2 and FGSM (as ``../2026-11-23-seen-attack-learners/seen_learners_experiment.py``, whose best
+candidates were 0.893, 0.889 and 0.955). A scratch version ran first; this script reproduces it."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
-from dev_common import evaluation_data
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -23,8 +27,12 @@ from sklearn.preprocessing import StandardScaler
 from nad_guard.attacks import default_cache_dir, generate
 from nad_guard.hooks import hooked
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/experiments, for common.py
+from common import evaluation_data, experiment_parser  # noqa: E402
+
 ATTACKS = ("cw-l2", "pgd-l2", "fgsm")
-d = evaluation_data(("rich",))
+args = experiment_parser(__doc__).parse_args()
+d = evaluation_data(("rich",), args.artifact, args.model, args.data, args.images)
 clf, names = d.paths.classifier, d.paths.layer_names_
 
 
