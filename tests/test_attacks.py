@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import nad_guard.attacks as attacks
+import nad_guard.attacks.generation as generation
 from nad_guard.attacks import AttackResult, cache_key, data_hash, generate, get_suite, model_hash, stats_table
 
 EPS = 0.1
@@ -76,7 +76,7 @@ def test_projection_catches_out_of_ball_results(tiny_model, images, monkeypatch)
         def __call__(self, x, y):
             return (x + 0.5).clamp(0, 1)
 
-    monkeypatch.setattr(attacks, "build_attack", lambda model, spec: Overshoot())
+    monkeypatch.setattr(generation, "build_attack", lambda model, spec: Overshoot())
     r = generate(tiny_model, images, attack="noise-linf", suite=get_suite("fast", eps=EPS), progress=False)
     assert r.linf.max() <= EPS + 1e-6
 
@@ -84,8 +84,8 @@ def test_projection_catches_out_of_ball_results(tiny_model, images, monkeypatch)
 def test_cache_hit_loads_identical_tensors_without_rerunning(tiny_model, images, tmp_path, monkeypatch):
     suite = get_suite("fast", eps=EPS)
     calls = []
-    real = attacks.build_attack
-    monkeypatch.setattr(attacks, "build_attack", lambda m, s: calls.append(s) or real(m, s))
+    real = generation.build_attack
+    monkeypatch.setattr(generation, "build_attack", lambda m, s: calls.append(s) or real(m, s))
     a = generate(tiny_model, images, attack="pgd", suite=suite, batch_size=16, cache_dir=tmp_path, progress=False)
     b = generate(tiny_model, images, attack="pgd", suite=suite, batch_size=16, cache_dir=tmp_path, progress=False)
     assert len(calls) == 1 and not a.from_cache and b.from_cache
