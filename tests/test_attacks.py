@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import nad_guard.attacks as attacks
+import nad_guard.attacks.generation as generation
 from nad_guard.attacks import AttackResult, cache_key, data_hash, generate, get_suite, model_hash, stats_table
 
 EPS = 0.1
@@ -76,7 +76,7 @@ def test_projection_catches_out_of_ball_results(tiny_model, images, monkeypatch)
         def __call__(self, x, y):
             return (x + 0.5).clamp(0, 1)
 
-    monkeypatch.setattr(attacks, "build_attack", lambda model, spec: Overshoot())
+    monkeypatch.setattr(generation, "build_attack", lambda model, spec: Overshoot())
     r = generate(tiny_model, images, attack="noise-linf", suite=get_suite("fast", eps=EPS), progress=False)
     assert r.linf.max() <= EPS + 1e-6
 
@@ -84,8 +84,8 @@ def test_projection_catches_out_of_ball_results(tiny_model, images, monkeypatch)
 def test_cache_hit_loads_identical_tensors_without_rerunning(tiny_model, images, tmp_path, monkeypatch):
     suite = get_suite("fast", eps=EPS)
     calls = []
-    real = attacks.build_attack
-    monkeypatch.setattr(attacks, "build_attack", lambda m, s: calls.append(s) or real(m, s))
+    real = generation.build_attack
+    monkeypatch.setattr(generation, "build_attack", lambda m, s: calls.append(s) or real(m, s))
     a = generate(tiny_model, images, attack="pgd", suite=suite, batch_size=16, cache_dir=tmp_path, progress=False)
     b = generate(tiny_model, images, attack="pgd", suite=suite, batch_size=16, cache_dir=tmp_path, progress=False)
     assert len(calls) == 1 and not a.from_cache and b.from_cache
@@ -121,6 +121,31 @@ def test_cache_key_tracks_model_settings_and_data(tiny_model, images):
         other_weights = __import__("copy").deepcopy(tiny_model)
         next(other_weights.parameters()).add_(1e-3)
     assert model_hash(other_weights) != m
+
+
+def test_cache_key_of_a_fixed_model_data_and_spec_is_pinned():
+    """Cached attacks (about 100 minutes of CIFAR-10 ones) are found by key, so moving or refactoring
+    this code must not change keys. The literals were computed with the code before nad_guard/attacks.py
+    became a package. Keys hash stored bytes and settings only (weights and images set exactly here,
+    nothing trained or computed by float kernels), so they are the same on every machine. Update them
+    only on purpose: CACHE_FORMAT bumped, the cifar10 suite's PGD settings or torchattacks' version changed."""
+    from torch import nn
+
+    from nad_guard.data import ImageSet
+    from nad_guard.models import InputSpec, from_module
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.arange(12, dtype=torch.float32).view(3, 4) / 8)
+        net[1].bias.copy_(torch.tensor([0.5, -0.25, 1.0]))
+    model = from_module(net, InputSpec(1, 2, 2, (0.5,), (0.25,), ["a", "b", "c"]), "pinned-linear")
+    data = ImageSet(torch.arange(24, dtype=torch.uint8).view(6, 1, 2, 2) * 10, torch.tensor([0, 1, 2, 0, 1, 2]),
+                    ["a", "b", "c"], "pinned")
+    m, d = model_hash(model), data_hash(data)
+    assert m == "bd959b7593eb81add76ff49790096813e8f3765f8ec8b729c6040c04dbfca54d"
+    assert d == "86fdef08afe1da2f32fa6a405ef65fa38bcf4d09232b19b2752321279f9a25b8"
+    key = cache_key(m, d, "pgd", get_suite("cifar10")["pgd"], 128)
+    assert key == "668aefabbd4ed598e211056f5f68d8782e5c4e28fd178a2c4e554e7176c6fef3"
 
 
 def test_seeded_batches_are_reproducible_and_leave_the_global_rng_alone(tiny_model, images):
