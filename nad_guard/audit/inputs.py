@@ -1,0 +1,87 @@
+"""What is audited: the guard directory (:func:`resolve_guard_dir`), the data set and split its
+detector was fitted on (:func:`guard_data`), a named split (:func:`load_split`), and whether that data
+fits the guard's classifier (:func:`check_fits`, :class:`AuditError`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nad_guard.data import DATASETS, ImageSet
+from nad_guard.guard import DEFAULT_GUARD_DIR, Guard
+
+
+class AuditError(ValueError):
+    """The audit's input does not fit: no images, or data the guard's classifier cannot take."""
+
+
+# --------------------------------------------------------------------------- data
+
+def load_split(name: str, split: str = "test", root: str | Path | None = None, guard: Guard | None = None
+               ) -> ImageSet:
+    """One split (``"test"`` or ``"train"``) of a named data set (see :mod:`nad_guard.data`); an
+    ``imagefolder`` is converted to the guard's channels and size."""
+    from nad_guard.data import load_cifar10, load_dataset
+
+    if name not in DATASETS:
+        raise AuditError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in ("test", "train"):
+        raise AuditError(f"split must be 'test' or 'train', got {split!r}")
+    if name == "cifar10":
+        return load_cifar10(root, split)
+    kw: dict[str, Any] = {}
+    if name == "imagefolder" and guard is not None:
+        spec = guard.classifier.spec
+        kw = {"channels": spec.channels, "size": (spec.height, spec.width)}
+    train, test = load_dataset(name, root, **kw)
+    return test if split == "test" else train
+
+
+def check_fits(guard: Guard, data: ImageSet) -> None:
+    """Raise :class:`AuditError` naming what is wrong if ``data`` cannot be audited with ``guard``."""
+    spec, clf = guard.classifier.spec, guard.classifier
+    what = f"data set {data.name or 'given'}"
+    if len(data) == 0:
+        raise AuditError(f"{what} holds no images; expected labelled images of {spec.channels}x{spec.height}x"
+                         f"{spec.width} for classes {clf.class_names[:10]}")
+    if tuple(data.shape) != tuple(spec.shape):
+        c, h, w = data.shape
+        raise AuditError(f"{what} has {c}x{h}x{w} images (C x H x W); the guard's classifier {clf.name!r} takes "
+                         f"{spec.channels}x{spec.height}x{spec.width}: audit it with data of that size")
+    if data.num_classes != clf.num_classes or list(data.classes) != list(clf.class_names):
+        raise AuditError(f"{what} has {data.num_classes} classes {list(data.classes)[:10]}; the guard's "
+                         f"classifier {clf.name!r} has {clf.num_classes} classes {clf.class_names[:10]}: labels "
+                         "must name the same classes in the same order")
+    bad = (data.labels < 0) | (data.labels >= clf.num_classes)
+    if bool(bad.any()):
+        raise AuditError(f"{what} has labels outside 0..{clf.num_classes - 1}")
+
+
+def resolve_guard_dir(artifact: str | Path) -> Path:
+    """``"default"`` -> the bundled default guard; otherwise the path, which must be a directory."""
+    if str(artifact) == "default":
+        return DEFAULT_GUARD_DIR
+    path = Path(artifact)
+    if not path.exists():
+        raise AuditError(f"guard directory {path} does not exist; pass a guard written by `nad-guard fit-detector` "
+                         "(meta.json, paths.safetensors, classifier.safetensors, detector.skops) or 'default'")
+    if not path.is_dir():
+        raise AuditError(f"{path} is a file; --artifact takes a guard directory (meta.json, paths.safetensors, "
+                         "classifier.safetensors, detector.skops) or 'default'")
+    return path
+
+
+def guard_data(guard: Guard) -> tuple[str | None, str | None]:
+    """``(data set, split)`` the guard's detector was fitted on, from its provenance record (or, for guards
+    without one, the name of its fit set); ``None`` where unknown."""
+    det = guard.meta.get("detector") or {}
+    record = det.get("provenance")
+    if isinstance(record, dict) and record.get("data") in DATASETS:
+        return record["data"], record.get("split")
+    fit_set = det.get("fit_set")
+    if not isinstance(fit_set, str) or "/" not in fit_set:
+        return None, None
+    base = fit_set.split("[", 1)[0]
+    name, _, split = base.partition("/")
+    name = name.split(":", 1)[0]
+    return (name if name in DATASETS else None), (split or None)
