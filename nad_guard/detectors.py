@@ -301,6 +301,42 @@ def cross_val_auroc(method: str, X, y, groups, folds: int = 3, seed: int = 0) ->
     return float(np.mean(aucs))
 
 
+def cross_val_auroc_per_block(method: str, X, y, groups, blocks: dict[str, np.ndarray], folds: int = 3,
+                              seed: int = 0) -> dict[str, float | None]:
+    """Cross-validated AUROC of a :class:`PathDetector` ``method`` per suspicious block (an attack, or the
+    mispredictions): in each of the folds of :func:`cross_val_auroc` (same split, same seed), the block's
+    rows in the held-out fold against that fold's clean rows, scored by the detector trained on the other
+    folds; averaged over folds, weighted by the block's rows in each. With groups from :func:`cv_groups`
+    (``by="attack"``) every block lies in one fold, so its figure is that of an attack the detector was not
+    trained on. ``blocks``: name -> row indices into ``X``; ``None`` for a block without rows."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    X, y, groups = np.asarray(X, dtype=np.float64), np.asarray(y).astype(int).ravel(), np.asarray(groups).ravel()
+    if not (len(X) == len(y) == len(groups)) or folds < 2:
+        raise ValueError(f"X, y and groups need one row each and folds at least 2, got {len(X)}, {len(y)}, "
+                         f"{len(groups)} rows and {folds} folds")
+    for label, what in ((0, "clean"), (1, "suspicious")):
+        if len(np.unique(groups[y == label])) < folds:
+            raise ValueError(f"{folds}-fold cross-validation needs {what} rows from at least {folds} groups")
+    sums = {name: [0.0, 0] for name in blocks}
+    member = {name: np.isin(np.arange(len(y)), np.asarray(rows, dtype=np.int64)) for name, rows in blocks.items()}
+    for tr, te in StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y, groups):
+        if len(np.unique(y[tr])) < 2 or not (y[te] == 0).any():
+            raise ValueError(f"a fold lacks clean or suspicious rows: too few rows or groups for {folds}-fold "
+                             "cross-validation")
+        det = PathDetector(method, random_state=seed).fit(X[tr], y[tr])
+        s = det.score_samples(X[te])
+        clean = s[y[te] == 0]
+        for name, inside in member.items():
+            rows = inside[te] & (y[te] == 1)
+            if rows.any():
+                auc = roc_auc_score(np.r_[np.ones(rows.sum()), np.zeros(len(clean))], np.r_[s[rows], clean])
+                sums[name][0] += auc * rows.sum()
+                sums[name][1] += int(rows.sum())
+    return {name: (total / n if n else None) for name, (total, n) in sums.items()}
+
+
 def cv_groups(n_clean: int, suspicious: Sequence[np.ndarray], folds: int = 3) -> tuple[np.ndarray, str]:
     """Cross-validation groups for ``n_clean`` clean rows (row ``i`` is image ``i``) followed by the rows
     of each suspicious block (one block per attack or kind of error; each array gives its rows'

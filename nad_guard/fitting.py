@@ -13,7 +13,7 @@ import torch
 from nad_guard.attacks import generate, get_suite
 from nad_guard.calibration import conformal_rank
 from nad_guard.data import ImageSet
-from nad_guard.detectors import CLEAN_ONLY, PathDetector, cv_groups, select_by_cv
+from nad_guard.detectors import CLEAN_ONLY, PathDetector, cross_val_auroc_per_block, cv_groups, select_by_cv
 from nad_guard.guard import Guard, guard_matrices, guard_matrix
 from nad_guard.holdout import correct_mask, partition_correct
 from nad_guard.models import resolve_device
@@ -66,6 +66,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     X_clean = matrices(clean.float())
     n_clean = len(clean)
     blocks, ys, sources, per_attack = [X_clean], [np.zeros(n_clean)], [], {}
+    block_names: list[str] = []  # one per suspicious block, as sources
     suite_obj = get_suite(suite, seed=seed)
     n_wrong = 0
     if method not in CLEAN_ONLY:
@@ -76,12 +77,14 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
                 blocks.append(matrices(res.adv_images))
                 ys.append(np.ones(len(res.adv_images)))
                 sources.append(res.indices.numpy())  # each adversarial's source image
+                block_names.append(name)
             per_attack[name] = {"success_rate": res.stats.success_rate, "kept": res.stats.n_kept,
                                 "seconds": res.stats.seconds}
         if mispredictions and len(wrong):
             blocks.append(matrices(wrong.float()))
             ys.append(np.ones(len(wrong)))
             sources.append(n_clean + np.arange(len(wrong)))
+            block_names.append("mispredictions")
             n_wrong = len(wrong)
     y = np.concatenate(ys)
     X = {e: np.vstack([b[e] for b in blocks]) for e in encodings}
@@ -93,6 +96,8 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
         method, encoding = best.split(",")
         selection = {"folds": cv_folds, "folds_by": by, "cv_auroc": cv, "selected": best}
     det = PathDetector(method, random_state=seed).fit(X[encoding], y)
+    per_block = _cv_per_block(method, encoding, X[encoding], y, n_clean, sources, block_names, cv_folds, seed) \
+        if method not in CLEAN_ONLY else None
     cal_ok = correct_mask(paths, calibration_set)
     calib = calibration_set.subset(cal_ok.nonzero().flatten(), f"{calibration_set.name}[correct]")
     if provenance is not None:
@@ -109,6 +114,22 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
                             "calibration": det.calibration().to_dict(),
                             "seed": seed, "seconds": round(time.time() - t0, 1),
                             **({"selection": selection} if selection else {}),
+                            **({"cv_per_attack": per_block} if per_block else {}),
                             **({"provenance": provenance} if provenance is not None else {})}
     paths.classifier.cpu()
     return Guard(paths, det, encoding, {"detector_info": info})
+
+
+def _cv_per_block(method: str, encoding: str, X: np.ndarray, y: np.ndarray, n_clean: int,
+                  sources: list[np.ndarray], names: list[str], folds: int, seed: int) -> dict[str, Any]:
+    """The deployed method's cross-validated AUROC per training attack (and on the mispredictions), with
+    the folds of ``select="cv"`` (:func:`nad_guard.detectors.cv_groups`), for the guard's metadata (the
+    health report reads it, so no attack needs regenerating); ``error`` says why when too few rows."""
+    groups, by = cv_groups(n_clean, sources, folds)
+    offsets = n_clean + np.cumsum([0] + [len(s) for s in sources])
+    rows = {name: np.arange(offsets[i], offsets[i + 1]) for i, name in enumerate(names)}
+    record: dict[str, Any] = {"method": method, "encoding": encoding, "folds": folds, "folds_by": by}
+    try:
+        return record | {"auroc": cross_val_auroc_per_block(method, X, y, groups, rows, folds, seed)}
+    except ValueError as e:
+        return record | {"error": str(e)}

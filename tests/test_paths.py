@@ -155,7 +155,8 @@ def test_fitting_leaves_the_model_unchanged(fitted: tuple[PathModel, dict], tiny
 def test_interrupted_run_resumes_to_the_same_masks(tiny_model: Classifier, digits: tuple[ImageSet, ImageSet],
                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train = digits[0].subset(range(400))
-    settings = dict(epochs=3, batch_size=64, device="cpu", progress=False)
+    # 21 steps leave every gate open (test_too_few_steps_...): the mask check is off, resuming is the point here
+    settings = dict(epochs=3, batch_size=64, device="cpu", progress=False, check=False)
     whole = tp.fit_paths(tiny_model, train, **settings)
     save = tp._save_checkpoint
 
@@ -423,3 +424,92 @@ def test_torch_threads_sets_and_restores_the_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- --max-images, degenerate masks
+
+def test_max_images_is_a_seeded_stratified_sample(digits: tuple[ImageSet, ImageSet]) -> None:
+    train, _ = digits
+    sub = tp.sample_training_set(train, 300, seed=0)
+    assert sub.name == "digits/train[300]" and len(sub) == 300
+    share = train.labels.bincount(minlength=10).double() / len(train)
+    assert ((sub.labels.bincount(minlength=10) - 300 * share).abs() <= 1).all()  # stratified
+    again, other = tp.sample_training_set(train, 300, seed=0), tp.sample_training_set(train, 300, seed=1)
+    assert torch.equal(again.images, sub.images) and not torch.equal(other.images, sub.images)
+    assert tp.sample_training_set(train, None) is train and tp.sample_training_set(train, len(train)) is train
+    with pytest.raises(ValueError, match="fewer than the 10 classes"):
+        tp.sample_training_set(train, 5)
+
+
+def test_too_few_steps_keep_every_channel_and_stop_with_an_error(tiny_model: Classifier,
+                                                                  digits: tuple[ImageSet, ImageSet]) -> None:
+    """1 epoch of digits at batch 128 is 12 steps: Adam moves a gate logit from +3 by about lr = 0.05 per step,
+    so every gate stays open, also after the bound of 2 epochs: an error naming each gate point and the fix."""
+    with pytest.raises(tp.DegenerateMasksError) as e:
+        tp.fit_paths(tiny_model, *digits, epochs=1, device="cpu", progress=False)
+    assert e.value.epochs == 2 and {p.kind for p in e.value.problems} == {"keeps-all"}
+    assert [p.layer for p in e.value.problems] == ["2", "5", "9"]
+    msg = str(e.value)
+    assert "gate point '2' keeps every channel for every class" in msg and "after 2 epochs (1 asked" in msg
+    assert "at least 60 steps; this run made 12 per epoch" in msg and "--epochs" in msg
+    assert "--layers (now 2,5,9)" in msg
+
+
+def test_a_target_too_low_closes_layers_and_classes(tiny_model: Classifier, digits: tuple[ImageSet, ImageSet]) -> None:
+    with pytest.raises(tp.DegenerateMasksError) as e:
+        tp.fit_paths(tiny_model, *digits, epochs=4, batch_size=64, target_keep=0.01, sparsity=20.0, hard_epochs=0,
+                     device="cpu", progress=False)
+    kinds = {p.kind for p in e.value.problems}
+    assert kinds == {"keeps-none", "subnet-accuracy"} and e.value.epochs == 8
+    assert any(p.cls is not None and p.value < 0.95 for p in e.value.problems)
+    assert "raise --target-keep (now 0.01)" in str(e.value)
+
+
+def test_degenerate_masks_train_on_until_sound(tiny_model: Classifier, digits: tuple[ImageSet, ImageSet],
+                                               tmp_path: Path) -> None:
+    pm = tp.fit_paths(tiny_model, *digits, epochs=2, batch_size=64, max_epochs=8, device="cpu", progress=False)
+    check = pm.metrics_["mask_check"]
+    assert check["epochs_asked"] == 2 and check["epochs_run"] == 3 == len(pm.metrics_["history"])
+    assert check["checks"][0]["problems"] and not check["checks"][-1]["problems"]
+    assert check["checked_on"] == "digits/test" and pm.metrics_["subnet_accuracy_on_correct_min"] >= 0.95
+    # stopped at the bound with a checkpoint: a rerun with a larger bound resumes there, same as one long run
+    with pytest.raises(tp.DegenerateMasksError):
+        tp.fit_paths(tiny_model, *digits, epochs=1, device="cpu", progress=False, checkpoint_dir=tmp_path)
+    resumed = tp.fit_paths(tiny_model, *digits, epochs=1, max_epochs=12, device="cpu", progress=False,
+                           checkpoint_dir=tmp_path)
+    whole = tp.fit_paths(tiny_model, *digits, epochs=1, max_epochs=12, device="cpu", progress=False)
+    assert resumed.metrics_["mask_check"]["checks"] == whole.metrics_["mask_check"]["checks"]
+    assert all(torch.equal(whole.gates_[n], resumed.gates_[n]) for n in whole.layer_names_)
+    with pytest.raises(ValueError, match="max_epochs"):
+        tp.fit_paths(tiny_model, *digits, epochs=3, max_epochs=2, device="cpu", progress=False)
+
+
+def test_nad_schedule_trains_every_class_on_until_sound(tiny_model: Classifier,
+                                                        digits: tuple[ImageSet, ImageSet]) -> None:
+    pm = tp.fit_paths_nad(tiny_model, *digits, epochs=1, lr=1.0, device="cpu", progress=False)
+    assert pm.metrics_["mask_check"]["epochs_run"] == 2 and len(pm.metrics_["history"]) == 20
+    assert [h["class"] for h in pm.metrics_["history"][10:]] == list(range(10))
+    with pytest.raises(tp.DegenerateMasksError, match="after 2 epochs per class"):
+        tp.fit_paths_nad(tiny_model, *digits, epochs=1, lr=0.1, device="cpu", progress=False)
+
+
+def test_fit_paths_command_samples_and_refuses_degenerate_masks(tiny_model: Classifier, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nad_guard_cli import main
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.net.state_dict().items()}, str(weights))
+    base = ["fit-paths", "--model", "tiny_models:tiny_digits_cnn", "--weights", str(weights), "--data", "digits",
+            "--device", "cpu"]
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "p"), "--max-images", "300", "--epochs", "4",
+                                    "--batch-size", "16"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["train_set"] == "digits/train[300]" and summary["train_images"] == 300 and summary["epochs_run"] == 4
+    training = json.loads((tmp_path / "p" / "meta.json").read_text())["training"]
+    assert training["train_images"] == 300 and training["train_set"] == "digits/train[300]"
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "bad"), "--epochs", "1"])
+    assert res.exit_code == 1 and "keeps every channel for every class" in res.output and "--max-epochs" in res.output
+    assert not (tmp_path / "bad").exists()
+    assert "--max-images" in CliRunner().invoke(main, ["fit-paths", "--help"]).output

@@ -42,6 +42,16 @@ the same settings resumes there and ends with the same masks as an uninterrupted
 are derived from ``(seed, epoch)`` and nothing else is random. A checkpoint from other settings is
 refused.
 
+Masks that cannot silently fail: after the asked epochs both schedules check the masks with
+:func:`nad_guard.health.mask_problems` (a gate point keeping every channel, or none, for every class; a
+class whose binary-mask subnetwork assigns less than 95% of its correctly classified images to it). While
+they are degenerate, training goes on one epoch at a time (joint: through the binary masks; NAD: one more
+epoch per class), checked after each, up to ``max_epochs`` (default twice the epochs); then
+:class:`DegenerateMasksError` names the gate points and classes and what to change, and nothing is saved.
+``metrics_["mask_check"]`` records every check. (Seen before the check: a torchvision ResNet-18 on MNIST
+after 3 epochs kept every channel of every gate point, without a word: the gates start at logit +3 and
+Adam moves them about ``lr`` per step, so too few steps leave them all open.)
+
 Command line (also under ``torchrun``)::
 
     python -m training.paths --model mnist-cnn --data mnist5k --out runs/paths-mnist-cnn
@@ -52,7 +62,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,7 +77,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from nad_guard.data import ImageSet, load_dataset
+from nad_guard.data import ImageSet, load_dataset, stratified_split
+from nad_guard.health import MIN_SUBNET_ACCURACY, MaskProblem, mask_problems
 from nad_guard.models import Classifier, build_classifier, resolve_device
 from nad_guard.hooks import hooked
 from nad_guard.paths import PathModel, apply_gate, find_gate_points
@@ -228,6 +241,112 @@ def _class_indices(data: ImageSet, k: int) -> torch.Tensor:
     return (data.labels == k).nonzero().flatten()
 
 
+# --------------------------------------------------------------------------- masks that cannot silently fail
+
+class DegenerateMasksError(ValueError):
+    """The masks are still degenerate (:func:`nad_guard.health.mask_problems`) after the bound on epochs.
+    ``problems``: the :class:`~nad_guard.health.MaskProblem` list; ``epochs``: epochs run (per class for
+    the NAD schedule)."""
+
+    def __init__(self, message: str, problems: list[MaskProblem], epochs: int):
+        super().__init__(message)
+        self.problems, self.epochs = problems, epochs
+
+
+class _MaskCheck:
+    """Whether masks are degenerate: kept fractions from the gate logits, and every class subnetwork's
+    accuracy on the class's images of ``data`` that the classifier labels correctly (the test set when
+    the fit has one, else the training set), with :func:`nad_guard.health.mask_problems`'s rule."""
+
+    def __init__(self, classifier: Classifier, names: list[str], data: ImageSet, device: torch.device,
+                 min_accuracy: float, batch_size: int = 256):
+        self.classifier, self.names, self.device, self.min_accuracy = classifier, names, device, min_accuracy
+        self.batch_size, self.data = batch_size, data
+        with torch.no_grad():
+            ok = torch.cat([classifier(x.to(device)).argmax(1).cpu() == y for x, y in data.batches(batch_size)]
+                           or [torch.zeros(0, dtype=torch.bool)])
+        self.own = [((data.labels == k) & ok).nonzero().flatten() for k in range(classifier.num_classes)]
+
+    @torch.no_grad()
+    def __call__(self, logits: Sequence[torch.Tensor]) -> list[MaskProblem]:
+        masks = [(torch.sigmoid(g.detach().float()) > 0.5).float() for g in logits]  # as PathModel.set_gates
+        kept = torch.stack([m.mean(1) for m in masks]).cpu()
+        accuracy: list[float | None] = []
+        for k, idx in enumerate(self.own):
+            hits = 0
+            for s in range(0, len(idx), self.batch_size):
+                x = self.data.images[idx[s:s + self.batch_size]].float().div_(255.0).to(self.device)
+                gates = [m[k].expand(len(x), -1) for m in masks]
+                with hooked(self.classifier.net, self.names, lambda i, out: apply_gate(out, gates[i])):
+                    hits += int((self.classifier(x).argmax(1) == k).sum())
+            accuracy.append(hits / len(idx) if len(idx) else None)
+        return mask_problems(self.names, kept.numpy(), self.classifier.class_names, accuracy,
+                             min_subnet_accuracy=self.min_accuracy)
+
+
+def _agree(ranks: "_Ranks", problems: list[MaskProblem], device: torch.device) -> bool:
+    """Whether any rank found problems (every rank decides alike, so none waits for another)."""
+    return ranks.sum_(torch.tensor([float(bool(problems))], device=device)).item() > 0
+
+
+def _max_epochs(epochs: int, max_epochs: int | None) -> int:
+    bound = 2 * epochs if max_epochs is None else max_epochs
+    if bound < epochs:
+        raise ValueError(f"max_epochs ({bound}) must be at least epochs ({epochs})")
+    return bound
+
+
+def _degenerate_message(problems: list[MaskProblem], config: dict[str, Any], ran: int, bound: int) -> str:
+    """What is degenerate, and what to change (command-line options of ``nad-guard fit-paths``)."""
+    joint = config["schedule"] == "joint"
+    unit = "epochs" if joint else "epochs per class"
+    lines = [f"the learned masks are degenerate after {ran} {unit} ({config['epochs']} asked, then trained on to "
+             f"the bound of {bound}, --max-epochs):"] + [f"  - {p.text}" for p in problems[:8]]
+    if len(problems) > 8:
+        lines.append(f"  - and {len(problems) - 8} more of the same kinds")
+    kinds = {p.kind for p in problems}
+    layers = ",".join(config["layers"])
+    if "keeps-all" in kinds:
+        if joint:
+            n, bs = config["train_images"], config["batch_size"]
+            sampled = re.search(r"\[\d+\]$", config["train_set"]) is not None  # sample_training_set's name
+            steps = math.ceil(n / bs)
+            lines.append(
+                f"  The gates start open (logit {config['init_logit']:+g}) and Adam moves a logit by about the "
+                f"learning rate ({config['lr']:g}) per step, so closing one takes at least "
+                f"{math.ceil(config['init_logit'] / config['lr'])} steps; this run made {steps} per epoch "
+                f"({n} images, batch {bs}), {steps * ran} in all. Train longer (--epochs, or --max-epochs to let "
+                f"it continue), use {'more images (a larger --max-images), ' if sampled else ''}"
+                "a smaller --batch-size, or raise --lr.")
+        else:
+            lines.append(f"  Each step moves a gate point's logits by the learning rate ({config['lr']:g}) in L2 "
+                         "norm, shared by all its channels: train longer (--epochs), raise --lr, or raise the sparsity "
+                         f"coefficient (--beta, now {config['beta']:g}).")
+    keep = (f"raise --target-keep (now {config['target_keep']:g})" if joint and config.get("target_keep") is not None
+            else f"lower the sparsity coefficient (sparsity, now {config['sparsity']:g})" if joint
+            else f"lower --beta (now {config['beta']:g})")
+    if "keeps-none" in kinds:
+        lines.append(f"  Ask for more channels: {keep}.")
+    if "subnet-accuracy" in kinds:
+        lines.append(f"  The masks keep too little for those classes: {keep}, or train longer (--epochs) so the "
+                     "epochs through the binary masks can repair them.")
+    lines.append(f"  A gate point that will not learn can be left out: --layers (now {layers}). Nothing was saved; "
+                 "with --checkpoint-dir a rerun with a larger --max-epochs resumes where this one stopped.")
+    return "\n".join(lines)
+
+
+def sample_training_set(train: ImageSet, max_images: int | None, seed: int = 0) -> ImageSet:
+    """A seeded stratified sample of ``max_images`` images of ``train`` (:func:`nad_guard.data.stratified_split`),
+    named ``<name>[<max_images>]``; all of ``train`` when ``max_images`` is ``None`` or not smaller."""
+    if max_images is None or max_images >= len(train):
+        return train
+    if max_images < train.num_classes:
+        raise ValueError(f"--max-images {max_images} is fewer than the {train.num_classes} classes: a stratified "
+                         "sample needs at least one image per class")
+    _, keep = stratified_split(train.labels.numpy(), max_images, seed=seed)
+    return train.subset(keep, f"{train.name}[{max_images}]")
+
+
 @torch.no_grad()
 def evaluate_paths(model: PathModel, test_set: ImageSet, batch_size: int = 256, others: int = 1000,
                    seed: int = 0) -> dict[str, Any]:
@@ -284,7 +403,7 @@ def _mean(b: torch.Tensor) -> float | None:
 
 def _finish(classifier: Classifier, names: list[str], logits: list[torch.Tensor], train_set: ImageSet,
             test_set: ImageSet | None, config: dict[str, Any], history: list[dict[str, Any]], ranks: _Ranks,
-            seconds: float, progress: bool) -> PathModel:
+            seconds: float, progress: bool, mask_check: dict[str, Any] | None = None) -> PathModel:
     """Binary masks from the gate logits, channel statistics from ``train_set``, the report on ``test_set``."""
     gates = {n: torch.sigmoid(g.detach()).cpu() for n, g in zip(names, logits)}
     model = PathModel(classifier, names).set_gates(gates)
@@ -293,7 +412,8 @@ def _finish(classifier: Classifier, names: list[str], logits: list[torch.Tensor]
     stats_seconds = time.time() - t0
     metrics: dict[str, Any] = evaluate_paths(model, test_set) if test_set is not None else {}
     metrics |= {"history": history, "train_seconds": round(seconds, 2), "stats_seconds": round(stats_seconds, 2),
-                "world_size": ranks.world, **{k: v for k, v in model.metrics_.items() if k.startswith("stats_")}}
+                "world_size": ranks.world, **{k: v for k, v in model.metrics_.items() if k.startswith("stats_")},
+                **({"mask_check": mask_check} if mask_check is not None else {})}
     return model.set_gates(gates, stats=model.stats_, training=config, metrics=metrics)
 
 
@@ -312,7 +432,9 @@ def fit_paths(classifier: Classifier, train_set: ImageSet, test_set: ImageSet | 
               layers: Sequence[str] | None = None, target_keep: float | None = 0.25, sparsity: float = 1.0,
               mse_weight: float = 1.0, epochs: int = 10, hard_epochs: int = 1, batch_size: int = 128,
               lr: float = 0.05, init_logit: float = 3.0, cache_mb: float = 1024, device: str = "auto",
-              seed: int = 0, checkpoint_dir: str | Path | None = None, progress: bool = True) -> PathModel:
+              seed: int = 0, checkpoint_dir: str | Path | None = None, progress: bool = True,
+              max_epochs: int | None = None, min_subnet_accuracy: float = MIN_SUBNET_ACCURACY,
+              check: bool = True) -> PathModel:
     """Learn all classes' sub-architectures jointly (see the module docstring).
 
     Args:
@@ -334,11 +456,19 @@ def fit_paths(classifier: Classifier, train_set: ImageSet, test_set: ImageSet | 
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         seed: the permutation seed; runs are repeatable.
         checkpoint_dir: where to checkpoint after every epoch and resume from.
+        max_epochs: the bound on epochs (default ``2 * epochs``). After ``epochs`` the masks are checked
+            (:func:`nad_guard.health.mask_problems`: a gate point keeping every channel or none for every
+            class, a class subnetwork below ``min_subnet_accuracy`` on the class's correctly classified
+            images of ``test_set``, or of ``train_set`` without one); while they are degenerate, training
+            goes on one epoch at a time (through the binary masks when ``hard_epochs`` > 0), checked after
+            each, up to ``max_epochs``; then :class:`DegenerateMasksError` names what is wrong and what to
+            change. ``metrics_["mask_check"]`` records the checks. ``check=False`` skips it all.
     """
     if target_keep is not None and not 0 < target_keep < 1:
         raise ValueError(f"target_keep must lie in (0, 1), got {target_keep}")
     if not 0 <= hard_epochs <= epochs:
         raise ValueError(f"hard_epochs must lie in [0, epochs={epochs}], got {hard_epochs}")
+    bound = _max_epochs(epochs, max_epochs)
     points = find_gate_points(classifier, layers)
     names = [p.name for p in points]
     config = {"schedule": "joint", "layers": names, "target_keep": target_keep, "sparsity": sparsity,
@@ -349,16 +479,32 @@ def fit_paths(classifier: Classifier, train_set: ImageSet, test_set: ImageSet | 
     with _session(classifier, device) as (ranks, dev):
         gates = GateLogits([(classifier.num_classes, p.channels) for p in points], init_logit).to(dev)
         opt = torch.optim.Adam(gates.parameters(), lr=lr)
-        start, history = 0, []
+        start, history, checks = 0, [], []
         state = _load_checkpoint(checkpoint_dir, config)
         if state is not None:
             gates.load_state_dict(state["gates"])
             opt.load_state_dict(state["optimizer"])
-            start, history = state["epoch"], state["history"]
+            start, history, checks = state["epoch"], state["history"], state.get("checks", [])
         originals = _Originals(classifier, names, train_set, dev, cache_mb)
+        checker = _MaskCheck(classifier, names, test_set or train_set, dev, min_subnet_accuracy) if check else None
         n = len(train_set)
-        bar = tqdm(range(start, epochs), desc="fit-paths", disable=not progress or ranks.rank != 0)
-        for epoch in bar:
+        bar = tqdm(total=epochs, initial=min(start, epochs), desc="fit-paths", disable=not progress or ranks.rank != 0)
+        epoch, problems = start, []
+        while True:
+            if epoch >= epochs:
+                if checker is None:
+                    break
+                problems = checker(list(gates.logits))
+                if not checks or checks[-1]["epoch"] != epoch:
+                    checks.append({"epoch": epoch, "problems": [p.text for p in problems]})
+                if not _agree(ranks, problems, dev) or epoch >= bound:
+                    break
+                if ranks.rank == 0 and progress:
+                    tqdm.write(f"fit-paths: masks degenerate after {epoch} epochs ({problems[0].text}"
+                               f"{f'; {len(problems) - 1} more' if len(problems) > 1 else ''}): one more epoch "
+                               f"(bound {bound})")
+                bar.total = epoch + 1
+                bar.refresh()
             perm = _permutation(n, seed, epoch)
             totals = torch.zeros(3, dtype=torch.float64)
             for s in tqdm(range(0, n, batch_size), desc=f"epoch {epoch + 1}", leave=False, disable=bar.disable):
@@ -369,7 +515,7 @@ def fit_paths(classifier: Classifier, train_set: ImageSet, test_set: ImageSet | 
                 n_correct = ranks.sum_(correct.sum().double().reshape(1)).item()
                 for p in gates.parameters():
                     p.grad = torch.zeros_like(p)
-                g = gates(y, hard=epoch >= epochs - hard_epochs)
+                g = gates(y, hard=hard_epochs > 0 and epoch >= epochs - hard_epochs)
                 ce, mse = _gated_loss(classifier, names, x, y, g, orig, correct, len(idx), n_correct)
                 coef = _sparsity_coefficients(gates, target_keep, sparsity)
                 penalty = sum(c * gl.mean(1).sum() for c, gl in zip(coef, g)) / len(idx)
@@ -384,11 +530,19 @@ def fit_paths(classifier: Classifier, train_set: ImageSet, test_set: ImageSet | 
             history.append({"epoch": epoch + 1, "ce": totals[0].item() / totals[2].item(),
                             "mse": totals[1].item() / totals[2].item(), "kept_fraction": kept})
             bar.set_postfix(ce=f"{history[-1]['ce']:.3f}", kept=f"{sum(kept) / len(kept):.2f}")
-            _save_checkpoint(checkpoint_dir, {"config": config, "epoch": epoch + 1, "gates": gates.state_dict(),
-                                              "optimizer": opt.state_dict(), "history": history},
+            bar.update(1)
+            epoch += 1
+            _save_checkpoint(checkpoint_dir, {"config": config, "epoch": epoch, "gates": gates.state_dict(),
+                                              "optimizer": opt.state_dict(), "history": history, "checks": checks},
                              ranks)
+        bar.close()
+        if problems:
+            raise DegenerateMasksError(_degenerate_message(problems, config, epoch, bound), problems, epoch)
+        mask_check = None if checker is None else {
+            "epochs_asked": epochs, "epochs_run": epoch, "max_epochs": bound, "checks": checks,
+            "min_subnet_accuracy": min_subnet_accuracy, "checked_on": (test_set or train_set).name}
         return _finish(classifier, names, list(gates.logits), train_set, test_set, config, history, ranks,
-                       time.time() - t0, progress)
+                       time.time() - t0, progress, mask_check)
 
 
 # --------------------------------------------------------------------------- NAD's one-class schedule
@@ -397,15 +551,18 @@ def fit_paths_nad(classifier: Classifier, train_set: ImageSet, test_set: ImageSe
                   layers: Sequence[str] | None = None, beta: float = 1.0, mse_weight: float = 1.0,
                   epochs: int = 21, batch_size: int = 16, lr: float = 0.1, init_logit: float = 3.0,
                   device: str = "auto", seed: int = 0, checkpoint_dir: str | Path | None = None,
-                  progress: bool = True) -> PathModel:
+                  progress: bool = True, max_epochs: int | None = None,
+                  min_subnet_accuracy: float = MIN_SUBNET_ACCURACY, check: bool = True) -> PathModel:
     """Learn the sub-architectures one class after another, as NAD's released code does.
 
     For each class: ``epochs`` passes over its training images in batches of ``batch_size``; per step
     an original and a gated forward, loss CE + ``mse_weight`` * MSE + ``beta * sum_l mean(sigmoid(g_l)^2)``
     and the step ``g_l -= lr * grad_l / ||grad_l||``. NAD used ``beta`` 4.5 for VGG-16 and 0.02 for
     ResNet-50 on ImageNet: the right value depends on the architecture. Other arguments as in
-    :func:`fit_paths`.
+    :func:`fit_paths`; while the masks are degenerate after ``epochs``, every class gets one more epoch
+    per round (class by class), checked after each round, up to ``max_epochs`` per class.
     """
+    bound = _max_epochs(epochs, max_epochs)
     points = find_gate_points(classifier, layers)
     names = [p.name for p in points]
     config = {"schedule": "nad", "layers": names, "beta": beta, "mse_weight": mse_weight, "epochs": epochs,
@@ -414,15 +571,36 @@ def fit_paths_nad(classifier: Classifier, train_set: ImageSet, test_set: ImageSe
     t0 = time.time()
     with _session(classifier, device) as (ranks, dev):
         logits = [torch.full((classifier.num_classes, p.channels), float(init_logit), device=dev) for p in points]
-        done, history = 0, []  # done: epochs finished so far, over all classes
+        done, history, checks = 0, [], []  # done: epochs finished so far, over all classes
         state = _load_checkpoint(checkpoint_dir, config)
         if state is not None:
             logits = [t.to(dev) for t in state["logits"]]
-            done, history = state["done"], state["history"]
-        bar = tqdm(total=classifier.num_classes * epochs, initial=done, desc="fit-paths-nad",
+            done, history, checks = state["done"], state["history"], state.get("checks", [])
+        checker = _MaskCheck(classifier, names, test_set or train_set, dev, min_subnet_accuracy) if check else None
+        n_classes, planned = classifier.num_classes, classifier.num_classes * epochs
+        bar = tqdm(total=planned, initial=min(done, planned), desc="fit-paths-nad",
                    disable=not progress or ranks.rank != 0)
-        while done < classifier.num_classes * epochs:
-            k, epoch = divmod(done, epochs)
+        problems: list[MaskProblem] = []
+        while True:
+            if done >= planned and (done - planned) % n_classes == 0:  # after the plan, then after each round
+                if checker is None:
+                    break
+                per_class = epochs + (done - planned) // n_classes
+                problems = checker(logits)
+                if not checks or checks[-1]["epoch"] != per_class:
+                    checks.append({"epoch": per_class, "problems": [p.text for p in problems]})
+                if not _agree(ranks, problems, dev) or per_class >= bound:
+                    break
+                if ranks.rank == 0 and progress:
+                    tqdm.write(f"fit-paths: masks degenerate after {per_class} epochs per class ({problems[0].text}): "
+                               f"one more epoch for every class (bound {bound})")
+                bar.total = done + n_classes
+                bar.refresh()
+            if done < planned:
+                k, epoch = divmod(done, epochs)
+            else:  # extra rounds: one epoch per class
+                r, k = divmod(done - planned, n_classes)
+                epoch = epochs + r
             own = _class_indices(train_set, k)
             perm = own[_permutation(len(own), seed, k, epoch)]
             g = [t[k].clone().requires_grad_() for t in logits]
@@ -451,10 +629,16 @@ def fit_paths_nad(classifier: Classifier, train_set: ImageSet, test_set: ImageSe
                             "mse": totals[1].item() / max(totals[2].item(), 1)})
             bar.update(1)
             _save_checkpoint(checkpoint_dir, {"config": config, "done": done, "logits": [t.cpu() for t in logits],
-                                              "history": history}, ranks)
+                                              "history": history, "checks": checks}, ranks)
         bar.close()
+        ran = epochs + max(0, done - planned) // n_classes
+        if problems:
+            raise DegenerateMasksError(_degenerate_message(problems, config, ran, bound), problems, ran)
+        mask_check = None if checker is None else {
+            "epochs_asked": epochs, "epochs_run": ran, "max_epochs": bound, "checks": checks,
+            "min_subnet_accuracy": min_subnet_accuracy, "checked_on": (test_set or train_set).name}
         return _finish(classifier, names, logits, train_set, test_set, config, history, ranks, time.time() - t0,
-                       progress)
+                       progress, mask_check)
 
 
 # --------------------------------------------------------------------------- command line
@@ -477,12 +661,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-dir")
+    ap.add_argument("--max-images", type=int, help="seeded stratified sample of the training set")
+    ap.add_argument("--max-epochs", type=int, help="bound on epochs while the masks are degenerate (default 2x)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     summary = fit_and_save(a.model, a.data, a.out, weights=a.weights, data_root=a.data_root, schedule=a.schedule,
                            layers=a.layers.split(",") if a.layers else None, epochs=a.epochs,
                            batch_size=a.batch_size, lr=a.lr, target_keep=a.target_keep, hard_epochs=a.hard_epochs,
-                           beta=a.beta,
+                           beta=a.beta, max_images=a.max_images, max_epochs=a.max_epochs,
                            device=a.device, seed=a.seed, checkpoint_dir=a.checkpoint_dir, progress=not a.no_progress)
     if summary is not None:
         print(json.dumps(summary))
@@ -492,14 +678,19 @@ def fit_and_save(model: str, data: str, out: str | Path, *, weights: str | None 
                  schedule: str = "joint", layers: Sequence[str] | None = None, epochs: int | None = None,
                  batch_size: int | None = None, lr: float | None = None, target_keep: float = 0.25,
                  hard_epochs: int = 1, beta: float = 1.0, device: str = "auto", seed: int = 0,
-                 checkpoint_dir: str | None = None,
+                 checkpoint_dir: str | None = None, max_images: int | None = None, max_epochs: int | None = None,
                  progress: bool = True) -> dict[str, Any] | None:
     """Load data and classifier, learn the paths with ``schedule`` and save the artifact to ``out``
-    (rank 0 only under torchrun). Returns a summary of the metrics on rank 0, else ``None``."""
+    (rank 0 only under torchrun). Returns a summary of the metrics on rank 0, else ``None``.
+
+    ``max_images``: learn from a seeded (``seed``), stratified sample of that many training images
+    (:func:`sample_training_set`; the channel statistics come from the same sample). ``max_epochs``: the
+    bound of :func:`fit_paths`'s degenerate-mask check (:class:`DegenerateMasksError` past it)."""
     train, test = load_dataset(data, data_root)
     clf = build_classifier(model, weights, class_names=train.classes, input_size=train.shape[1])
+    train = sample_training_set(train, max_images, seed)
     common: dict[str, Any] = {"layers": layers, "device": device, "seed": seed, "checkpoint_dir": checkpoint_dir,
-                              "progress": progress}
+                              "progress": progress, "max_epochs": max_epochs}
     common |= {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
     if schedule == "joint":
         pm = fit_paths(clf, train, test, target_keep=target_keep, hard_epochs=hard_epochs, **common)
@@ -510,9 +701,11 @@ def fit_and_save(model: str, data: str, out: str | Path, *, weights: str | None 
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     pm.save(out)
-    return {"out": str(out), **{k: pm.metrics_.get(k) for k in (
-        "kept_fraction_mean", "subnet_accuracy_on_correct_mean", "subnet_accuracy_on_correct_min",
-        "subnet_other_rate_mean", "train_seconds")}}
+    check = pm.metrics_.get("mask_check") or {}
+    return {"out": str(out), "train_set": train.name, "train_images": len(train),
+            "epochs_run": check.get("epochs_run"), **{k: pm.metrics_.get(k) for k in (
+                "kept_fraction_mean", "subnet_accuracy_on_correct_mean", "subnet_accuracy_on_correct_min",
+                "subnet_other_rate_mean", "train_seconds")}}
 
 if __name__ == "__main__":
     main()
