@@ -578,7 +578,7 @@ def _adaptive(d: EvalData, b: _Baselines, cfg: EvalConfig, log: Callable[[str], 
     def maha_decision(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with capture(clf, maha.layers_, detach=False) as store:
             logits = clf(x)
-            dist = torch.stack([maha._min_distance(store[n].double(), n) for n in maha.layers_], 1)
+            dist = torch.stack([maha.min_distance(store[n].double(), n) for n in maha.layers_], 1)
         return logits, m_lin(dist)
 
     def maha_flag(x: torch.Tensor) -> torch.Tensor:
