@@ -51,8 +51,8 @@ def evaluation_data(encodings: tuple[str, ...], art: str = DEFAULT_ARTIFACT, mod
                     log: Callable[[str], None] | None = None) -> EvalData:
     """``nad-guard evaluate``'s splits, attacks (read from the cache ``$NAD_GUARD_CACHE/attacks``, generated
     there when missing) and features (``encodings``) for the guard at ``art`` on the first ``n`` test images
-    (0: all), on ``threads`` torch threads. The fit-part experiments read its ``fit:*`` keys only: the
-    calibration and evaluation parts give the committed results."""
+    (0: all), on ``threads`` torch threads. The fit-part experiments read its fit part's feature sets only
+    (``FeatureKey`` part ``"fit"``): the calibration and evaluation parts give the committed results."""
     torch.set_num_threads(threads)
     pm = PathModel.load(artifact_path(art), load_reference(model))
     train, test = load_dataset(data)

@@ -39,6 +39,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
 from nad_guard.detectors import PathDetector
+from nad_guard.evaluate import FIT_CLEAN, FeatureKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/experiments, for common.py
 from common import evaluation_data, experiment_parser  # noqa: E402
@@ -48,7 +49,7 @@ d = evaluation_data(("summary", "rich", "full"), args.artifact, args.model, args
 
 
 def pred(k):
-    return d.f[k].base.logits.argmax(1)
+    return d.features[k].base.logits.argmax(1)
 
 
 def detector(method):
@@ -73,17 +74,17 @@ def class_gaussian(Xf, yf):
     return score
 
 
-clean_idx = d.groups["fit:clean"]
+clean_idx = d.groups[FIT_CLEAN]
 fit_rows, test_rows = clean_idx % 2 == 0, clean_idx % 2 == 1
 
 
 def report(label, score_for):
     """Print the AUROC per attack and the mean of ``score_for(key, rows)`` (scores of split ``key``'s
     ``rows``): the odd half's clean images against the odd half's successful attacks."""
-    sc = score_for("fit:clean", test_rows)
+    sc = score_for(FIT_CLEAN, test_rows)
     aucs = []
     for a in d.usable:
-        k = f"fit:{a}"
+        k = FeatureKey.attack("fit", a)
         sa = score_for(k, d.groups[k] % 2 == 1)
         aucs.append(roc_auc_score(np.r_[np.zeros(len(sc)), np.ones(len(sa))], np.r_[sc, sa]))
     print(f"{label} mean {np.mean(aucs):.3f}  " + " ".join(f"{a} {v:.3f}" for a, v in zip(d.usable, aucs)),
@@ -91,11 +92,11 @@ def report(label, score_for):
 
 
 for enc in ("summary", "rich", "full"):
-    Xc, pc = d.f["fit:clean"].path[enc], pred("fit:clean")
+    Xc, pc = d.features[FIT_CLEAN].path[enc], pred(FIT_CLEAN)
     for name, make in (("gaussian", detector("gaussian")), ("class-gaussian", class_gaussian),
                        ("knn", detector("knn")), ("isoforest", detector("isoforest"))):
         score = make(Xc[fit_rows], pc[fit_rows])
-        report(f"{enc:8s} {name:15s}", lambda k, rows: score(d.f[k].path[enc][rows], pred(k)[rows]))
+        report(f"{enc:8s} {name:15s}", lambda k, rows: score(d.features[k].path[enc][rows], pred(k)[rows]))
 
 
 # ---- second round (module docstring)
@@ -118,10 +119,10 @@ def combined(members):
     """``score_for`` of the sum of the members' scores, each standardised by its fitted half's median and IQR."""
     fitted = []
     for enc, make in members:
-        score, own = make(d.f["fit:clean"].path[enc][fit_rows])
+        score, own = make(d.features[FIT_CLEAN].path[enc][fit_rows])
         q25, q50, q75 = np.percentile(own, [25, 50, 75])
         fitted.append((enc, score, q50, q75 - q25))
-    return lambda k, rows: sum((score(d.f[k].path[enc][rows]) - mid) / iqr for enc, score, mid, iqr in fitted)
+    return lambda k, rows: sum((score(d.features[k].path[enc][rows]) - mid) / iqr for enc, score, mid, iqr in fitted)
 
 
 print("second round", flush=True)

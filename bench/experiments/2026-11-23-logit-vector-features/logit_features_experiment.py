@@ -27,6 +27,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from nad_guard.evaluate import FIT_CLEAN, FeatureKey
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/experiments, for common.py
 from common import evaluation_data, experiment_parser  # noqa: E402
 
@@ -35,11 +37,11 @@ d = evaluation_data(("rich",), args.artifact, args.model, args.data, args.images
 KINDS = ("rich", "rich + sorted logits", "rich + sorted log-probs")
 
 
-def features(key: str, kind: str) -> np.ndarray:
-    X = d.f[key].path["rich"]
+def features(key: FeatureKey, kind: str) -> np.ndarray:
+    X = d.features[key].path["rich"]
     if kind == "rich":
         return X
-    top = torch.as_tensor(d.f[key].base.logits).double().sort(1, descending=True).values
+    top = torch.as_tensor(d.features[key].base.logits).double().sort(1, descending=True).values
     extra = (top[:, 1:] - top[:, :1]) if kind == "rich + sorted logits" else top.log_softmax(1)
     return np.hstack([X, extra.numpy()])
 
@@ -56,9 +58,9 @@ def auroc(clean_scores: np.ndarray, attack_scores: np.ndarray) -> float:
 print("seen: 3-fold cross-validation on the fit part, grouped by source image", flush=True)
 for attack in ("cw-l2", "pgd-l2", "fgsm", "apgd-dlr"):
     for kind in KINDS:
-        Xc, Xa = features("fit:clean", kind), features(f"fit:{attack}", kind)
+        Xc, Xa = features(FIT_CLEAN, kind), features(FeatureKey.attack("fit", attack), kind)
         X, y = np.vstack([Xc, Xa]), np.r_[np.zeros(len(Xc)), np.ones(len(Xa))]
-        groups = np.r_[d.groups["fit:clean"], d.groups[f"fit:{attack}"]]
+        groups = np.r_[d.groups[FIT_CLEAN], d.groups[FeatureKey.attack("fit", attack)]]
         aucs = []
         for tr, te in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(X, y, groups):
             model = logistic().fit(X[tr], y[tr])
@@ -68,14 +70,15 @@ for attack in ("cw-l2", "pgd-l2", "fgsm", "apgd-dlr"):
 
 print("leave one attack out: fitted on even-index images, scored on odd-index ones", flush=True)
 for kind in KINDS:
-    even = {k: d.groups[k] % 2 == 0 for k in ["fit:clean"] + [f"fit:{a}" for a in d.usable]}
+    even = {k: d.groups[k] % 2 == 0 for k in [FIT_CLEAN] + [FeatureKey.attack("fit", a) for a in d.usable]}
     results = []
     for held in d.usable:
-        parts = [features("fit:clean", kind)[even["fit:clean"]]] + [
-            features(f"fit:{a}", kind)[even[f"fit:{a}"]] for a in d.usable if a != held]
+        parts = [features(FIT_CLEAN, kind)[even[FIT_CLEAN]]] + [
+            features(k, kind)[even[k]] for k in (FeatureKey.attack("fit", a) for a in d.usable if a != held)]
         y = np.r_[np.zeros(len(parts[0])), np.ones(sum(len(p) for p in parts[1:]))]
         model = logistic().fit(np.vstack(parts), y)
-        results.append(auroc(model.decision_function(features("fit:clean", kind)[~even["fit:clean"]]),
-                             model.decision_function(features(f"fit:{held}", kind)[~even[f"fit:{held}"]])))
+        held_key = FeatureKey.attack("fit", held)
+        results.append(auroc(model.decision_function(features(FIT_CLEAN, kind)[~even[FIT_CLEAN]]),
+                             model.decision_function(features(held_key, kind)[~even[held_key]])))
     print(f"{kind:24s} mean {np.mean(results):.3f} min {np.min(results):.3f}  "
           + " ".join(f"{a} {v:.3f}" for a, v in zip(d.usable, results)), flush=True)

@@ -19,6 +19,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from nad_guard.evaluate import FIT_CLEAN, FeatureKey
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/experiments, for common.py
 from common import evaluation_data, experiment_parser  # noqa: E402
 
@@ -37,9 +39,9 @@ def cands():
     yield "svc-rbf", lambda: Pipeline([("s", StandardScaler()), ("c", SVC(C=1.0, gamma="scale"))])
 for attack in args.attacks.split(","):
     for enc in ("rich", "full"):
-        Xc, Xa = d.f["fit:clean"].path[enc], d.f[f"fit:{attack}"].path[enc]
+        Xc, Xa = d.features[FIT_CLEAN].path[enc], d.features[FeatureKey.attack("fit", attack)].path[enc]
         X = np.vstack([Xc, Xa]); y = np.r_[np.zeros(len(Xc)), np.ones(len(Xa))]
-        g = np.r_[d.groups["fit:clean"], d.groups[f"fit:{attack}"]]
+        g = np.r_[d.groups[FIT_CLEAN], d.groups[FeatureKey.attack("fit", attack)]]
         for name, make in cands():
             t = time.time(); aucs = []
             for tr, te in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(X, y, g):

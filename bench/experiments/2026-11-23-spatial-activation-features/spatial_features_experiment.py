@@ -25,6 +25,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from nad_guard.attacks import default_cache_dir, generate
+from nad_guard.evaluate import FIT_CLEAN, FeatureKey
 from nad_guard.hooks import hooked
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/experiments, for common.py
@@ -53,20 +54,20 @@ def spatial(x: torch.Tensor, batch: int = 256) -> np.ndarray:
     return torch.cat(rows).double().numpy()
 
 
-S = {"fit:clean": spatial(d.clean["fit"].float())}
+S = {FIT_CLEAN: spatial(d.clean["fit"].float())}
 for attack in ATTACKS:
     r = generate(clf, d.clean["fit"], attack=attack, suite=d.suite, batch_size=d.cfg.batch_size, device="cpu",
                  cache_dir=default_cache_dir(), progress=False)
-    if len(r) != len(d.f[f"fit:{attack}"].path["rich"]):
+    if len(r) != len(d.features[FeatureKey.attack("fit", attack)].path["rich"]):
         raise RuntimeError(f"{attack}: the cached attack does not match the evaluation's rows")
-    S[f"fit:{attack}"] = spatial(r.adv_images.float())
-print(f"gate points {names}; spatial columns {S['fit:clean'].shape[1]}", flush=True)
+    S[FeatureKey.attack("fit", attack)] = spatial(r.adv_images.float())
+print(f"gate points {names}; spatial columns {S[FIT_CLEAN].shape[1]}", flush=True)
 
 
-def features(key: str, kind: str) -> np.ndarray:
+def features(key: FeatureKey, kind: str) -> np.ndarray:
     if kind == "spatial":
         return S[key]
-    X = d.f[key].path["rich"]
+    X = d.features[key].path["rich"]
     return np.hstack([X, S[key]]) if kind == "rich + spatial" else X
 
 
@@ -78,9 +79,9 @@ LEARNERS = (
 )
 for attack in ATTACKS:
     for kind in ("rich", "rich + spatial", "spatial"):
-        Xc, Xa = features("fit:clean", kind), features(f"fit:{attack}", kind)
+        Xc, Xa = features(FIT_CLEAN, kind), features(FeatureKey.attack("fit", attack), kind)
         X, y = np.vstack([Xc, Xa]), np.r_[np.zeros(len(Xc)), np.ones(len(Xa))]
-        groups = np.r_[d.groups["fit:clean"], d.groups[f"fit:{attack}"]]
+        groups = np.r_[d.groups[FIT_CLEAN], d.groups[FeatureKey.attack("fit", attack)]]
         for name, make in LEARNERS:
             aucs = []
             for tr, te in StratifiedGroupKFold(3, shuffle=True, random_state=0).split(X, y, groups):

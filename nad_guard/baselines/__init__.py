@@ -1,0 +1,47 @@
+"""Established detectors to compare nad-guard against, as scikit-learn-style estimators.
+
+Scores follow the project convention (see :mod:`nad_guard.metrics`): **higher = more suspicious**.
+
+========================  =================================================================
+:class:`MSP`              1 - max softmax probability (Hendrycks & Gimpel 2017)
+:class:`Energy`           energy ``-T logsumexp(logits / T)`` (Liu et al. 2020)
+:class:`Mahalanobis`      min class-conditional Mahalanobis distance per layer, shared
+                          covariance (Lee et al. 2018); logistic regression across layers
+                          or, unsupervised, the last layer's distance
+:class:`LID`              local intrinsic dimensionality per layer w.r.t. a fixed clean
+                          reference set (Ma et al. 2018); logistic regression across layers
+                          or the last layer's LID
+:class:`DeepKNN`          deep k-nearest neighbours with conformal p-values (Papernot &
+                          McDaniel 2018): 1 - p-value of the predicted label, or
+                          1 - credibility
+========================  =================================================================
+
+Every detector has two paths, as in pytorch-ood: the raw-input path ``fit(model, images, ...)`` /
+``score(model, images)`` runs the model (one forward pass with hooks, streamed in batches) and
+hands :class:`Features` to the feature path ``fit_features(features, ...)`` /
+``score_features(features)``, which is cheap, so features can be extracted once, saved
+(:meth:`Features.save`) and reused. ``__init__`` only stores parameters, learned state ends in
+``_``, and using a detector before ``fit`` raises :class:`sklearn.exceptions.NotFittedError`.
+
+Features are global-average-pooled activations ``(N, C)`` of named modules (see
+:func:`default_layers`), plus the logits.
+
+The package, one file per idea: :mod:`~nad_guard.baselines.features` (:class:`Features`, :func:`default_layers`,
+:func:`extract_features`), :mod:`~nad_guard.baselines.base` (:class:`BaseDetector`, :func:`combiner` and the
+shared helpers), :mod:`~nad_guard.baselines.confidence` (MSP, Energy), :mod:`~nad_guard.baselines.mahalanobis`,
+:mod:`~nad_guard.baselines.lid` and :mod:`~nad_guard.baselines.deep_knn`.
+"""
+
+from __future__ import annotations
+
+from nad_guard.baselines.base import BaseDetector, combiner
+from nad_guard.baselines.confidence import MSP, Energy
+from nad_guard.baselines.deep_knn import DeepKNN
+from nad_guard.baselines.features import Features, ImagesLike, default_layers, extract_features
+from nad_guard.baselines.lid import LID
+from nad_guard.baselines.mahalanobis import Mahalanobis
+
+__all__ = ["BaseDetector", "DETECTORS", "DeepKNN", "Energy", "Features", "ImagesLike", "LID", "MSP", "Mahalanobis",
+           "combiner", "default_layers", "extract_features"]
+
+DETECTORS = {"msp": MSP, "energy": Energy, "mahalanobis": Mahalanobis, "lid": LID, "deep-knn": DeepKNN}

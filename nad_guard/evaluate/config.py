@@ -1,0 +1,73 @@
+"""What one evaluation run does: :class:`EvalConfig`, the protocols and ways of choosing nad-guard's
+detector it knows, and the baselines' names."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+SELECT = ("fixed", "cv")
+PROTOCOLS = ("seen", "unseen", "fgsm-only", "clean-only", "mispredictions", "adaptive")
+MIN_MISPREDICTIONS = 10
+UNSUPERVISED_BASELINES = ("msp", "energy", "mahalanobis", "lid", "deep-knn")
+SUPERVISED_BASELINES = ("mahalanobis-lr", "lid-lr")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation run.
+
+    ``methods`` x ``encodings``: the supervised nad-guard detectors tried. Which one stands for
+    nad-guard in each training task: ``select="fixed"``: ``primary`` (fixed before looking at
+    results); ``select="cv"``: the candidate with the best grouped ``cv_folds``-fold cross-validated
+    AUROC on that task's training data (the fit part only, see
+    :func:`nad_guard.detectors.select_by_cv`). Neither ever looks at the evaluation part.
+    ``clean_methods``: nad-guard's clean-only detectors, each ``method`` or ``method:encoding``
+    (``primary``'s encoding when omitted); the first is nad-guard in the clean-only protocol.
+    """
+
+    suite: str = "mnist"
+    attacks: Sequence[str] | None = None
+    protocols: Sequence[str] = PROTOCOLS
+    methods: Sequence[str] = ("logistic", "gboost")
+    encodings: Sequence[str] = ("rich", "full")
+    primary: tuple[str, str] = ("logistic", "rich")
+    select: str = "fixed"
+    cv_folds: int = 3
+    clean_methods: Sequence[str] = ("knn:summary", "gaussian:rich", "isoforest:rich")
+    fpr: float = 0.05
+    batch_size: int = 128
+    n_resamples: int = 1000
+    seed: int = 0
+    max_images: int | None = None
+    train_images: int = 5000
+    adaptive_images: int = 200
+    adaptive_steps: int | None = None
+    adaptive_lambdas: Sequence[float] = (1.0, 10.0)
+    device: str = "cpu"
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}
+
+    def clean_specs(self) -> list[tuple[str, str]]:
+        """``(method, encoding)`` of each of ``clean_methods``, checked."""
+        from nad_guard.detectors import CLEAN_ONLY
+        from nad_guard.guard import ENCODINGS
+
+        specs = []
+        for spec in self.clean_methods:
+            method, enc = clean_spec(spec, self.primary[1])
+            if method not in CLEAN_ONLY or enc not in ENCODINGS:
+                raise ValueError(f"clean-only detector {spec!r}: expected METHOD or METHOD:ENCODING with METHOD one "
+                                 f"of {', '.join(CLEAN_ONLY)} and ENCODING one of {', '.join(ENCODINGS)}")
+            specs.append((method, enc))
+        if not specs:
+            raise ValueError("clean_methods is empty: name at least one clean-only detector")
+        return specs
+
+
+def clean_spec(spec: str, default_encoding: str) -> tuple[str, str]:
+    """``(method, encoding)`` of a clean-only detector named ``method`` or ``method:encoding``."""
+    method, _, enc = spec.partition(":")
+    return method, enc or default_encoding

@@ -1,0 +1,102 @@
+"""What the detectors read from each image set of a run: :class:`FeatureSet` (path encodings, the baselines'
+pooled activations and the labels, from one forward pass per batch: :func:`compute_features`), and
+:class:`FeatureKey`, the name of each set in a run's feature store (which holdout part, which images)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from nad_guard.baselines import Features
+from nad_guard.data import ImageSet
+from nad_guard.guard import detector_matrix, path_inputs
+from nad_guard.hooks import capture
+from nad_guard.paths import PathModel
+
+PARTS = ("fit", "calibration", "evaluation")
+CLEAN, WRONG = "clean", "wrong"
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """The name of one image set of a run, and of its :class:`FeatureSet` in :attr:`EvalData.features`.
+
+    ``part``: the holdout part, ``"fit"`` (detector-fit), ``"calibration"`` or ``"evaluation"``.
+    ``kind``: ``"clean"`` (the part's correctly classified images), ``"wrong"`` (its misclassified
+    images, the natural mispredictions) or an attack's name (that attack's successful adversarials of
+    the part's clean images). Printed as ``part:kind``.
+    """
+
+    part: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.part not in PARTS:
+            raise ValueError(f"part must be one of {', '.join(PARTS)}, got {self.part!r}")
+
+    @classmethod
+    def attack(cls, part: str, attack: str) -> "FeatureKey":
+        """The successful adversarials of ``attack`` on ``part``'s clean images."""
+        if attack in (CLEAN, WRONG):
+            raise ValueError(f"{attack!r} names no attack")
+        return cls(part, attack)
+
+    def __str__(self) -> str:
+        return f"{self.part}:{self.kind}"
+
+
+FIT_CLEAN = FeatureKey("fit", CLEAN)
+FIT_WRONG = FeatureKey("fit", WRONG)
+CALIBRATION_CLEAN = FeatureKey("calibration", CLEAN)
+EVALUATION_CLEAN = FeatureKey("evaluation", CLEAN)
+EVALUATION_WRONG = FeatureKey("evaluation", WRONG)
+
+
+@dataclass
+class FeatureSet:
+    """Everything the detectors read from one image set (one forward pass per batch)."""
+
+    path: dict[str, np.ndarray]   # encoding -> (N, F) detector input
+    base: Features                 # baselines' pooled activations and logits
+    labels: np.ndarray             # (N,) true labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def compute_features(paths: PathModel, images: torch.Tensor | ImageSet, labels: Any, encodings: Sequence[str],
+                     layers: Sequence[str], batch_size: int = 128, progress: bool = False,
+                     desc: str = "features") -> FeatureSet:
+    """Path encodings and baseline features of ``images`` (float ``(N, C, H, W)`` in ``[0, 1]``, or an
+    :class:`ImageSet`, converted to float one batch at a time), streamed in batches: the memory of
+    the passes is bounded by ``batch_size``; what is kept is ``O(N)`` per-image feature rows."""
+    from tqdm.auto import tqdm
+
+    clf = paths.classifier
+    device = next(iter(clf.buffers())).device
+    enc: dict[str, list[np.ndarray]] = {e: [] for e in encodings}
+    acts: dict[str, list[np.ndarray]] = {n: [] for n in layers}
+    logits = []
+    with capture(clf, layers) as store:
+        for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+            store.clear()
+            x = images.float(s, s + batch_size) if isinstance(images, ImageSet) else images[s:s + batch_size]
+            f, pooled = path_inputs(paths, x.to(device), batch_size=batch_size)
+            for e in encodings:
+                enc[e].append(detector_matrix(f, e, pooled))
+            for n in layers:
+                acts[n].append(store[n].cpu().numpy())
+            logits.append(f.logits.float().numpy())
+    if not logits:
+        raise ValueError(f"{desc}: no images")
+    return FeatureSet({e: np.concatenate(v) for e, v in enc.items()},
+                      Features({n: np.concatenate(v) for n, v in acts.items()}, np.concatenate(logits)),
+                      np.asarray(labels, dtype=np.int64))
+
+
+def _concat(sets: Sequence[FeatureSet]) -> FeatureSet:
+    return FeatureSet({e: np.concatenate([s.path[e] for s in sets]) for e in sets[0].path},
+                      Features.concat([s.base for s in sets]), np.concatenate([s.labels for s in sets]))

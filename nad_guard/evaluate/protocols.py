@@ -1,0 +1,160 @@
+"""The protocols with adversarial or mispredicted positives scored from precomputed features: the supervised
+ones (``seen``, ``unseen``, ``fgsm-only``: :func:`supervised_protocol`), ``clean-only`` and
+``mispredictions``; the unsupervised baselines fitted once for all of them (:class:`FittedBaselines`);
+and one result row (:func:`metrics_row`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from nad_guard.baselines import LID, MSP, DeepKNN, Energy, Mahalanobis, combiner
+from nad_guard.detectors import PathDetector
+from nad_guard.evaluate.config import MIN_MISPREDICTIONS, UNSUPERVISED_BASELINES, EvalConfig
+from nad_guard.evaluate.data import EvalData
+from nad_guard.evaluate.features import (CALIBRATION_CLEAN, EVALUATION_CLEAN, EVALUATION_WRONG, FIT_CLEAN, FIT_WRONG,
+                                         FeatureKey)
+from nad_guard.metrics import evaluate as evaluate_scores
+
+
+class FittedBaselines:
+    """Unsupervised baselines fitted once; per-set scores and layer scores cached."""
+
+    def __init__(self, d: EvalData, seed: int):
+        self.d = d
+        self.msp, self.energy = MSP(), Energy()
+        self.maha = Mahalanobis(combine="last").fit_features(d.train_base, d.train_labels)
+        self.lid = LID(combine="last", random_state=seed).fit_features(d.train_base)
+        self.knn = DeepKNN(random_state=seed).fit_features(d.train_base, d.train_labels)
+        self._cache: dict[tuple[str, FeatureKey], np.ndarray] = {}
+
+    def layer_scores(self, which: str, key: FeatureKey) -> np.ndarray:
+        k = (which + ":layers", key)
+        if k not in self._cache:
+            det = self.maha if which == "mahalanobis" else self.lid
+            self._cache[k] = det.layer_scores(self.d.features[key].base)
+        return self._cache[k]
+
+    def score(self, name: str, key: FeatureKey) -> np.ndarray:
+        k = (name, key)
+        if k not in self._cache:
+            det = {"msp": self.msp, "energy": self.energy, "mahalanobis": self.maha, "lid": self.lid,
+                   "deep-knn": self.knn}[name]
+            self._cache[k] = det.score_features(self.d.features[key].base)
+        return self._cache[k]
+
+
+def metrics_row(detector: str, attack: str, clean: np.ndarray, susp: np.ndarray, cal: np.ndarray,
+                 cfg: EvalConfig) -> dict[str, Any]:
+    m = evaluate_scores(clean, susp, cal, fpr=cfg.fpr, n_resamples=cfg.n_resamples, seed=cfg.seed)
+    return {"detector": detector, "attack": attack, **m.to_dict()}
+
+
+def _nad_name(method: str, encoding: str, cfg: EvalConfig) -> str:
+    """Row name of a supervised candidate: 'nad-guard' for the fixed primary; under ``select="cv"``
+    every candidate is a variant and 'nad-guard' is a copy of the chosen one's scores."""
+    if cfg.select == "fixed" and (method, encoding) == tuple(cfg.primary):
+        return "nad-guard"
+    return f"nad-guard[{method},{encoding}]"
+
+
+def supervised_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, tasks: list[tuple[str, list[str]]],
+                        progress_desc: str, keep_scores: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each task ``(test_attack, train_attacks)``: fit every supervised detector on the fit part's clean
+    images + the train attacks' adversarials, score the evaluation part."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    for test_attack, train_attacks in tqdm(tasks, desc=progress_desc, disable=not cfg.progress):
+        train_keys = [FIT_CLEAN] + [FeatureKey.attack("fit", a) for a in train_attacks]
+        y = d.training_set(train_keys)[0]
+        test = {"clean": EVALUATION_CLEAN, "adv": FeatureKey.attack("evaluation", test_attack),
+                "cal": CALIBRATION_CLEAN}
+        scores: dict[str, dict[str, np.ndarray]] = {}
+        for enc in cfg.encodings:
+            X = np.vstack([d.features[k].path[enc] for k in train_keys])
+            for method in cfg.methods:
+                det = PathDetector(method, random_state=cfg.seed).fit(X, y)
+                scores[_nad_name(method, enc, cfg)] = {r: det.score_samples(d.features[k].path[enc])
+                                                       for r, k in test.items()}
+        (cm, ce), cv = d.choose(train_keys)
+        if cfg.select == "cv":
+            scores = {"nad-guard": scores[_nad_name(cm, ce, cfg)], **scores}
+        for which in ("mahalanobis", "lid"):
+            L = np.vstack([b.layer_scores(which, k) for k in train_keys])
+            comb = combiner(1.0).fit(L, y)
+            scores[f"{which}-lr"] = {r: comb.decision_function(b.layer_scores(which, k)) for r, k in test.items()}
+        for name in ("msp", "energy", "deep-knn"):
+            scores[name] = {r: b.score(name, k) for r, k in test.items()}
+        for det_name, s in scores.items():
+            rows.append({**metrics_row(det_name, test_attack, s["clean"], s["adv"], s["cal"], cfg),
+                         "trained_on": "+".join(train_attacks),
+                         **({"selected": f"{cm},{ce}", "cv": cv} if det_name == "nad-guard" else {})})
+        keep_scores[test_attack] = scores
+    return rows
+
+
+def clean_only_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
+                        keep_scores: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    keys = {"clean": EVALUATION_CLEAN, "cal": CALIBRATION_CLEAN}
+    dets = {}
+    for i, (method, enc) in enumerate(cfg.clean_specs()):
+        det = PathDetector(method, random_state=cfg.seed).fit(d.features[FIT_CLEAN].path[enc])
+        name = "nad-guard" if i == 0 else f"nad-guard[{method},{enc}]"
+        dets[name] = lambda k, det=det, enc=enc: det.score_samples(d.features[k].path[enc])
+    for name in UNSUPERVISED_BASELINES:
+        dets[name] = lambda k, name=name: b.score(name, k)
+    for attack in d.usable:
+        scores = {}
+        for name, fn in dets.items():
+            s = {r: fn(k) for r, k in {**keys, "adv": FeatureKey.attack("evaluation", attack)}.items()}
+            scores[name] = s
+            rows.append({**metrics_row(name, attack, s["clean"], s["adv"], s["cal"], cfg), "trained_on": "clean"})
+        keep_scores[attack] = scores
+    return rows
+
+
+def deployed_training_keys(d: EvalData) -> list[FeatureKey]:
+    """The deployed detector's training data: the fit part's clean images, every attack on them and the
+    fit part's natural mispredictions (as ``nad-guard fit-detector`` trains it)."""
+    return ([FIT_CLEAN] + [FeatureKey.attack("fit", a) for a in d.usable]
+            + ([FIT_WRONG] if FIT_WRONG in d.features else []))
+
+
+def mispredictions_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
+                            keep_scores: dict[str, Any]) -> list[dict[str, Any]]:
+    if EVALUATION_WRONG not in d.features or len(d.features[EVALUATION_WRONG]) == 0:
+        return []
+    keys = {"clean": EVALUATION_CLEAN, "adv": EVALUATION_WRONG, "cal": CALIBRATION_CLEAN}
+    dets: dict[str, Callable[[FeatureKey], np.ndarray]] = {}
+    attack_keys = [FIT_CLEAN] + [FeatureKey.attack("fit", a) for a in d.usable]
+    deployed_keys = deployed_training_keys(d)
+    (method, enc), cv = d.choose(deployed_keys)
+    for name, train_keys in (("nad-guard", deployed_keys), (f"nad-guard[{method},{enc},attacks only]", attack_keys)):
+        X = np.vstack([d.features[k].path[enc] for k in train_keys])
+        y = d.training_set(train_keys)[0]
+        det = PathDetector(method, random_state=cfg.seed).fit(X, y)
+        dets[name] = lambda k, det=det: det.score_samples(d.features[k].path[enc])
+    cm, ce = cfg.clean_specs()[0]
+    clean_det = PathDetector(cm, random_state=cfg.seed).fit(d.features[FIT_CLEAN].path[ce])
+    dets[f"nad-guard[{cm},{ce}]"] = lambda k: clean_det.score_samples(d.features[k].path[ce])
+    if d.n_wrong["fit"] >= MIN_MISPREDICTIONS:
+        Xm = np.vstack([d.features[FIT_CLEAN].path[enc], d.features[FIT_WRONG].path[enc]])
+        ym = np.r_[np.zeros(len(d.features[FIT_CLEAN])), np.ones(len(d.features[FIT_WRONG]))]
+        mis_det = PathDetector(method, random_state=cfg.seed).fit(Xm, ym)
+        dets[f"nad-guard[{method},{enc},on-mispredictions]"] = lambda k: mis_det.score_samples(
+            d.features[k].path[enc])
+    for name in UNSUPERVISED_BASELINES:
+        dets[name] = lambda k, name=name: b.score(name, k)
+    rows, scores = [], {}
+    for name, fn in dets.items():
+        s = {r: fn(k) for r, k in keys.items()}
+        scores[name] = s
+        trained_on = {"nad-guard": "all attacks + fit mispredictions"}.get(name, "all attacks" if "attacks only" in name else "")
+        rows.append({**metrics_row(name, "mispredictions", s["clean"], s["adv"], s["cal"], cfg),
+                     "trained_on": trained_on,
+                     **({"selected": f"{method},{enc}", "cv": cv} if name == "nad-guard" else {})})
+    keep_scores["mispredictions"] = scores
+    return rows

@@ -1,0 +1,166 @@
+"""What a run's result becomes: per-protocol summaries (:func:`summarize`), ``results.md`` tables
+(:func:`render_markdown`), ``results.json`` and ROC plots (:func:`write_outputs`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from nad_guard.calibration import fpr_guarantee as calibration_guarantee
+from nad_guard.evaluate.config import clean_spec
+from nad_guard.metrics import markdown_table, plot_roc, write_json
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per protocol: mean / min AUROC and mean TPR per detector, nad-guard's mean and the best baseline's."""
+    out: dict[str, Any] = {}
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        per: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            if r["protocol"] == protocol:
+                per.setdefault(r["detector"], []).append(r)
+        dets = {k: {"mean_auroc": float(np.mean([r["auroc"] for r in v])),
+                    "min_auroc": float(np.min([r["auroc"] for r in v])),
+                    "mean_tpr": float(np.mean([r["tpr"] for r in v])), "n": len(v)} for k, v in per.items()}
+        base = {k: v for k, v in dets.items() if not k.startswith("nad-guard")}
+        best = max(base, key=lambda k: base[k]["mean_auroc"]) if base else None
+        out[protocol] = {"detectors": dets, "nad_guard_mean_auroc": dets.get("nad-guard", {}).get("mean_auroc"),
+                         "best_baseline": best, "best_baseline_mean_auroc": base[best]["mean_auroc"] if best else None}
+    return out
+
+
+def _pivot(rows: Sequence[dict[str, Any]], protocol: str, metric: str) -> str:
+    rs = [r for r in rows if r["protocol"] == protocol]
+    attacks = list(dict.fromkeys(r["attack"] for r in rs))
+    table = []
+    for det in dict.fromkeys(r["detector"] for r in rs):
+        row: dict[str, Any] = {"detector": det}
+        vals = []
+        for r in rs:
+            if r["detector"] == det:
+                row[r["attack"]] = r[metric]
+                vals.append(r[metric])
+        if len(attacks) > 1:
+            row["mean"] = float(np.mean(vals))
+        table.append(row)
+    return markdown_table(table, ["detector", *attacks, *(["mean"] if len(attacks) > 1 else [])])
+
+
+def write_outputs(result: dict[str, Any], out: str | Path, command: str | None = None) -> dict[str, Path]:
+    """Write ``results.md``, ``results.json`` and ``roc_<protocol>.png`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = result.get("scores", {})
+    files: dict[str, Path] = {}
+    for protocol, per_attack in scores.items():
+        if not per_attack:
+            continue
+        # nad-guard per attack, and every detector on one attack (pgd when present)
+        curves = {a: (s["nad-guard"]["clean"], s["nad-guard"]["adv"]) for a, s in per_attack.items() if "nad-guard" in s}
+        focus = "pgd" if "pgd" in per_attack else next(iter(per_attack))
+        if len(curves) > 1:
+            files[f"roc_{protocol}"] = plot_roc(curves, out / f"roc_{protocol}.png",
+                                                title=f"nad-guard, {protocol} protocol")
+        files[f"roc_{protocol}_{focus}"] = plot_roc(
+            {k: (v["clean"], v["adv"]) for k, v in per_attack[focus].items()},
+            out / f"roc_{protocol}_{focus}.png", title=f"{protocol}: {focus}")
+    js = {k: v for k, v in result.items() if k != "scores"}
+    if command:
+        js["command"] = command
+    files["json"] = write_json(out / "results.json", js)
+    files["md"] = out / "results.md"
+    files["md"].write_text(render_markdown(js))
+    return files
+
+
+def _who(cfg: dict[str, Any]) -> str:
+    m, e = cfg["primary"]
+    if cfg.get("select", "fixed") == "cv":
+        return (f"per training task, the best of {', '.join(cfg['methods'])} x {', '.join(cfg['encodings'])} encodings by "
+                f"{cfg['cv_folds']}-fold cross-validation on the fit part")
+    return f"{m} on the '{e}' encoding"
+
+
+def _clean_who(cfg: dict[str, Any]) -> str:
+    method, enc = clean_spec(cfg["clean_methods"][0], cfg["primary"][1])
+    return f"{method} on the '{enc}' encoding"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]["start"]
+    lines = [f"# Detection evaluation: {r['model']} on {r['data']['test']} (suite {r['config']['suite']})", ""]
+    if r.get("command"):
+        lines += ["Command:", "", "```", r["command"], "```", ""]
+    lines += [f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}; load average at "
+              f"start {m['load_average']}, at end {r['machine']['end']['load_average']} (other jobs share the "
+              f"cores). Run time {r['seconds']:.0f} s (timings: {r['timings']}).", ""]
+    dd = r["data"]
+    lines += [f"Splits of the {dd['test_images']} test images: detector-fit {dd['fit_images']} "
+              f"({dd['fit_clean']} correct), calibration {dd['calibration_images']} ({dd['calibration_clean']} correct, "
+              f"thresholds at {r['config']['fpr']:.0%} FPR), evaluation {dd['evaluation_images']} "
+              f"({dd['evaluation_clean']} correct, {dd['evaluation_mispredicted']} mispredicted). Baselines' "
+              f"unsupervised parts: {dd['baseline_train_images']} training images. nad-guard = {_who(r['config'])} "
+              f"(clean-only: {_clean_who(r['config'])}). "
+              f"Bootstrap: {r['config']['n_resamples']} stratified resamples, "
+              "95% percentile intervals.", ""]
+    cal = r.get("calibration")
+    if cal:
+        g = calibration_guarantee(cal["n"], cal["fpr"])
+        lines += [f"Every threshold (the TPR columns, `test_fpr`) is set by the rule the deployed guard uses "
+                  f"(`nad_guard.calibration`): {g.summary()}." + (f" **{g.warning}.**" if g.warning else ""), ""]
+    prov = r.get("provenance")
+    if prov:
+        lines += [f"Holdout parts (seed {prov['seed']}, recorded by content hash): split {prov['split_name']} sha256 "
+                  f"{prov['split_sha256'][:12]}, "
+                  + ", ".join(f"{k} {v['images']} images sha256 {v['sha256'][:12]}" for k, v in prov["parts"].items())
+                  + "." + (f" Against the artifact's guard: {prov['guard']['note']}." if "guard" in prov else ""), ""]
+    lines += ["## Attacks (successful ones only are kept)", ""]
+    rows = []
+    for split, res in r["attacks"].items():
+        for a, s in res.items():
+            rows.append({"split": split, "attack": a, "attacked": s["n_correct"], "success rate": s["success_rate"],
+                         "kept": s["n_kept"], "mean L-inf": s["mean_linf"], "mean L2": s["mean_l2"],
+                         "seconds": s["seconds"]})
+    lines += [markdown_table(rows), ""]
+    lines += ["## Summary: mean AUROC per protocol", ""]
+    srows = []
+    for p, s in r["summary"].items():
+        nad = s["detectors"].get("nad-guard", {})
+        srows.append({"protocol": p, "nad-guard mean AUROC": s["nad_guard_mean_auroc"],
+                      "nad-guard min AUROC": nad.get("min_auroc"), "nad-guard mean TPR@5%": nad.get("mean_tpr"),
+                      "best baseline": s["best_baseline"], "its mean AUROC": s["best_baseline_mean_auroc"],
+                      "its mean TPR@5%": s["detectors"].get(s["best_baseline"], {}).get("mean_tpr")})
+    lines += [markdown_table(srows), ""]
+    chosen = [{"protocol": x["protocol"], "attack": x["attack"], "trained on": x["trained_on"],
+               "folds by": x["cv"]["folds_by"], "selected": x["selected"],
+               **{f"CV {k}": v for k, v in x["cv"]["auroc"].items()}}
+              for x in r["rows"] if x["detector"] == "nad-guard" and x.get("cv")]
+    if chosen:
+        lines += ["## nad-guard's detector per training task", "",
+                  f"Chosen by {r['config']['cv_folds']}-fold cross-validated AUROC on the task's training data (the "
+                  "fit part), before anything is scored on the evaluation part. Folds are stratified and grouped: "
+                  "by attack when the task trains on at least as many attacks (or kinds of error) as there are "
+                  "folds (each fold holds out whole attacks), else by source image (an image and its "
+                  "adversarials stay on one side).", "", markdown_table(chosen), ""]
+    for p in r["summary"]:
+        lines += [f"## {p}: AUROC", "", _pivot(r["rows"], p, "auroc"), f"## {p}: TPR at 5% FPR "
+                  "(threshold from the calibration part)", "", _pivot(r["rows"], p, "tpr")]
+    if r.get("adaptive"):
+        a = r["adaptive"]
+        lines += ["## Adaptive white-box attack", "",
+                  f"L-inf PGD, eps {a['eps']:.4g}, step {a['alpha']:.4g}, {a['steps']} steps, random start, on "
+                  f"{a['images']} correctly classified evaluation images; loss = clamp(classifier margin, "
+                  f"-{a['kappa']}) + lambda x detector surrogate, lambdas {a['lambdas']}. 'Evades' = some iterate "
+                  "is misclassified and not flagged at the calibrated threshold (the share of attacked images; "
+                  "lower is better for the defender).", ""]
+        arows = [{"detector": k, "plain PGD evades": v["plain_pgd_evades"], "adaptive evades": v["adaptive_evades"],
+                  **{f"lambda {lam}": v["per_lambda"][lam] for lam in v["per_lambda"] if lam != "0.0"},
+                  "surrogate": v["surrogate"], "seconds": v["seconds"]} for k, v in a["detectors"].items()]
+        lines += [markdown_table(arows), ""]
+    lines += ["## All rows (with 95% bootstrap intervals)", ""]
+    cols = ["protocol", "detector", "attack", "trained_on", "auroc", "auroc_ci", "aupr", "aupr_ci", "tpr", "tpr_ci",
+            "test_fpr", "n_clean", "n_suspicious"]
+    lines += [markdown_table(r["rows"], cols)]
+    return "\n".join(lines)
