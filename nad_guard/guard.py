@@ -30,7 +30,11 @@ activation that lies outside the predicted class's sub-architecture (0 = entirel
 
 Artifact layout (one directory): ``meta.json`` and ``paths.safetensors`` (:class:`PathModel`),
 ``classifier.safetensors`` (the classifier's weights) with ``meta["classifier"]`` saying how to
-rebuild it, and ``detector.skops`` with ``meta["detector"]`` (method, encoding, threshold, metrics, the
+rebuild it (:func:`classifier_reference`: a reference model or torchvision architecture by name, a
+factory by its ``package.module:function``, an exported program by a copy of its file,
+``classifier_graph.pt2``, and the original's name and SHA-256; written by :func:`save_classifier`, also
+into a path artifact by ``fit-paths``, so that later commands and the service need only the directory),
+and ``detector.skops`` with ``meta["detector"]`` (method, encoding, threshold, metrics, the
 calibration's size and false-positive bounds under ``calibration`` (:mod:`nad_guard.calibration`), and,
 for detectors fitted by ``fit-detector`` / ``build-default``, which images each holdout part holds under
 ``provenance`` (:mod:`nad_guard.provenance`)).
@@ -39,6 +43,8 @@ for detectors fitted by ``fit-detector`` / ``build-default``, which images each 
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,7 +53,8 @@ import numpy as np
 import torch
 
 from nad_guard.detectors import PathDetector, load_detector, save_detector
-from nad_guard.models import (REFERENCE_MODELS, Classifier, InputSpec, load_state_dict_file, resolve_device,
+from nad_guard.models import (REFERENCE_MODELS, Classifier, InputSpec, build_classifier, classifier_from_factory,
+                              file_sha256, load_state_dict_file, load_torchscript, resolve_device,
                               torchvision_classifier)
 from nad_guard.hooks import hooked, pool
 from nad_guard.paths import META_FILE, ArtifactError, PathFeatures, PathModel, read_meta
@@ -57,7 +64,12 @@ POOLED_ENCODINGS = ("full",)  # need the pooled gate-point activations (see path
 DEFAULT_GUARD_DIR = Path(__file__).resolve().parent / "default_guard"
 PAD_MULTIPLE = 8  # rows: see pad_rows
 CLASSIFIER_FILE = "classifier.safetensors"
+CLASSIFIER_GRAPH = "classifier_graph"  # + the graph file's suffix: the copy of an exported program
 DETECTOR_FILE = "detector.skops"
+
+
+class ModelRecordWarning(UserWarning):
+    """``--model`` names another classifier than the one the artifact records (used as given)."""
 
 
 def detector_matrix(f: PathFeatures, encoding: str = "rich", pooled: list[torch.Tensor] | None = None) -> np.ndarray:
@@ -156,34 +168,149 @@ def read_guard_meta(path: str | Path) -> dict[str, Any]:
 
 
 def classifier_reference(clf: Classifier) -> dict[str, Any]:
-    """How to rebuild ``clf`` (architecture; the weights are stored beside it)."""
+    """How to rebuild ``clf`` (the weights are stored beside it): ``builder`` (``reference``,
+    ``torchvision``, ``factory``, ``graph`` or ``custom``: a module wrapped by hand, which cannot be
+    rebuilt), ``name``, ``model`` (what ``--model`` takes for it; absent for ``custom``), ``spec``, and
+    ``factory`` (``package.module:function``) or ``format``, ``graph`` (the copy's file name in the
+    directory) and ``sha256`` (the graph file's)."""
+    spec, src = clf.spec.to_dict(), clf.source or {}
+    if src.get("builder") == "factory":
+        return {"builder": "factory", "name": clf.name, "model": src["factory"], "factory": src["factory"],
+                "spec": spec}
+    if src.get("builder") == "graph":
+        original = Path(src["path"])
+        return {"builder": "graph", "name": clf.name, "model": src.get("model") or original.name,
+                "format": src["format"], "graph": CLASSIFIER_GRAPH + original.suffix, "sha256": src["sha256"],
+                "spec": spec}
     if clf.name in REFERENCE_MODELS:
-        return {"builder": "reference", "name": clf.name, "spec": clf.spec.to_dict()}
+        return {"builder": "reference", "name": clf.name, "model": clf.name, "spec": spec}
     import torchvision
 
     if clf.name in torchvision.models.list_models(module=torchvision.models):
-        return {"builder": "torchvision", "name": clf.name, "spec": clf.spec.to_dict()}
-    return {"builder": "custom", "name": clf.name, "spec": clf.spec.to_dict()}
+        return {"builder": "torchvision", "name": clf.name, "model": clf.name, "spec": spec}
+    return {"builder": "custom", "name": clf.name, "spec": spec}
 
 
-def _rebuild_classifier(ref: dict[str, Any], weights: Path) -> Classifier:
+def _identity(ref: dict[str, Any]) -> tuple[str, str]:
+    """What makes two records the same classifier: the factory, the graph's bytes, or the name."""
+    builder = str(ref.get("builder"))
+    return builder, str(ref.get({"factory": "factory", "graph": "sha256"}.get(builder, "name")))
+
+
+def save_classifier(path: str | Path, clf: Classifier) -> dict[str, Any]:
+    """Store ``clf`` in the artifact directory ``path`` (written by :meth:`PathModel.save`): its weights
+    (``classifier.safetensors``), for a graph file a copy of it (the directory is self-contained), and
+    ``meta["classifier"]``, the record :func:`rebuild_classifier` reads. Returns the record."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = read_meta(path)
+    ref = {**classifier_reference(clf), "file": CLASSIFIER_FILE}
+    save_file({k: v.detach().cpu().contiguous() for k, v in clf.net.state_dict().items()}, str(path / CLASSIFIER_FILE))
+    for stale in path.glob(CLASSIFIER_GRAPH + ".*"):
+        if stale.name != ref.get("graph"):
+            stale.unlink()
+    copy = path / ref["graph"] if ref["builder"] == "graph" else None
+    if copy is not None and not (copy.is_file() and file_sha256(copy) == ref["sha256"]):
+        shutil.copyfile(clf.source["path"], copy)
+        if file_sha256(copy) != ref["sha256"]:
+            copy.unlink()
+            raise ValueError(f"{clf.source['path']} changed since the classifier was loaded from it (SHA-256 "
+                             "differs); load it again")
+    meta["classifier"] = ref
+    (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return ref
+
+
+def rebuild_classifier(path: str | Path, ref: dict[str, Any] | None = None) -> Classifier:
+    """The classifier an artifact or guard directory records (``ref``, default ``meta["classifier"]``),
+    with the weights stored there: a reference or torchvision model by name, a factory by importing its
+    ``package.module:function`` (its module must be importable: on ``PYTHONPATH``), a graph file from the
+    directory's copy (checked against the recorded SHA-256). :class:`ArtifactError` says what is missing;
+    a ``custom`` record (a module wrapped by hand) cannot be rebuilt."""
+    path = Path(path)
+    if ref is None:
+        ref = read_meta(path).get("classifier")
+    if not isinstance(ref, dict):
+        raise ArtifactError(f"{path} does not record its classifier (written before nad-guard recorded it, or "
+                            "by PathModel.save alone): name it with --model (and --weights) as given to fit-paths")
     spec = InputSpec.from_dict(ref["spec"])
-    if ref["builder"] == "reference":
+    builder, weights = ref.get("builder"), path / ref.get("file", CLASSIFIER_FILE)
+    if builder == "reference":
         clf = REFERENCE_MODELS[ref["name"]](spec.class_names)
-    elif ref["builder"] == "torchvision":
+    elif builder == "torchvision":
         clf = torchvision_classifier(ref["name"], len(spec.class_names), input_size=spec.height,
                                      channels=spec.channels, mean=spec.mean, std=spec.std,
                                      class_names=spec.class_names)
-    elif ref["builder"] == "custom":
-        raise ArtifactError(f"the guard was built for a custom classifier {ref['name']!r}: pass it to Guard.load "
-                            "(classifier=...) or name its factory (service: NAD_GUARD_CLASSIFIER=package.module:function)")
+    elif builder == "factory":
+        try:
+            clf = classifier_from_factory(ref["factory"])
+        except ValueError as e:
+            raise ArtifactError(f"{path} records its classifier as the factory {ref['factory']}: {e}") from e
+    elif builder == "graph":
+        graph = path / ref["graph"]
+        if not graph.is_file():
+            raise ArtifactError(f"{graph} is missing: the guard's copy of {ref.get('model')}")
+        if file_sha256(graph) != ref.get("sha256"):
+            raise ArtifactError(f"{graph} is not the graph the guard was fitted for (SHA-256 differs from "
+                                f"the recorded one of {ref.get('model')})")
+        clf = load_torchscript(graph, spec)
+        clf.name, clf.source["model"] = ref.get("name", clf.name), ref.get("model")
+        return clf  # the graph file holds its own weights
+    elif builder == "custom":
+        raise ArtifactError(f"{path} was built for a classifier wrapped by hand ({ref['name']!r}), which cannot be "
+                            "rebuilt from the directory: pass it (Guard.load(..., classifier=...), --model "
+                            "package.module:function, service: NAD_GUARD_CLASSIFIER=package.module:function), or "
+                            "fit with --model package.module:function so that the guard records its factory")
     else:
-        raise ArtifactError(f"unknown classifier builder {ref['builder']!r}")
+        raise ArtifactError(f"unknown classifier builder {builder!r}")
     sd = load_state_dict_file(weights)
     try:
         clf.net.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ArtifactError(f"{weights} does not fit {ref['name']}: {str(e)[:300]}") from e
+        raise ArtifactError(f"{weights} does not fit {ref.get('model') or ref['name']}: {str(e)[:300]}") from e
+    return clf
+
+
+def artifact_classifier(path: str | Path, model: str | None = None, weights: str | Path | None = None, *,
+                        mean: Sequence[float] | str | None = None, std: Sequence[float] | str | None = None,
+                        class_names: Sequence[str] | None = None, input_size: int | None = None,
+                        channels: int | None = None) -> Classifier:
+    """The classifier for the path artifact or guard at ``path``, as every command after ``fit-paths``
+    gets it: without ``model``, the one the directory records (:func:`rebuild_classifier`); with it,
+    :func:`~nad_guard.models.build_classifier` (``class_names``, ``input_size`` and ``channels`` default
+    to the artifact's; ``mean``/``std`` to the record's when ``model`` is the recorded one; without
+    ``weights``, the weights the directory stores, when it records a classifier). A ``model`` other than
+    the recorded one is used as given, with a :class:`ModelRecordWarning`: the artifact's weights
+    fingerprint still has to match (:meth:`PathModel.load` checks it), so a renamed factory module or a
+    moved file keeps working, and another network does not."""
+    path = Path(path)
+    meta = read_meta(path)
+    ref = meta.get("classifier") if isinstance(meta.get("classifier"), dict) else None
+    if model is None:
+        if weights is not None or mean is not None or std is not None:
+            raise ValueError("--weights, --mean and --std go with --model; without --model the classifier "
+                             f"that {path} records is rebuilt with its stored weights")
+        return rebuild_classifier(path, ref)
+    recorded = dict(meta.get("model", {}).get("input_spec") or {})
+    if (ref is not None and ref.get("builder") in ("torchvision", "graph") and ref.get("model") == Path(model).name
+            and mean is None and std is None):
+        mean, std = recorded.get("mean"), recorded.get("std")
+    clf = build_classifier(model, weights, class_names=class_names or meta.get("class_names") or [],
+                           input_size=input_size or int(recorded.get("height", 0)),
+                           channels=channels or recorded.get("channels"), mean=mean, std=std)
+    stored = path / str(ref.get("file", CLASSIFIER_FILE)) if ref is not None else None
+    if weights is None and stored is not None and stored.is_file():
+        try:
+            clf.net.load_state_dict(load_state_dict_file(stored), strict=True)
+        except RuntimeError as e:
+            raise ArtifactError(f"the classifier weights {path} stores do not fit --model {model} "
+                                f"({str(e)[:200]}); give the model's --weights") from e
+    if ref is not None and ref.get("builder") != "custom" and _identity(classifier_reference(clf)) != _identity(ref):
+        warnings.warn(ModelRecordWarning(
+            f"--model {model} is not the classifier {path} records ({ref.get('model') or ref.get('name')}); "
+            "using --model as given (its weights must still be the artifact's), and a guard saved from it "
+            "records it instead"), stacklevel=2)
     return clf
 
 
@@ -270,15 +397,10 @@ class Guard:
 
     # ---- artifact
     def save(self, path: str | Path, detector_info: dict[str, Any] | None = None) -> Path:
-        from safetensors.torch import save_file
-
         path = self.paths.save(path)
-        ref = classifier_reference(self.classifier)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.classifier.net.state_dict().items()},
-                  str(path / CLASSIFIER_FILE))
+        save_classifier(path, self.classifier)
         save_detector(self.detector, path / DETECTOR_FILE)
         meta = json.loads((path / META_FILE).read_text())
-        meta["classifier"] = {**ref, "file": CLASSIFIER_FILE}
         meta["detector"] = {"file": DETECTOR_FILE, "method": self.detector.method, "encoding": self.encoding,
                             "threshold": self.detector.threshold_, "fpr": self.detector.fpr_,
                             "n_features": int(self.detector.n_features_in_),
@@ -290,13 +412,14 @@ class Guard:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", classifier: Classifier | None = None) -> "Guard":
         """Load a guard directory; raises :class:`ArtifactError` with a clear message if anything is
-        missing, corrupt or inconsistent. ``classifier`` replaces the stored one (needed for custom
-        classifiers, whose architecture cannot be rebuilt from the directory); its weights must match."""
+        missing, corrupt or inconsistent. The classifier is rebuilt from the directory's record
+        (:func:`rebuild_classifier`: a factory's module must be importable) unless ``classifier`` is
+        given, which replaces it (needed for classifiers wrapped by hand); its weights must match."""
         path = Path(path)
         meta = read_guard_meta(path)
         ref, det_meta = meta["classifier"], meta["detector"]
         try:
-            clf = classifier or _rebuild_classifier(ref, path / ref.get("file", CLASSIFIER_FILE))
+            clf = classifier or rebuild_classifier(path, ref)
             paths = PathModel.load(path, clf)
             det = load_detector(path / det_meta.get("file", DETECTOR_FILE))
         except ArtifactError:

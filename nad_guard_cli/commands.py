@@ -18,13 +18,24 @@ from nad_guard.data import DATASETS
 
 
 class _Group(click.Group):
-    """Turns user errors (bad paths, bad data, bad options) into a one-line message and exit code 1."""
+    """Turns user errors (bad paths, bad data, bad options) into a one-line message and exit code 1, and
+    says a ``ModelRecordWarning`` (--model other than the recorded classifier) as one line on stderr."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (ValueError, FileNotFoundError) as e:
-            raise click.ClickException(str(e)) from e
+        with warnings.catch_warnings():
+            shown = warnings.showwarning
+
+            def show(message, category, *args, **kwargs):
+                if category.__name__ == "ModelRecordWarning":  # nad_guard.guard's (not imported: --help stays fast)
+                    click.secho(f"WARNING: {message}", err=True, fg="yellow")
+                else:
+                    shown(message, category, *args, **kwargs)
+
+            warnings.showwarning = show
+            try:
+                return super().invoke(ctx)
+            except (ValueError, FileNotFoundError) as e:
+                raise click.ClickException(str(e)) from e
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,14 +104,55 @@ def data_info(name: str, root: str | None) -> None:
 
 
 DEVICE_HELP = "auto (CUDA when available), cpu or cuda[:N]."
+MODEL_HELP = ("The classifier: a reference model (mnist-cnn, cifar10-resnet20), a torchvision architecture "
+              "(resnet18, mobilenet_v2, ...), package.module:function returning a nad_guard Classifier (the folder "
+              "that holds the module must be on PYTHONPATH), or the path of an exported program (.pt2) or "
+              "TorchScript file (the data set gives its classes and image size).")
+
+
+def _channel_values(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        values = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise click.BadParameter(f"comma-separated numbers, one per channel (or one for all), not {value!r}")
+    return values
+
+
+def model_options(required: bool):
+    """``--model``, ``--weights``, ``--mean`` and ``--std``, the same in fit-paths, fit-detector, evaluate
+    and audit (see nad_guard.models.build_classifier). fit-paths requires --model and records it in the
+    artifact; the other commands rebuild the recorded classifier when --model is left out."""
+    later = ("" if required else " Default: the classifier the artifact records (fit-paths records it, with its "
+             "weights); a different one is used with a warning, and its weights must still be the artifact's.")
+    options = [
+        click.option("--model", required=required, default=None, help=MODEL_HELP + later),
+        click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Weights file (safetensors or weights-only torch checkpoint) that replaces the model's."),
+        click.option("--mean", default=None, callback=_channel_values,
+                     help="Per-channel mean, comma-separated (e.g. 0.5,0.5,0.5), for torchvision models (default: "
+                          "the safetensors weights' own 'mean' metadata, else ImageNet's) and .pt2/TorchScript "
+                          "files (default: none, i.e. 0: the graph gets [0, 1] pixels)."),
+        click.option("--std", default=None, callback=_channel_values,
+                     help="Per-channel standard deviation, as --mean (defaults: the weights' 'std' metadata, else "
+                          "ImageNet's; 1 for .pt2/TorchScript files)."),
+    ]
+
+    def apply(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return apply
 
 
 def _artifact_options(artifact_help: str):
     """The options fit-detector and evaluate share: the path artifact, its classifier, data and attacks."""
     options = [
         click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False), help=artifact_help),
-        click.option("--model", required=True, help="The classifier the paths were learned for (as in fit-paths)."),
-        click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None),
+        model_options(required=False),
         click.option("--data", required=True, type=click.Choice(DATASETS)),
         click.option("--data-root", type=click.Path(), default=None),
         click.option("--suite", default="mnist", show_default=True, help="Attack suite: mnist, cifar10 or fast."),
@@ -116,17 +168,14 @@ def _artifact_options(artifact_help: str):
 
 
 @main.command("fit-paths")
-@click.option("--model", required=True,
-              help="Reference model (mnist-cnn, cifar10-resnet20), a torchvision architecture name, or "
-                   "package.module:function returning a nad_guard Classifier.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Weights file (safetensors or weights-only torch checkpoint) for the model.")
+@model_options(required=True)
 @click.option("--data", required=True, type=click.Choice(DATASETS))
 @click.option("--data-root", type=click.Path(), default=None, help="Data folder (cifar10, imagefolder).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to write.")
 @click.option("--schedule", type=click.Choice(["joint", "nad"]), default="joint", show_default=True,
               help="joint: all classes per batch; nad: NAD's one class at a time.")
-@click.option("--layers", default=None, help="Comma-separated gate point module names (default: automatic).")
+@click.option("--layers", default=None,
+              help="Comma-separated gate point module names (default: automatic; a .pt2 model needs them named).")
 @click.option("--epochs", type=int, default=None,
               help="Passes over the training images (default: joint 10, NAD 21 per class; cost above).")
 @click.option("--max-epochs", type=click.IntRange(min=1), default=None,
@@ -146,12 +195,14 @@ def _artifact_options(artifact_help: str):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
               help="Checkpoint every epoch here and resume from it.")
-def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | None, out: str, schedule: str,
+def fit_paths_cmd(model: str, weights: str | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
+                  data: str, data_root: str | None, out: str, schedule: str,
                   layers: str | None, epochs: int | None, max_epochs: int | None, max_images: int | None,
                   batch_size: int | None, lr: float | None,
                   target_keep: float, hard_epochs: int, beta: float, device: str, seed: int,
                   checkpoint_dir: str | None) -> None:
-    """Learn every class's sub-architecture of a frozen classifier and write the path artifact.
+    """Learn every class's sub-architecture of a frozen classifier and write the path artifact, with the
+    classifier's weights and how to rebuild it (--model), so later commands need only the directory.
 
     \b
     Defaults: joint schedule 10 epochs (batch 128, Adam lr 0.05, 25% of channels kept); NAD schedule
@@ -168,7 +219,8 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
     For several processes use `torchrun --nproc_per_node N -m training.paths` with the same options."""
     from training.paths import fit_and_save
 
-    summary = fit_and_save(model, data, out, weights=weights, data_root=data_root, schedule=schedule,
+    summary = fit_and_save(model, data, out, weights=weights, mean=mean, std=std, data_root=data_root,
+                           schedule=schedule,
                            layers=layers.split(",") if layers else None, epochs=epochs, batch_size=batch_size,
                            lr=lr, target_keep=target_keep, hard_epochs=hard_epochs, beta=beta, device=device, seed=seed,
                            checkpoint_dir=checkpoint_dir, max_images=max_images, max_epochs=max_epochs)
@@ -196,8 +248,9 @@ def fit_paths_cmd(model: str, weights: str | None, data: str, data_root: str | N
                    "calibration sets; the output gives the 95% bound for this one).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
-def fit_detector_cmd(artifact: str, model: str, weights: str | None, data: str, data_root: str | None, suite: str,
-                     attacks: str | None, method: str, encoding: str, select: str, mispredictions: bool,
+def fit_detector_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
+                     std: tuple[float, ...] | None, data: str, data_root: str | None, suite: str, attacks: str | None,
+                     method: str, encoding: str, select: str, mispredictions: bool,
                      max_images: int | None,
                      fpr: float, device: str, seed: int) -> None:
     """Generate the suite's attacks, fit the detector and calibrate its threshold, then write it into the
@@ -209,7 +262,7 @@ def fit_detector_cmd(artifact: str, model: str, weights: str | None, data: str, 
     from training.detector import build_guard
 
     with _calibration_warnings():
-        info = build_guard(artifact, model, data, weights=weights, data_root=data_root, suite=suite,
+        info = build_guard(artifact, model, data, weights=weights, mean=mean, std=std, data_root=data_root, suite=suite,
                            attacks=attacks.split(",") if attacks else None, method=method, encoding=encoding,
                            select=select, mispredictions=mispredictions, fpr=fpr, max_images=max_images,
                            device=device, seed=seed)
@@ -324,8 +377,9 @@ def build_default_cmd(out: str | None, device: str) -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Attack cache (default: $NAD_GUARD_CACHE/attacks).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data_root: str | None, suite: str,
-                 attacks: str | None, protocols: str, methods: str, encodings: str, select: str, cv_folds: int,
+def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
+                 std: tuple[float, ...] | None, data: str, data_root: str | None, suite: str, attacks: str | None,
+                 protocols: str, methods: str, encodings: str, select: str, cv_folds: int,
                  clean_methods: str, out: str,
                  device: str, max_images: int | None, train_images: int, adaptive_images: int, batch_size: int,
                  bootstrap: int, seed: int, cache_dir: str | None, quiet: bool) -> None:
@@ -335,7 +389,8 @@ def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data
     from nad_guard.attacks import default_cache_dir
     from nad_guard.data import load_dataset
     from nad_guard.evaluate import EvalConfig, run_evaluation, write_outputs
-    from nad_guard.models import build_classifier, resolve_device
+    from nad_guard.guard import artifact_classifier
+    from nad_guard.models import resolve_device
     from nad_guard.paths import PathModel, read_meta
 
     split = lambda v: [s.strip() for s in v.split(",") if s.strip()]  # noqa: E731
@@ -347,8 +402,9 @@ def evaluate_cmd(artifact: str, model: str, weights: str | None, data: str, data
                      train_images=train_images, adaptive_images=adaptive_images,
                      device=str(resolve_device(device)), progress=not quiet)
     train, test = load_dataset(data, data_root)
-    paths = PathModel.load(artifact, build_classifier(model, weights, class_names=train.classes,
-                                                      input_size=train.shape[1]))
+    paths = PathModel.load(artifact, artifact_classifier(artifact, model, weights, mean=mean, std=std,
+                                                         class_names=train.classes, input_size=train.shape[1],
+                                                         channels=train.shape[0]))
     detector_meta = read_meta(Path(artifact)).get("detector")
     result = run_evaluation(paths, train, test, cfg, cache_dir=cache_dir or default_cache_dir(),
                             log=lambda msg: click.echo(msg, err=True),
@@ -379,13 +435,15 @@ def _given_command(name: str) -> str:
         if isinstance(param, click.Option) and param.is_flag:
             given += [flag] if value else []
         else:
-            given += [flag, shlex.quote(portable_arg(str(value)))]
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)  # --mean/--std
+            given += [flag, shlex.quote(portable_arg(text))]
     return " ".join([f"nad-guard {name}", *given])
 
 
 @main.command("audit")
 @click.option("--artifact", default="default", show_default=True,
               help="Guard directory (from fit-detector), or 'default' for the bundled MNIST guard.")
+@model_options(required=False)
 @click.option("--data", type=click.Choice(DATASETS), default=None,
               help="Data set to audit (default: the one the guard's detector was fitted on).")
 @click.option("--data-root", type=click.Path(), default=None, help="Data folder (cifar10, imagefolder).")
@@ -408,7 +466,9 @@ def _given_command(name: str) -> str:
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Report folder: index.html, summary.json, samples.csv and PNG figures.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
-def audit_cmd(artifact: str, data: str | None, data_root: str | None, split: str, max_images: int | None,
+def audit_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
+              std: tuple[float, ...] | None, data: str | None, data_root: str | None, split: str,
+              max_images: int | None,
               suite: str | None, attack_names: str | None, attack_images: int | None, gallery_size: int,
               device: str, batch_size: int, seed: int, cache_dir: str | None, out: str, quiet: bool) -> None:
     """Audit a guard's mispredictions on a labelled data split and write a report a person reads:
@@ -417,7 +477,7 @@ def audit_cmd(artifact: str, data: str | None, data_root: str | None, split: str
     per-layer divergence, how well the trust score separates errors, and the least trusted inputs."""
     from nad_guard.attacks import default_cache_dir
     from nad_guard.audit import guard_data, load_split, resolve_guard_dir, run_audit, write_report
-    from nad_guard.guard import Guard
+    from nad_guard.guard import Guard, artifact_classifier
     from nad_guard.models import resolve_device
     from nad_guard.runinfo import portable_path
 
@@ -425,7 +485,9 @@ def audit_cmd(artifact: str, data: str | None, data_root: str | None, split: str
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     dev = resolve_device(device)
     guard_dir = resolve_guard_dir(artifact)
-    guard = Guard.load(guard_dir, device=str(dev))
+    given = (artifact_classifier(guard_dir, model, weights, mean=mean, std=std)
+             if (model, weights, mean, std) != (None,) * 4 else None)
+    guard = Guard.load(guard_dir, device=str(dev), classifier=given)
     if data is None:
         data, _ = guard_data(guard)
         if data is None:

@@ -10,9 +10,12 @@ The guard is, in this order of precedence (setting both variables is an error):
 neither
     the bundled default guard (``nad_guard/default_guard``: the MNIST reference CNN).
 
-A guard built for a custom classifier (not a reference or torchvision model) names its factory
-with ``NAD_GUARD_CLASSIFIER=package.module:function`` (a function returning a
-:class:`nad_guard.models.Classifier` with the guard's weights).
+The guard directory records how to rebuild its classifier (:func:`nad_guard.guard.rebuild_classifier`):
+a reference or torchvision model by name, a factory by its ``package.module:function`` (its module must
+be importable by the server: on ``PYTHONPATH``), an exported program by the directory's own copy.
+``NAD_GUARD_CLASSIFIER=package.module:function`` (a function returning a
+:class:`nad_guard.models.Classifier` with the guard's weights) replaces the recorded classifier; it is
+needed only for a guard recorded as ``custom`` (a module wrapped by hand, which cannot be rebuilt).
 
 Anything missing, corrupt or inconsistent raises :class:`GuardStartupError` at start-up, naming
 the source and what to do; the server then does not start.

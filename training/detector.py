@@ -10,22 +10,26 @@ from typing import Any, Sequence
 from nad_guard.attacks import default_cache_dir
 from nad_guard.data import load_dataset
 from nad_guard.fitting import fit_guard
-from nad_guard.models import build_classifier
+from nad_guard.guard import artifact_classifier
 from nad_guard.holdout import holdout_provenance
 from nad_guard.paths import PathModel
 from nad_guard.provenance import summary as provenance_summary
 from training.paths import fit_and_save
 
 
-def build_guard(artifact: str | Path, model: str, data: str, *, weights: str | None = None,
+def build_guard(artifact: str | Path, model: str | None, data: str, *, weights: str | None = None,
+                mean: Sequence[float] | str | None = None, std: Sequence[float] | str | None = None,
                 data_root: str | None = None, suite: str = "mnist", attacks: Sequence[str] | None = None,
                 method: str = "logistic", encoding: str = "rich", select: str = "fixed", mispredictions: bool = True,
                 fpr: float = 0.05, max_images: int | None = None, device: str = "auto", seed: int = 0,
                 progress: bool = True) -> dict[str, Any]:
     """``nad-guard fit-detector``: load the path artifact, fit and calibrate a detector, save the guard.
+    ``model=None``: the classifier the artifact records (:func:`nad_guard.guard.artifact_classifier`).
     ``max_images``: use a seeded stratified sample of the test split (:func:`nad_guard.holdout.sample_heldout`)."""
     train, test = load_dataset(data, data_root)
-    paths = PathModel.load(artifact, build_classifier(model, weights, class_names=train.classes, input_size=train.shape[1]))
+    clf = artifact_classifier(artifact, model, weights, mean=mean, std=std, class_names=train.classes,
+                              input_size=train.shape[1], channels=train.shape[0])
+    paths = PathModel.load(artifact, clf)
     (fit, calibration, _), record = holdout_provenance(test, data, max_images, seed)
     guard = fit_guard(paths, fit, calibration, suite=suite, attacks=attacks,
                       method=method, encoding=encoding, select=select, mispredictions=mispredictions, fpr=fpr,

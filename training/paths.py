@@ -78,8 +78,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nad_guard.data import ImageSet, load_dataset, stratified_split
+from nad_guard.guard import save_classifier
 from nad_guard.health import MIN_SUBNET_ACCURACY, MaskProblem, mask_problems
-from nad_guard.models import Classifier, build_classifier, resolve_device
+from nad_guard.models import Classifier, build_classifier, graph_layers_problem, resolve_device
 from nad_guard.hooks import hooked
 from nad_guard.paths import PathModel, apply_gate, find_gate_points
 
@@ -647,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m training.paths", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--weights")
+    ap.add_argument("--mean", help="torchvision / .pt2 models: comma-separated per-channel mean")
+    ap.add_argument("--std", help="torchvision / .pt2 models: comma-separated per-channel std")
     ap.add_argument("--data", required=True)
     ap.add_argument("--data-root")
     ap.add_argument("--out", required=True, help="artifact directory (meta.json, paths.safetensors)")
@@ -665,7 +668,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--max-epochs", type=int, help="bound on epochs while the masks are degenerate (default 2x)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    summary = fit_and_save(a.model, a.data, a.out, weights=a.weights, data_root=a.data_root, schedule=a.schedule,
+    summary = fit_and_save(a.model, a.data, a.out, weights=a.weights, mean=a.mean, std=a.std, data_root=a.data_root,
+                           schedule=a.schedule,
                            layers=a.layers.split(",") if a.layers else None, epochs=a.epochs,
                            batch_size=a.batch_size, lr=a.lr, target_keep=a.target_keep, hard_epochs=a.hard_epochs,
                            beta=a.beta, max_images=a.max_images, max_epochs=a.max_epochs,
@@ -674,20 +678,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(summary))
 
 
-def fit_and_save(model: str, data: str, out: str | Path, *, weights: str | None = None, data_root: str | None = None,
-                 schedule: str = "joint", layers: Sequence[str] | None = None, epochs: int | None = None,
-                 batch_size: int | None = None, lr: float | None = None, target_keep: float = 0.25,
-                 hard_epochs: int = 1, beta: float = 1.0, device: str = "auto", seed: int = 0,
+def fit_and_save(model: str, data: str, out: str | Path, *, weights: str | None = None,
+                 mean: Sequence[float] | str | None = None, std: Sequence[float] | str | None = None,
+                 data_root: str | None = None, schedule: str = "joint", layers: Sequence[str] | None = None,
+                 epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+                 target_keep: float = 0.25, hard_epochs: int = 1, beta: float = 1.0, device: str = "auto", seed: int = 0,
                  checkpoint_dir: str | None = None, max_images: int | None = None, max_epochs: int | None = None,
                  progress: bool = True) -> dict[str, Any] | None:
-    """Load data and classifier, learn the paths with ``schedule`` and save the artifact to ``out``
-    (rank 0 only under torchrun). Returns a summary of the metrics on rank 0, else ``None``.
+    """Load data and classifier (``model``, ``weights``, ``mean``, ``std``: see
+    :func:`nad_guard.models.build_classifier`), learn the paths with ``schedule`` and save the artifact to
+    ``out`` with the classifier's weights and how to rebuild it (:func:`nad_guard.guard.save_classifier`),
+    so that later commands need only the directory (rank 0 only under torchrun). Returns a summary of
+    the metrics on rank 0, else ``None``.
 
     ``max_images``: learn from a seeded (``seed``), stratified sample of that many training images
     (:func:`sample_training_set`; the channel statistics come from the same sample). ``max_epochs``: the
     bound of :func:`fit_paths`'s degenerate-mask check (:class:`DegenerateMasksError` past it)."""
     train, test = load_dataset(data, data_root)
-    clf = build_classifier(model, weights, class_names=train.classes, input_size=train.shape[1])
+    clf = build_classifier(model, weights, class_names=train.classes, input_size=train.shape[1],
+                           channels=train.shape[0], mean=mean, std=std)
+    problem = graph_layers_problem(clf, layers)
+    if problem:
+        raise ValueError(problem)
     train = sample_training_set(train, max_images, seed)
     common: dict[str, Any] = {"layers": layers, "device": device, "seed": seed, "checkpoint_dir": checkpoint_dir,
                               "progress": progress, "max_epochs": max_epochs}
@@ -701,9 +713,10 @@ def fit_and_save(model: str, data: str, out: str | Path, *, weights: str | None 
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     pm.save(out)
+    record = save_classifier(out, clf)
     check = pm.metrics_.get("mask_check") or {}
-    return {"out": str(out), "train_set": train.name, "train_images": len(train),
-            "epochs_run": check.get("epochs_run"), **{k: pm.metrics_.get(k) for k in (
+    return {"out": str(out), "model": record.get("model", record["name"]), "train_set": train.name,
+            "train_images": len(train), "epochs_run": check.get("epochs_run"), **{k: pm.metrics_.get(k) for k in (
                 "kept_fraction_mean", "subnet_accuracy_on_correct_mean", "subnet_accuracy_on_correct_min",
                 "subnet_other_rate_mean", "train_seconds")}}
 
