@@ -184,6 +184,9 @@ def _artifact_options(artifact_help: str):
                    "this, then an error saying what to change. Default: 2x --epochs.")
 @click.option("--max-images", type=click.IntRange(min=1), default=None,
               help="Learn from a seeded (--seed), stratified sample of this many training images.")
+@click.option("--no-mask-check", is_flag=True, default=False,
+              help="Save the masks after --epochs even if they are degenerate (for inspection; `nad-guard check` "
+                   "still reports them).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--target-keep", type=float, default=0.25, show_default=True,
@@ -198,6 +201,7 @@ def _artifact_options(artifact_help: str):
 def fit_paths_cmd(model: str, weights: str | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
                   data: str, data_root: str | None, out: str, schedule: str,
                   layers: str | None, epochs: int | None, max_epochs: int | None, max_images: int | None,
+                  no_mask_check: bool,
                   batch_size: int | None, lr: float | None,
                   target_keep: float, hard_epochs: int, beta: float, device: str, seed: int,
                   checkpoint_dir: str | None) -> None:
@@ -223,7 +227,8 @@ def fit_paths_cmd(model: str, weights: str | None, mean: tuple[float, ...] | Non
                            schedule=schedule,
                            layers=layers.split(",") if layers else None, epochs=epochs, batch_size=batch_size,
                            lr=lr, target_keep=target_keep, hard_epochs=hard_epochs, beta=beta, device=device, seed=seed,
-                           checkpoint_dir=checkpoint_dir, max_images=max_images, max_epochs=max_epochs)
+                           checkpoint_dir=checkpoint_dir, max_images=max_images, max_epochs=max_epochs,
+                           check_masks=not no_mask_check)
     if summary is not None:
         click.echo(json.dumps(summary))
 

@@ -684,7 +684,7 @@ def fit_and_save(model: str, data: str, out: str | Path, *, weights: str | None 
                  epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                  target_keep: float = 0.25, hard_epochs: int = 1, beta: float = 1.0, device: str = "auto", seed: int = 0,
                  checkpoint_dir: str | None = None, max_images: int | None = None, max_epochs: int | None = None,
-                 progress: bool = True) -> dict[str, Any] | None:
+                 check_masks: bool = True, progress: bool = True) -> dict[str, Any] | None:
     """Load data and classifier (``model``, ``weights``, ``mean``, ``std``: see
     :func:`nad_guard.models.build_classifier`), learn the paths with ``schedule`` and save the artifact to
     ``out`` with the classifier's weights and how to rebuild it (:func:`nad_guard.guard.save_classifier`),
@@ -693,7 +693,9 @@ def fit_and_save(model: str, data: str, out: str | Path, *, weights: str | None 
 
     ``max_images``: learn from a seeded (``seed``), stratified sample of that many training images
     (:func:`sample_training_set`; the channel statistics come from the same sample). ``max_epochs``: the
-    bound of :func:`fit_paths`'s degenerate-mask check (:class:`DegenerateMasksError` past it)."""
+    bound of :func:`fit_paths`'s degenerate-mask check (:class:`DegenerateMasksError` past it);
+    ``check_masks=False`` skips that check (``nad-guard check`` still reports degenerate masks of the saved
+    artifact)."""
     train, test = load_dataset(data, data_root)
     clf = build_classifier(model, weights, class_names=train.classes, input_size=train.shape[1],
                            channels=train.shape[0], mean=mean, std=std)
@@ -702,7 +704,7 @@ def fit_and_save(model: str, data: str, out: str | Path, *, weights: str | None 
         raise ValueError(problem)
     train = sample_training_set(train, max_images, seed)
     common: dict[str, Any] = {"layers": layers, "device": device, "seed": seed, "checkpoint_dir": checkpoint_dir,
-                              "progress": progress, "max_epochs": max_epochs}
+                              "progress": progress, "max_epochs": max_epochs, "check": check_masks}
     common |= {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
     if schedule == "joint":
         pm = fit_paths(clf, train, test, target_keep=target_keep, hard_epochs=hard_epochs, **common)
