@@ -30,7 +30,7 @@ _PUBLIC = {
     "ImageSet": "data", "load_dataset": "data", "DATASETS": "data",
     # paths (per-class sub-architectures, each input's path)
     "PathModel": "paths", "PathFeatures": "paths", "GatePoint": "paths", "find_gate_points": "paths",
-    "ArtifactError": "paths",
+    "discover_gate_points": "paths", "GateDiscovery": "paths", "GateCoverageWarning": "paths", "ArtifactError": "paths",
     # detection and trust
     "PathDetector": "detectors", "load_detector": "detectors", "save_detector": "detectors",
     "fit_guard": "fitting", "holdout_splits": "holdout", "holdout_provenance": "holdout",

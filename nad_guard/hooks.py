@@ -48,12 +48,13 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 @contextmanager
-def hooked(net: nn.Module, names: Sequence[str], fn: Callable[[int, Any], torch.Tensor | None]
-           ) -> Iterator[None]:
-    """Attach ``fn(i, output)`` as a forward hook on module ``names[i]`` for the ``with`` block.
+def hooked(net: nn.Module, names: Sequence[str], fn: Callable[[int, Any], torch.Tensor | None],
+           pre: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Attach ``fn(i, output)`` as a forward hook on module ``names[i]`` for the ``with`` block (and
+    ``pre(i)``, if given, as a hook that runs when the module is entered).
 
-    A non-``None`` return value replaces the module's output. The hooks are removed on exit, also when
-    the block raises; nothing else about ``net`` changes. An unknown name raises ``ValueError`` naming
+    A non-``None`` return value of ``fn`` replaces the module's output. The hooks are removed on exit, also
+    when the block raises; nothing else about ``net`` changes. An unknown name raises ``ValueError`` naming
     some valid ones.
     """
     modules = dict(net.named_modules())
@@ -64,6 +65,8 @@ def hooked(net: nn.Module, names: Sequence[str], fn: Callable[[int, Any], torch.
     handles = []
     try:
         for i, name in enumerate(names):
+            if pre is not None:
+                handles.append(modules[name].register_forward_pre_hook(lambda _m, _inp, i=i: pre(i)))
             handles.append(modules[name].register_forward_hook(lambda _m, _inp, out, i=i: fn(i, out)))
         yield
     finally:

@@ -78,8 +78,8 @@ def test_explicit_gate_points_and_their_errors() -> None:
 @pytest.mark.parametrize("arch, count, first, last", [
     ("resnet18", 9, ("relu", 64), ("layer4.1", 512)),
     ("vgg11_bn", 8, ("features.2", 64), ("features.27", 512)),
-    ("mobilenet_v2", 17, ("features.1", 16), ("features.17", 320)),
-    ("densenet121", 7, ("features.denseblock1", 256), ("features.denseblock4", 1024)),
+    ("mobilenet_v2", 19, ("features.0.2", 32), ("features.18.2", 1280)),  # stem, 17 inverted residuals, last conv
+    ("densenet121", 5, ("features.relu0", 64), ("features.denseblock4", 1024)),  # stem and the 4 dense blocks
 ])
 def test_torchvision_models_give_gate_points_and_features(arch: str, count: int, first: tuple, last: tuple) -> None:
     torch.manual_seed(0)

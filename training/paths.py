@@ -65,7 +65,9 @@ import json
 import math
 import os
 import re
+import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,7 @@ from nad_guard.guard import save_classifier
 from nad_guard.health import MIN_SUBNET_ACCURACY, MaskProblem, mask_problems
 from nad_guard.models import Classifier, build_classifier, graph_layers_problem, resolve_device
 from nad_guard.hooks import hooked
-from nad_guard.paths import PathModel, apply_gate, find_gate_points
+from nad_guard.paths import GateCoverageWarning, GatePoint, PathModel, apply_gate, discover_gate_points
 
 CHECKPOINT_FILE = "paths-checkpoint.pt"
 
@@ -429,6 +431,17 @@ def _sparsity_coefficients(gates: GateLogits, target_keep: float | None, sparsit
         return [sparsity if torch.sigmoid(g).mean().item() > target_keep else 0.0 for g in gates.logits]
 
 
+def _gate_points(classifier: Classifier, layers: Sequence[str] | None, show: bool) -> list[GatePoint]:
+    """The gate points, as a table on stderr before training when ``show`` (rank 0), then a
+    :class:`~nad_guard.paths.GateCoverageWarning` if they are few or shallow."""
+    found = discover_gate_points(classifier, layers, warn=False)
+    if show and int(os.environ.get("RANK", "0")) == 0:
+        print(found.describe(), file=sys.stderr, flush=True)
+    if found.warning:
+        warnings.warn(found.warning, GateCoverageWarning, stacklevel=3)
+    return list(found.points)
+
+
 def fit_paths(classifier: Classifier, train_set: ImageSet, test_set: ImageSet | None = None, *,
               layers: Sequence[str] | None = None, target_keep: float | None = 0.25, sparsity: float = 1.0,
               mse_weight: float = 1.0, epochs: int = 10, hard_epochs: int = 1, batch_size: int = 128,
@@ -441,7 +454,8 @@ def fit_paths(classifier: Classifier, train_set: ImageSet, test_set: ImageSet | 
     Args:
         classifier: the frozen classifier (unchanged; moved to ``device`` for the run and back).
         train_set, test_set: images and labels; ``test_set`` (optional) feeds the report in ``metrics_``.
-        layers: gate point names (``None``: :func:`nad_guard.paths.find_gate_points`'s choice).
+        layers: gate point names (``None``: :func:`nad_guard.paths.discover_gate_points`'s choice; the
+            points are printed on stderr with ``progress``, and weak ones warned).
         target_keep: wanted mean kept fraction per layer, in ``(0, 1)``, or ``None`` for a plain
             penalty ``sparsity * mean gate``.
         sparsity: coefficient of the sparsity penalty (with a target, larger values overshoot it:
@@ -470,7 +484,7 @@ def fit_paths(classifier: Classifier, train_set: ImageSet, test_set: ImageSet | 
     if not 0 <= hard_epochs <= epochs:
         raise ValueError(f"hard_epochs must lie in [0, epochs={epochs}], got {hard_epochs}")
     bound = _max_epochs(epochs, max_epochs)
-    points = find_gate_points(classifier, layers)
+    points = _gate_points(classifier, layers, progress)
     names = [p.name for p in points]
     config = {"schedule": "joint", "layers": names, "target_keep": target_keep, "sparsity": sparsity,
               "mse_weight": mse_weight, "epochs": epochs, "hard_epochs": hard_epochs, "batch_size": batch_size,
@@ -564,7 +578,7 @@ def fit_paths_nad(classifier: Classifier, train_set: ImageSet, test_set: ImageSe
     per round (class by class), checked after each round, up to ``max_epochs`` per class.
     """
     bound = _max_epochs(epochs, max_epochs)
-    points = find_gate_points(classifier, layers)
+    points = _gate_points(classifier, layers, progress)
     names = [p.name for p in points]
     config = {"schedule": "nad", "layers": names, "beta": beta, "mse_weight": mse_weight, "epochs": epochs,
               "batch_size": batch_size, "lr": lr, "init_logit": init_logit, "seed": seed,

@@ -1,8 +1,11 @@
 """The file format of a saved :class:`~nad_guard.paths.PathModel`, and the checks that a saved one fits.
 
 :meth:`PathModel.save` writes a directory with ``meta.json`` (format, version, model
-reference, layers, class names, training config and metrics, library versions, and a ``detector``
-key reserved for a detector saved later into the same directory) and ``paths.safetensors``
+reference, layers, the gate points' record (``gate_points``: how they were found, their kind, spatial size
+and depth, the network's depth and the share of it they cover, see
+:meth:`~nad_guard.paths.GateDiscovery.to_meta`; artifacts written before it was added load without it),
+class names, training config and metrics, library versions, and a ``detector`` key reserved for a
+detector saved later into the same directory) and ``paths.safetensors``
 (``gates/<layer>`` float32 ``(K, C_l)``, ``masks/<layer>`` bool ``(K, C_l)``, and the statistics
 ``stats/mean/<layer>``, ``stats/std/<layer>`` float32 ``(C_l,)`` and ``stats/centroids/<layer>``
 float32 ``(K, C_l)``). :meth:`PathModel.load` validates all of it against the classifier and raises
@@ -22,7 +25,7 @@ import torch
 from nad_guard import __version__
 from nad_guard.models import Classifier
 from nad_guard.paths.features import ChannelStats
-from nad_guard.paths.gate_points import GatePoint, find_gate_points
+from nad_guard.paths.gate_points import GatePoint, discover_gate_points, find_gate_points
 
 ARTIFACT_FORMAT = "nad-guard-paths"
 ARTIFACT_VERSION = 2  # 2: channel statistics (version 1 artifacts must be refitted)
@@ -59,6 +62,7 @@ def write_artifact(path: str | Path, classifier: Classifier, gate_points: Sequen
         "model": {"name": classifier.name, "input_spec": classifier.spec.to_dict(),
                   "weights_sha256": weights_fingerprint(classifier)},
         "layers": [{"name": p.name, "channels": p.channels} for p in gate_points],
+        "gate_points": discover_gate_points(classifier, [p.name for p in gate_points], warn=False).to_meta(),
         "class_names": class_names, "training": training, "metrics": metrics,
         "versions": library_versions(), "detector": None,
     }

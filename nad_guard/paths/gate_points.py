@@ -1,32 +1,120 @@
 """Gate points: the modules of a classifier whose output gets one gate per channel.
 
-:func:`find_gate_points` chooses them by architecture (or checks the names given) from one dry forward
-of zeros; :func:`apply_gate` multiplies a gate point's output channel-wise by a gate, which is how
-:mod:`training.paths` learns the class sub-architectures and how a class subnetwork is run.
+:func:`discover_gate_points` chooses them by the network's structure (:mod:`nad_guard.paths.discovery`:
+block outputs, activations after convolutions), or checks the names given, and says how much of the
+network's depth they cover (:class:`GateDiscovery`, with a :class:`GateCoverageWarning` when that is
+little); :func:`find_gate_points` returns just the points. :func:`apply_gate` multiplies a gate point's
+output channel-wise by a gate, which is how :mod:`training.paths` learns the class sub-architectures
+and how a class subnetwork is run.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from nad_guard.hooks import device_of, hooked
-from nad_guard.models import BasicBlock, CifarResNet, Classifier
+from nad_guard.models import Classifier
+from nad_guard.paths.discovery import (MIN_CHANNELS, NetworkTrace, find_blocks, module_order_depth, structural_points,
+                                       trace_network)
 
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-               nn.Mish, nn.Hardswish, nn.Hardtanh)
-NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+MIN_GATE_POINTS = 3    # fewer gate points than this: warned
+MIN_COVERAGE = 0.25    # the deepest gate point before this share of the conv/linear layers: warned
 
 
 @dataclass(frozen=True)
 class GatePoint:
-    """A module (named as in ``net.named_modules()``) whose output gets one gate per channel."""
+    """A module (named as in ``net.named_modules()``) whose output gets one gate per channel.
+
+    ``size``: the output's spatial size (``(H, W)`` for a convolutional layer; ``()`` for ``(N, C)``) at the
+    classifier's input size. ``kind``: why it was chosen: ``block`` (a residual, inverted-residual, dense or
+    other merging block's output), ``activation`` (an activation after a convolution), ``pre-activation``
+    (the module whose output goes into such an activation applied functionally), or ``given`` (named, not
+    chosen). ``depth``: the convolution and linear layers its output depends on (``None``: unknown).
+    """
 
     name: str
     channels: int
+    size: tuple[int, ...] = ()
+    kind: str = "given"
+    depth: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "channels": self.channels, "size": list(self.size), "kind": self.kind,
+                "depth": self.depth}
+
+
+class GateCoverageWarning(UserWarning):
+    """The gate points are few (fewer than :data:`MIN_GATE_POINTS`) or shallow (the deepest depends on less
+    than :data:`MIN_COVERAGE` of the network's convolution and linear layers): the paths will say little."""
+
+
+@dataclass(frozen=True)
+class GateDiscovery:
+    """Gate points and how much of the network they cover.
+
+    ``depth``: the network's convolution and linear layers (those the logits depend on, each call counted;
+    shortcut convolutions and the head included). ``coverage``: the deepest point's ``depth`` over it.
+    ``method``: ``graph`` (the dry forward's autograd graph was read) or ``module order`` (it could not
+    be: leaf modules in call order). ``automatic``: the points are the automatic choice (``False`` for
+    other named layers). ``skipped``: blocks that could not be gate points, as ``"name (why)"`` (a block
+    that runs several times, returns no ``(N, C, H, W)`` tensor, or has too few channels).
+    """
+
+    points: tuple[GatePoint, ...]
+    depth: int
+    method: str
+    automatic: bool
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def coverage(self) -> float:
+        deepest = max((p.depth or 0 for p in self.points), default=0)
+        return deepest / self.depth if self.depth else 0.0
+
+    @property
+    def warning(self) -> str | None:
+        """What is weak about these points, in words (``None``: nothing)."""
+        problems = []
+        if len(self.points) < MIN_GATE_POINTS:
+            problems.append(f"only {len(self.points)} gate point{'s' * (len(self.points) != 1)} "
+                            f"(fewer than {MIN_GATE_POINTS})")
+        if self.depth and self.coverage < MIN_COVERAGE:
+            problems.append(f"the deepest gate point depends on {round(self.coverage * self.depth)} of the "
+                            f"network's {self.depth} conv/linear layers ({self.coverage:.0%}, under "
+                            f"{MIN_COVERAGE:.0%} of its depth)")
+        if not problems:
+            return None
+        how = ("a gate point is a module that runs once and returns (N, C, H, W): a block run several times "
+               "(shared weights), or a residual sum or activation computed in a parent's forward (out + x, "
+               "F.relu) with no module returning it, cannot be one" if self.automatic else "these are the layers named")
+        passed = f"; blocks passed over: {', '.join(self.skipped)}" if self.skipped else ""
+        return (f"{' and '.join(problems)}: the class paths will see little of the network ({how}{passed}). "
+                "Name modules that run once and return (N, C, H, W), spread over the network, with --layers "
+                "(fit-paths) or layers=[...]; docs/paths.md says how points are chosen.")
+
+    def describe(self) -> str:
+        """The points as a table, one line each (name, channels, H x W, kind, depth), under a header."""
+        how = "chosen automatically" if self.automatic else "as named"
+        lines = [f"gate points ({how}, {len(self.points)}; the deepest depends on "
+                 f"{round(self.coverage * self.depth)} of {self.depth} conv/linear layers, {self.coverage:.0%}):"]
+        width = max((len(p.name) for p in self.points), default=4)
+        for p in self.points:
+            size = " x ".join(str(s) for s in p.size) or "-"
+            depth = "?" if p.depth is None else str(p.depth)
+            lines.append(f"  {p.name:<{width}}  {p.channels:>5} ch  {size:>9}  {p.kind:<14}  depth {depth}")
+        if self.skipped:
+            lines.append(f"  blocks passed over: {', '.join(self.skipped)}")
+        return "\n".join(lines)
+
+    def to_meta(self) -> dict[str, Any]:
+        """The record kept in an artifact's ``meta.json`` under ``gate_points``."""
+        return {"method": self.method, "automatic": self.automatic, "network_depth": self.depth,
+                "coverage": round(self.coverage, 4), "points": [p.to_dict() for p in self.points],
+                "skipped": list(self.skipped)}
 
 
 def _unwrap(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[nn.Module, tuple[int, ...]]:
@@ -37,97 +125,72 @@ def _unwrap(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[nn.Mod
     return model, tuple(input_shape)
 
 
-def _trace(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, int], dict[str, Any], list[str]]:
-    """One dry forward on zeros: call count and last output of every module, and leaf call order."""
-    calls: dict[str, int] = {}
-    outputs: dict[str, Any] = {}
-    order: list[str] = []
-    names = [n for n, _ in net.named_modules()]
-    leaves = {n for n, m in net.named_modules() if not any(True for _ in m.children())}
-
-    def record(i: int, out: Any) -> None:
-        calls[names[i]] = calls.get(names[i], 0) + 1
-        outputs[names[i]] = out
-        if names[i] in leaves:
-            order.append(names[i])
-
-    with torch.no_grad(), hooked(net, names, record):
-        net(torch.zeros(1, *input_shape, device=device_of(net)))
-    return calls, outputs, order
+def _point(trace: NetworkTrace, name: str, kind: str) -> GatePoint:
+    c = trace.modules[name]
+    depth = trace.depth_of(c.node) if trace.graph else module_order_depth(trace, name)
+    return GatePoint(name, int(c.shape[1]), tuple(int(s) for s in c.shape[2:]), kind, depth)
 
 
-def _auto_names(net: nn.Module, calls: dict[str, int], order: list[str]) -> list[str]:
-    """The automatic gate points for ``net`` (see :func:`find_gate_points`)."""
-    from torchvision.models import DenseNet, MobileNetV2, ResNet
-    from torchvision.models.densenet import _DenseBlock, _Transition
-    from torchvision.models.mobilenetv2 import InvertedResidual
-    from torchvision.models.resnet import BasicBlock as TvBasicBlock
-    from torchvision.models.resnet import Bottleneck
+def discover_gate_points(model: nn.Module, layers: Sequence[str] | None = None, *,
+                         input_shape: Sequence[int] | None = None, min_channels: int = MIN_CHANNELS,
+                         warn: bool = True) -> GateDiscovery:
+    """Gate points of ``model`` (a :class:`Classifier`, whose ``.net`` is inspected, or a plain network
+    with ``input_shape`` ``(C, H, W)``) and the depth they cover.
 
-    modules = dict(net.named_modules())
-    if isinstance(net, (ResNet, CifarResNet)):
-        return ["relu"] + [n for n, m in modules.items() if isinstance(m, (TvBasicBlock, Bottleneck, BasicBlock))]
-    if isinstance(net, MobileNetV2):
-        return [n for n, m in modules.items() if isinstance(m, InvertedResidual)]
-    if isinstance(net, DenseNet):
-        return [n for n, m in modules.items() if isinstance(m, (_DenseBlock, _Transition))]
-    found = []
-    for j, name in enumerate(order):
-        if not isinstance(modules[name], ACTIVATIONS) or calls[name] != 1 or name in found:
-            continue
-        prev = [modules[n] for n in order[max(0, j - 2):j]]
-        if prev and isinstance(prev[-1], nn.modules.conv._ConvNd):
-            found.append(name)
-        elif len(prev) == 2 and isinstance(prev[-1], NORMS) and isinstance(prev[0], nn.modules.conv._ConvNd):
-            found.append(name)
-    return found
+    With ``layers=None`` the points are chosen by structure from one dry forward of zeros
+    (:mod:`nad_guard.paths.discovery`): the output of every outermost block (a module whose own forward
+    merges two data paths, a residual add, a dense concatenation or an excitation product, and runs a
+    convolution; and modules of a block's class), and outside blocks every activation after a
+    convolution (possibly through a normalisation); only modules that run once and return
+    ``(N, C, H, W)`` with ``C >= min_channels``. Otherwise ``layers`` names the modules: each must run
+    exactly once and return ``(N, C, ...)``.
 
-
-def find_gate_points(model: nn.Module, layers: Sequence[str] | None = None, *,
-                     input_shape: Sequence[int] | None = None) -> list[GatePoint]:
-    """Gate points of ``model`` (a :class:`Classifier`, whose ``.net`` is inspected, or a plain network).
-
-    With ``layers=None`` the points are chosen by architecture: ResNets (torchvision and
-    :class:`~nad_guard.models.CifarResNet`): the stem activation ``relu`` and every residual block;
-    MobileNetV2: every inverted-residual block; DenseNet: every dense block and transition; any other
-    network (VGG, ``nn.Sequential``, custom CNNs): every activation module that directly follows a
-    convolution, possibly through a normalisation layer. Blocks are hooked rather than a ReLU module
-    that a block calls several times. Otherwise ``layers`` names the modules explicitly.
-
-    Channel counts come from one dry forward of zeros shaped like the model's input (``input_shape``
-    ``(C, H, W)`` is required for a plain network). Each point must be called exactly once per forward
-    and return a tensor of shape ``(N, C, ...)``.
+    With ``warn``, a :class:`GateCoverageWarning` says when there are fewer than :data:`MIN_GATE_POINTS`
+    points or the deepest depends on less than :data:`MIN_COVERAGE` of the network's conv/linear layers.
+    The network is left as it was (its train/eval modes are restored after the dry forward).
     """
     net, shape = _unwrap(model, input_shape)
     if isinstance(net, torch.jit.ScriptModule):
         raise ValueError("a TorchScript model cannot be hooked, so its paths cannot be read; wrap the eager "
                          "nn.Module with its weights instead")
-    calls, outputs, order = _trace(net, shape)
-    auto = _auto_names(net, calls, order)
+    trace = trace_network(net, shape)
+    auto = structural_points(trace, min_channels)
+    kinds = dict(auto)
     if layers is None:
         if not auto:
-            raise ValueError(f"found no gate points automatically in {type(net).__name__} (no activation module "
-                             "called once right after a convolution); name the layers explicitly")
-        names = auto
+            raise ValueError(f"found no gate points automatically in {type(net).__name__} (no block and no "
+                             "activation after a convolution in a module that runs once and returns (N, C, H, W) "
+                             f"with C >= {min_channels}); name the layers explicitly")
+        names = [n for n, _ in auto]
     else:
         names = list(layers)
-        known = dict(net.named_modules())
-        examples = ", ".join((auto or list(calls))[:8])
+        examples = ", ".join([n for n, _ in auto][:8] or [n for n in trace.modules if n][:8])
         for name in names:
-            if name not in known or name == "":
+            if name not in trace.modules or name == "":
                 raise ValueError(f"no module named {name!r} in {type(net).__name__}; valid names include {examples}")
         if len(set(names)) != len(names):
             raise ValueError(f"layer names repeat: {names}")
     points = []
     for name in names:
-        count, out = calls.get(name, 0), outputs.get(name)
-        if count != 1:
-            raise ValueError(f"module {name!r} is called {count} times per forward, it needs exactly one call; "
+        c = trace.modules[name]
+        if c.calls != 1:
+            raise ValueError(f"module {name!r} is called {c.calls} times per forward, it needs exactly one call; "
                              "hook the block that contains it instead")
-        if not torch.is_tensor(out) or out.ndim < 2:
-            raise ValueError(f"module {name!r} does not return a (N, C, ...) tensor, got {type(out).__name__}")
-        points.append(GatePoint(name, int(out.shape[1])))
-    return points
+        if c.shape is None or len(c.shape) < 2:
+            raise ValueError(f"module {name!r} does not return a (N, C, ...) tensor")
+        points.append(_point(trace, name, kinds.get(name, "given")))
+    skipped = find_blocks(trace, min_channels)[1] if trace.graph else []
+    found = GateDiscovery(tuple(points), trace.depth, "graph" if trace.graph else "module order",
+                          names == [n for n, _ in auto], tuple(skipped))
+    if warn and found.warning:
+        warnings.warn(found.warning, GateCoverageWarning, stacklevel=2)
+    return found
+
+
+def find_gate_points(model: nn.Module, layers: Sequence[str] | None = None, *,
+                     input_shape: Sequence[int] | None = None) -> list[GatePoint]:
+    """The points of :func:`discover_gate_points` (same arguments), without the coverage warning."""
+    return list(discover_gate_points(model, layers, input_shape=input_shape, warn=False).points)
 
 
 def apply_gate(out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
