@@ -23,9 +23,9 @@ __version__ = "0.1.0"
 # public name -> the submodule that defines it
 _PUBLIC = {
     # classifiers
-    "Classifier": "models", "InputSpec": "models", "build_classifier": "models", "from_module": "models",
-    "load_reference": "models", "torchvision_classifier": "models", "load_torchscript": "models",
-    "classifier_from_factory": "models", "REFERENCE_MODELS": "models",
+    "Classifier": "models", "InputSpec": "models", "from_module": "models", "load_reference": "models",
+    "torchvision_classifier": "models", "REFERENCE_MODELS": "models",
+    "build_classifier": "model_names", "load_torchscript": "model_names", "classifier_from_factory": "model_names",
     # data
     "ImageSet": "data", "load_dataset": "data", "DATASETS": "data",
     # paths (per-class sub-architectures, each input's path)

@@ -53,9 +53,9 @@ import numpy as np
 import torch
 
 from nad_guard.detectors import PathDetector, load_detector, save_detector
-from nad_guard.models import (REFERENCE_MODELS, Classifier, InputSpec, build_classifier, classifier_from_factory,
-                              file_sha256, load_state_dict_file, load_torchscript, resolve_device,
+from nad_guard.models import (REFERENCE_MODELS, Classifier, InputSpec, load_state_dict_file, resolve_device,
                               torchvision_classifier)
+from nad_guard.model_names import build_classifier, classifier_from_factory, file_sha256, load_torchscript
 from nad_guard.hooks import hooked, pool
 from nad_guard.paths import META_FILE, ArtifactError, PathFeatures, PathModel, read_meta
 
@@ -278,7 +278,7 @@ def artifact_classifier(path: str | Path, model: str | None = None, weights: str
                         channels: int | None = None) -> Classifier:
     """The classifier for the path artifact or guard at ``path``, as every command after ``fit-paths``
     gets it: without ``model``, the one the directory records (:func:`rebuild_classifier`); with it,
-    :func:`~nad_guard.models.build_classifier` (``class_names``, ``input_size`` and ``channels`` default
+    :func:`~nad_guard.model_names.build_classifier` (``class_names``, ``input_size`` and ``channels`` default
     to the artifact's; ``mean``/``std`` to the record's when ``model`` is the recorded one; without
     ``weights``, the weights the directory stores, when it records a classifier). A ``model`` other than
     the recorded one is used as given, with a :class:`ModelRecordWarning`: the artifact's weights

@@ -124,7 +124,7 @@ def _channel_values(ctx: click.Context, param: click.Parameter, value: str | Non
 
 def model_options(required: bool):
     """``--model``, ``--weights``, ``--mean`` and ``--std``, the same in fit-paths, fit-detector, evaluate
-    and audit (see nad_guard.models.build_classifier). fit-paths requires --model and records it in the
+    and audit (see nad_guard.model_names.build_classifier). fit-paths requires --model and records it in the
     artifact; the other commands rebuild the recorded classifier when --model is left out."""
     later = ("" if required else " Default: the classifier the artifact records (fit-paths records it, with its "
              "weights); a different one is used with a warning, and its weights must still be the artifact's.")

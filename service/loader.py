@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Mapping
 
 from nad_guard.guard import DEFAULT_GUARD_DIR, Guard, read_guard_meta
-from nad_guard.models import Classifier, InputSpec, classifier_from_factory
+from nad_guard.models import Classifier, InputSpec
+from nad_guard.model_names import classifier_from_factory
 from nad_guard.paths import ArtifactError
 
 ENV_TAG, ENV_DIR, ENV_CLASSIFIER = "NAD_GUARD_MODEL_TAG", "NAD_GUARD_DIR", "NAD_GUARD_CLASSIFIER"

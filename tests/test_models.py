@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from nad_guard.data import load_dataset
+from nad_guard.model_names import load_torchscript
 from nad_guard.models import (WEIGHTS_DIR, Classifier, InputSpec, accuracy, from_module, load_reference,
-                              load_state_dict_file, load_torchscript, mnist_cnn, reference_record,
-                              resnet20, resolve_device, torchvision_classifier)
+                              load_state_dict_file, mnist_cnn, reference_record, resnet20, resolve_device,
+                              torchvision_classifier)
 
 
 def test_committed_mnist_weights_reach_stated_accuracy():

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from nad_guard.guard import Guard, ModelRecordWarning, artifact_classifier, rebuild_classifier, save_classifier
-from nad_guard.models import build_classifier, load_torchscript
+from nad_guard.model_names import build_classifier, load_torchscript
 from nad_guard.paths import ArtifactError, PathModel
 from nad_guard_cli import main
 from tiny_models import tiny_digits_cnn, train_tiny

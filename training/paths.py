@@ -82,7 +82,8 @@ from tqdm.auto import tqdm
 from nad_guard.data import ImageSet, load_dataset, stratified_split
 from nad_guard.guard import save_classifier
 from nad_guard.health import MIN_SUBNET_ACCURACY, MaskProblem, mask_problems
-from nad_guard.models import Classifier, build_classifier, graph_layers_problem, resolve_device
+from nad_guard.models import Classifier, resolve_device
+from nad_guard.model_names import build_classifier, graph_layers_problem
 from nad_guard.hooks import hooked
 from nad_guard.paths import GateCoverageWarning, GatePoint, PathModel, apply_gate, discover_gate_points
 
@@ -700,7 +701,7 @@ def fit_and_save(model: str, data: str, out: str | Path, *, weights: str | None 
                  checkpoint_dir: str | None = None, max_images: int | None = None, max_epochs: int | None = None,
                  check_masks: bool = True, progress: bool = True) -> dict[str, Any] | None:
     """Load data and classifier (``model``, ``weights``, ``mean``, ``std``: see
-    :func:`nad_guard.models.build_classifier`), learn the paths with ``schedule`` and save the artifact to
+    :func:`nad_guard.model_names.build_classifier`), learn the paths with ``schedule`` and save the artifact to
     ``out`` with the classifier's weights and how to rebuild it (:func:`nad_guard.guard.save_classifier`),
     so that later commands need only the directory (rank 0 only under torchrun). Returns a summary of
     the metrics on rank 0, else ``None``.
