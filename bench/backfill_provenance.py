@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nad_guard.calibration import threshold_at_fpr  # noqa: E402
 from nad_guard.data import load_dataset  # noqa: E402
 from nad_guard.detectors import save_detector  # noqa: E402
-from nad_guard.guard import DETECTOR_FILE, Guard, guard_matrix  # noqa: E402
+from nad_guard.encoding import detector_input  # noqa: E402
+from nad_guard.guard import DETECTOR_FILE, Guard  # noqa: E402
 from nad_guard.paths import META_FILE  # noqa: E402
 from nad_guard.provenance import with_calibration_clean  # noqa: E402
 from nad_guard.holdout import correct_mask, holdout_provenance  # noqa: E402
@@ -69,8 +70,8 @@ def main() -> None:
     if det_meta.get("fit_set") != fit.name:
         sys.exit(f"the guard was fitted on {det_meta.get('fit_set')!r}, these arguments rebuild {fit.name!r}")
     fit_ok, cal_ok = correct_mask(guard.paths, fit), correct_mask(guard.paths, cal)
-    # the calibration scores as fit_guard computed them: the correct images, guard_matrix in batches of 128
-    scores = guard.detector.score_samples(guard_matrix(guard.paths, cal.float()[cal_ok], guard.encoding, 128)[1])
+    # the calibration scores as fit_guard computed them: the correct images, detector_input in batches of 128
+    scores = guard.detector.score_samples(detector_input(guard.paths, cal.float()[cal_ok], guard.encoding, 128)[1])
     stored = np.sort(guard.detector.calibration_scores_)
     matched = paired(np.sort(scores), stored)
     counts = {"fit_clean": int(fit_ok.sum()), "fit_mispredicted": int((~fit_ok).sum()),

@@ -14,7 +14,8 @@ from nad_guard.attacks import generate, get_suite
 from nad_guard.calibration import conformal_rank
 from nad_guard.data import ImageSet
 from nad_guard.detectors import CLEAN_ONLY, PathDetector, cross_val_auroc_per_block, cv_groups, select_by_cv
-from nad_guard.guard import Guard, guard_matrices, guard_matrix
+from nad_guard.encoding import detector_input, detector_inputs
+from nad_guard.guard import Guard
 from nad_guard.holdout import correct_mask, partition_correct
 from nad_guard.models import resolve_device
 from nad_guard.paths import PathModel
@@ -60,7 +61,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     encodings = (encoding,) if select == "fixed" else CV_CANDIDATES["encodings"]
 
     def matrices(x: torch.Tensor) -> dict[str, np.ndarray]:
-        return guard_matrices(paths, x, encodings, batch_size)[1]
+        return detector_inputs(paths, x, encodings, batch_size)[1]
 
     clean, wrong = partition_correct(paths, fit_set)
     X_clean = matrices(clean.float())
@@ -106,7 +107,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
             raise ValueError(f"the provenance record's calibration part has {len(cal_positions)} images, the "
                              f"calibration set {len(calibration_set)}")
         provenance = with_calibration_clean(provenance, cal_positions[cal_ok.numpy()])
-    det.infer_threshold(guard_matrix(paths, calib.float(), encoding, batch_size)[1], fpr=fpr)
+    det.infer_threshold(detector_input(paths, calib.float(), encoding, batch_size)[1], fpr=fpr)
     info: dict[str, Any] = {"suite": suite, "attacks": per_attack, "fit_set": fit_set.name,
                             "fit_clean": n_clean, "fit_adversarial": int(sum(len(v) for v in ys[1:])) - n_wrong,
                             "fit_mispredicted": n_wrong,

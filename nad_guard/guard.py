@@ -4,26 +4,7 @@
 whether to trust it, from one forward pass of the classifier (the path features are read from the
 predicting pass; see :mod:`nad_guard.paths`).
 
-Detector input (:func:`detector_matrix`), two encodings:
-
-``summary``
-    :attr:`PathFeatures.X`: the documented per-layer divergence features plus confidence signals.
-``rich`` (default)
-    ``summary`` plus, per layer and class, ``s_k - s_p``: how much better class ``k``'s
-    sub-architecture matches the input's path than the predicted class's (``L * K`` columns, all
-    ``<= 0`` when the path agrees with the prediction everywhere).
-``full``
-    ``rich`` plus the path itself, per gate point: ``log(||a||_2 + 1e-12)`` of the absolute pooled
-    activation ``a = |pool(out)|`` (its strength, 1 column) and its direction ``a / ||a||_2``
-    (``C_l`` columns). It needs the pooled activations of the predicting pass (:func:`path_inputs`);
-    1 + 352 extra columns per input for the CIFAR ResNet-20's 10 gate points.
-
-Which is the default, and why (measured on a CIFAR-10 development set: the earlier 87.45% ResNet-20,
-1,200 test images split in halves, nine attacks, logistic detector, mean AUROC): the direction columns
-of ``full`` moved seen attacks from 0.950 to 0.954, leave-one-out from 0.899 to 0.902 and clean-only
-from 0.855 to 0.862, differences within the noise of so small a set, for 353 more columns and a copy
-of every pooled activation; ``rich`` is the default. Spatial max-pooled activations as further columns
-did not help (seen 0.946-0.954, leave-one-out 0.888-0.906).
+The detector's input rows come from the path features (:mod:`nad_guard.encoding`).
 
 Per-layer *divergence* reported to users is ``1 - mass_share``: the share of the layer's pooled
 activation that lies outside the predicted class's sub-architecture (0 = entirely inside).
@@ -56,11 +37,9 @@ from nad_guard.detectors import PathDetector, load_detector, save_detector
 from nad_guard.models import (REFERENCE_MODELS, Classifier, InputSpec, load_state_dict_file, resolve_device,
                               torchvision_classifier)
 from nad_guard.model_names import build_classifier, classifier_from_factory, file_sha256, load_torchscript
-from nad_guard.hooks import hooked, pool
+from nad_guard.encoding import ENCODINGS, detector_input
 from nad_guard.paths import META_FILE, ArtifactError, PathFeatures, PathModel, read_meta
 
-ENCODINGS = ("summary", "rich", "full")
-POOLED_ENCODINGS = ("full",)  # need the pooled gate-point activations (see path_inputs)
 DEFAULT_GUARD_DIR = Path(__file__).resolve().parent / "default_guard"
 PAD_MULTIPLE = 8  # rows: see pad_rows
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -70,60 +49,6 @@ DETECTOR_FILE = "detector.skops"
 
 class ModelRecordWarning(UserWarning):
     """``--model`` names another classifier than the one the artifact records (used as given)."""
-
-
-def detector_matrix(f: PathFeatures, encoding: str = "rich", pooled: list[torch.Tensor] | None = None) -> np.ndarray:
-    """``(N, F)`` float64 detector input from path features (see the module docstring). ``pooled``
-    (per gate point ``(N, C_l)``, from :func:`path_inputs`) is needed by the ``full`` encoding only."""
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
-    cols = [f.X.double()]
-    if encoding in ("rich", "full"):
-        s = f.class_scores.double()  # (N, L, K)
-        sp = s.gather(2, f.pred.view(-1, 1, 1).expand(-1, s.shape[1], 1))
-        cols.append((s - sp).flatten(1))
-    if encoding in POOLED_ENCODINGS:
-        if pooled is None or len(pooled) != len(f.layers):
-            raise ValueError(f"encoding {encoding!r} needs the pooled activations of every gate point "
-                             "(use nad_guard.guard.path_inputs)")
-        for a in pooled:
-            a = a.detach().double().cpu().abs()
-            norm = a.norm(dim=1, keepdim=True)
-            cols += [torch.log(norm + 1e-12), a / norm.clamp_min(1e-12)]
-    return torch.cat(cols, 1).numpy()
-
-
-def path_inputs(paths: PathModel, x: torch.Tensor, batch_size: int = 256) -> tuple[PathFeatures, list[torch.Tensor]]:
-    """:meth:`PathModel.features` of ``x`` plus the pooled gate-point activations ``(N, C_l)`` (CPU) read
-    from the same forward passes (what the ``full`` encoding needs)."""
-
-    names = paths.layer_names_
-    store: list[list[torch.Tensor]] = [[] for _ in names]
-
-    def record(i: int, out: torch.Tensor) -> None:
-        store[i].append(pool(out).detach().float().cpu())
-
-    with hooked(paths.classifier.net, names, record):
-        f = paths.features(x, batch_size=batch_size)
-    return f, [torch.cat(v) for v in store]
-
-
-def guard_matrices(paths: PathModel, x: torch.Tensor, encodings: Sequence[str], batch_size: int = 256
-                   ) -> tuple[PathFeatures, dict[str, np.ndarray]]:
-    """Path features of ``x`` and its detector input in each of ``encodings``, from the same forward
-    passes (one per batch)."""
-    if any(e in POOLED_ENCODINGS for e in encodings):
-        f, pooled = path_inputs(paths, x, batch_size)
-        return f, {e: detector_matrix(f, e, pooled) for e in encodings}
-    f = paths.features(x, batch_size=batch_size)
-    return f, {e: detector_matrix(f, e) for e in encodings}
-
-
-def guard_matrix(paths: PathModel, x: torch.Tensor, encoding: str, batch_size: int = 256
-                 ) -> tuple[PathFeatures, np.ndarray]:
-    """Path features of ``x`` and the detector input in ``encoding`` (one forward pass per batch)."""
-    f, m = guard_matrices(paths, x, (encoding,), batch_size)
-    return f, m[encoding]
 
 
 def pad_rows(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, int]:
@@ -376,7 +301,7 @@ class Guard:
         a multiple of ``pad_multiple`` rows (:func:`pad_rows`), so a result does not depend on the batch
         it came in; ``pad_multiple=1`` turns that off."""
         x, n = pad_rows(x, pad_multiple)
-        f, X = guard_matrix(self.paths, x, self.encoding, forward_step(batch_size, pad_multiple))
+        f, X = detector_input(self.paths, x, self.encoding, forward_step(batch_size, pad_multiple))
         s = self.detector.score_samples(X)[:n]
         return GuardResult(f.rows(slice(0, n)), s, self.detector.trust_of_scores(s), s > self.detector.threshold_,
                            self.detector.threshold_)
@@ -427,7 +352,7 @@ class Guard:
         except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
             raise ArtifactError(f"cannot load guard {path}: {e}") from e
         guard = cls(paths, det, det_meta.get("encoding", "rich"), meta)
-        n = len(guard_matrix(paths, torch.zeros(1, *clf.spec.shape), guard.encoding)[1][0])
+        n = len(detector_input(paths, torch.zeros(1, *clf.spec.shape), guard.encoding)[1][0])
         if n != det.n_features_in_:
             raise ArtifactError(f"detector in {path} expects {det.n_features_in_} features, the paths give {n}")
         return guard.to(device)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from nad_guard.calibration import CalibrationWarning
 from nad_guard.evaluate import PROTOCOLS, EvalConfig, run_evaluation, soft_detector_matrix, write_outputs
-from nad_guard.guard import guard_matrix
+from nad_guard.encoding import detector_input
 from nad_guard.paths import LAYER_FEATURES
 from training.paths import fit_paths
 
@@ -113,7 +113,7 @@ def test_soft_surrogate_matches_the_detector_input(paths, digits, encoding):
     masks = [paths.masks_[n] for n in paths.layer_names_]
     stats = [paths.stats_[n] for n in paths.layer_names_]
     soft = soft_detector_matrix([p.double() for p in pooled], logits.double(), masks, stats, encoding, tau=1e-4)
-    hard = torch.as_tensor(guard_matrix(paths, x.detach(), encoding)[1])
+    hard = torch.as_tensor(detector_input(paths, x.detach(), encoding)[1])
     assert soft.shape == hard.shape
     # continuous columns are exact; with a tiny temperature the step columns agree too (ties aside)
     L = len(paths.layer_names_)
@@ -200,8 +200,8 @@ def test_guard_with_the_full_encoding_round_trips(paths, digits, tmp_path):
     from nad_guard.guard import Guard
 
     x = digits[1].float(0, 80)
-    _, X = guard_matrix(paths, x, "full")
-    assert X.shape[1] > guard_matrix(paths, x, "rich")[1].shape[1]
+    _, X = detector_input(paths, x, "full")
+    assert X.shape[1] > detector_input(paths, x, "rich")[1].shape[1]
     y = (np.arange(80) % 2).astype(int)  # any labels: only the plumbing is checked here
     with pytest.warns(CalibrationWarning):  # 40 clean calibration rows: a loose false-positive bound, said so
         det = PathDetector("logistic").fit(X, y).infer_threshold(X[:40])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nad_guard.calibration import CalibrationWarning
-from nad_guard.guard import Guard, detector_matrix
+from nad_guard.encoding import encode
+from nad_guard.guard import Guard
 from nad_guard.metrics import auroc
 from nad_guard.paths import ArtifactError
 from nad_guard.fitting import fit_guard
@@ -83,14 +84,14 @@ def test_artifact_round_trip_and_errors(guard, digits, tmp_path, tiny_model):
 
 def test_encodings(guard, digits):
     f = guard.paths.features(digits[1].float(0, 5))
-    summary, rich = detector_matrix(f, "summary"), detector_matrix(f, "rich")
+    summary, rich = encode(f, "summary"), encode(f, "rich")
     n_layers, k = len(f.layers), 10
     assert rich.shape == (5, summary.shape[1] + n_layers * k)
     # the predicted class's own column of s_k - s_p is zero at every layer
     rel = rich[:, summary.shape[1]:].reshape(5, n_layers, k)
     assert np.allclose(rel[np.arange(5), :, f.pred.numpy()], 0)
     with pytest.raises(ValueError, match="encoding"):
-        detector_matrix(f, "raw")
+        encode(f, "raw")
 
 
 def test_fit_detector_can_choose_its_detector_by_cross_validation(guard, digits, tmp_path):

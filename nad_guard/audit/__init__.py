@@ -52,17 +52,14 @@ folder: :func:`write_report`). Everything other code uses is importable from ``n
 
 from __future__ import annotations
 
-# The public API (__all__), and the module-level constants the single-file nad_guard.audit had (CSS, CLEAN,
-# CSV_COLUMNS, ATTACK_CHUNK, GALLERY_SIZE, SCALARS, BOOTSTRAP_CELLS, CLAIM_MEASURES, MAX_TABLE_ROWS), so that
-# nad_guard.audit.<name> still reads them.
-from nad_guard.audit.split_parts import holdout_parts
-from nad_guard.audit.html import CSS  # noqa: F401
+# The public API. Settings such as ATTACK_CHUNK or GALLERY_SIZE live in the file that uses them
+# (nad_guard.audit.run, .stats, ...); re-exported copies here would not change what the audit does.
 from nad_guard.audit.inputs import AuditError, check_fits, guard_data, load_split, resolve_guard_dir
 from nad_guard.audit.records import AuditResult, GalleryItem, Samples
-from nad_guard.audit.report import CLEAN, CSV_COLUMNS, write_report, write_samples_csv  # noqa: F401
-from nad_guard.audit.run import ATTACK_CHUNK, GALLERY_SIZE, SCALARS, calibration_record, run_audit  # noqa: F401
-from nad_guard.audit.stats import (BOOTSTRAP_CELLS, CLAIM_MEASURES, MAX_TABLE_ROWS,  # noqa: F401
-                                   confusion_matrix, summarize, wilson)
+from nad_guard.audit.report import write_report, write_samples_csv
+from nad_guard.audit.run import calibration_record, run_audit
+from nad_guard.audit.split_parts import holdout_parts
+from nad_guard.audit.stats import confusion_matrix, summarize, wilson
 
 __all__ = ["AuditError", "AuditResult", "GalleryItem", "Samples", "check_fits", "confusion_matrix", "guard_data",
            "calibration_record", "holdout_parts", "load_split", "resolve_guard_dir", "run_audit", "summarize", "wilson",

@@ -19,7 +19,7 @@ from nad_guard.evaluate.data import EvalData
 from nad_guard.evaluate.features import CALIBRATION_CLEAN
 from nad_guard.evaluate.protocols import FittedBaselines, deployed_training_keys
 from nad_guard.evaluate.surrogate import soft_detector_matrix, torch_linear
-from nad_guard.guard import guard_matrix
+from nad_guard.encoding import detector_input
 from nad_guard.hooks import capture
 from nad_guard.metrics import threshold_at_fpr
 
@@ -81,7 +81,7 @@ def adaptive_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, log: Cal
         return logits, lin(feats)
 
     def nad_flag(x: torch.Tensor) -> torch.Tensor:
-        s = real.score_samples(guard_matrix(paths, x, enc, batch_size=len(x))[1])
+        s = real.score_samples(detector_input(paths, x, enc, batch_size=len(x))[1])
         return torch.as_tensor(s > thr, device=x.device)
 
     # Mahalanobis-LR trained on the same data; its distance is differentiable

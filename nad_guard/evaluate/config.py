@@ -53,7 +53,7 @@ class EvalConfig:
     def clean_specs(self) -> list[tuple[str, str]]:
         """``(method, encoding)`` of each of ``clean_methods``, checked."""
         from nad_guard.detectors import CLEAN_ONLY
-        from nad_guard.guard import ENCODINGS
+        from nad_guard.encoding import ENCODINGS
 
         specs = []
         for spec in self.clean_methods:

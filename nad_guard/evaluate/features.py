@@ -12,7 +12,7 @@ import torch
 
 from nad_guard.baselines import Features
 from nad_guard.data import ImageSet
-from nad_guard.guard import detector_matrix, path_inputs
+from nad_guard.encoding import encode, features_with_pooled
 from nad_guard.hooks import capture
 from nad_guard.paths import PathModel
 
@@ -84,9 +84,9 @@ def compute_features(paths: PathModel, images: torch.Tensor | ImageSet, labels: 
         for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
             store.clear()
             x = images.float(s, s + batch_size) if isinstance(images, ImageSet) else images[s:s + batch_size]
-            f, pooled = path_inputs(paths, x.to(device), batch_size=batch_size)
+            f, pooled = features_with_pooled(paths, x.to(device), batch_size=batch_size)
             for e in encodings:
-                enc[e].append(detector_matrix(f, e, pooled))
+                enc[e].append(encode(f, e, pooled))
             for n in layers:
                 acts[n].append(store[n].cpu().numpy())
             logits.append(f.logits.float().numpy())
