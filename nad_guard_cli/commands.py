@@ -239,7 +239,7 @@ def fit_paths_cmd(model: str, weights: str | None, mean: tuple[float, ...] | Non
               show_default=True, help="logistic/gboost are trained on attacks (and mispredictions); knn/gaussian/"
                                       "isoforest on clean data only.")
 @click.option("--encoding", type=click.Choice(["summary", "rich", "full"]), default="rich", show_default=True,
-              help="Detector input (see nad_guard.guard): summary features, + class-score gaps, + the path itself.")
+              help="Detector input (see nad_guard.encoding): summary features, + class-score gaps, + the path itself.")
 @click.option("--select", type=click.Choice(["fixed", "cv"]), default="fixed", show_default=True,
               help="cv: ignore --method/--encoding and take the best of logistic/gboost x rich/full by "
                    "3-fold cross-validated AUROC on the fit part (folds hold out whole attacks, or whole images "
@@ -360,7 +360,7 @@ def build_default_cmd(out: str | None, device: str) -> None:
               help="Supervised nad-guard detectors to fit; with --select fixed the first (with the first "
                    "encoding) is 'nad-guard'.")
 @click.option("--encoding", "encodings", default="rich,full", show_default=True,
-              help="Comma-separated detector encodings (see nad_guard.guard).")
+              help="Comma-separated detector encodings (see nad_guard.encoding).")
 @click.option("--select", type=click.Choice(["fixed", "cv"]), default="fixed", show_default=True,
               help="Which method x encoding is 'nad-guard': fixed = the first of each; cv = per training task, "
                    "the best by cross-validated AUROC on the fit part (folds hold out whole attacks, or whole "
