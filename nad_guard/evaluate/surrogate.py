@@ -15,7 +15,7 @@ from nad_guard.paths import LAYER_FEATURES
 def soft_detector_matrix(pooled: Sequence[torch.Tensor], logits: torch.Tensor, masks: Sequence[torch.Tensor],
                          stats: Sequence[Any], encoding: str = "rich", *, tau: float = 0.01,
                          top_k: float = 0.25) -> torch.Tensor:
-    """A smooth surrogate of :func:`nad_guard.guard.encode` ``(N, F)`` for attacks.
+    """A smooth surrogate of :func:`nad_guard.encoding.encode` ``(N, F)`` for attacks.
 
     Same columns in the same order. The continuous features (``mass_share``, ``margin``, the
     confidence signals and the rich encoding's ``s_k - s_p``) are exact; the step functions are
