@@ -73,6 +73,21 @@ def forward_step(batch_size: int, pad_multiple: int = PAD_MULTIPLE) -> int:
     return max(m, batch_size - batch_size % m)
 
 
+def resolve_guard_dir(guard: str | Path) -> Path:
+    """``"default"`` -> the bundled default guard; otherwise the path, which must be a directory
+    (:class:`ArtifactError`, saying what a guard directory holds, otherwise)."""
+    if str(guard) == "default":
+        return DEFAULT_GUARD_DIR
+    path = Path(guard)
+    holds = "meta.json, paths.safetensors, classifier.safetensors, detector.skops"
+    if not path.exists():
+        raise ArtifactError(f"guard directory {path} does not exist; pass a guard written by `nad-guard fit-detector` "
+                            f"({holds}) or 'default'")
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is a file; a guard is a directory ({holds}) or 'default'")
+    return path
+
+
 def read_guard_meta(path: str | Path) -> dict[str, Any]:
     """``meta.json`` of a guard directory, read without loading any weights, and checked: a path artifact
     this library reads (:func:`~nad_guard.paths.read_meta`) that also holds a classifier record with a

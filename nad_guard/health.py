@@ -26,7 +26,6 @@ What it reads, and from where:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -115,38 +114,11 @@ def _auroc(suspicious: np.ndarray, clean: np.ndarray) -> float:
 
 
 def depth_covered(classifier: Any, layers: Sequence[str]) -> float:
-    """Share of the network's convolution and linear layers (in the order one forward pass runs them)
-    that have run when the deepest gate point's output is ready: 1.0 when the last gate point follows the
-    last such layer but the classifier head, about 0.05 for a gate point on a ResNet-20's stem."""
-    import torch
-    from torch import nn
+    """Share of the network's convolution and linear layers that the deepest gate point's output depends on
+    (:attr:`nad_guard.paths.GateDiscovery.coverage`, the measure ``fit-paths`` warns with)."""
+    from nad_guard.paths import discover_gate_points
 
-    from nad_guard.hooks import device_of, hooked
-
-    net = classifier.net
-    modules = dict(net.named_modules())
-    weighted = [n for n, m in modules.items() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    names = weighted + [n for n in layers if n not in weighted]
-    order: list[str] = []
-    with torch.no_grad(), hooked(net, names, lambda i, _out: order.append(names[i])):
-        net(torch.zeros(1, *classifier.spec.shape, device=device_of(net)))
-    runs = [n for n in order if n in weighted]
-    if not runs:
-        return 1.0
-    last = max((i for i, n in enumerate(order) if n in set(layers)), default=-1)
-    done = sum(1 for n in order[:last + 1] if n in weighted)
-    return done / len(runs)
-
-
-def resolve_guard_dir(guard: str | Path) -> Path:
-    """``"default"`` -> the bundled default guard; otherwise the directory ``guard``."""
-    from nad_guard.guard import DEFAULT_GUARD_DIR
-
-    path = DEFAULT_GUARD_DIR if str(guard) == "default" else Path(guard)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no guard directory at {path}: pass a directory written by `nad-guard fit-detector` "
-                                "(or 'default')")
-    return path
+    return discover_gate_points(classifier, layers, warn=False).coverage
 
 
 def _kept_per_class(path: Path, layers: Sequence[str]) -> np.ndarray:
@@ -163,9 +135,11 @@ def static_report(guard_dir: str | Path) -> dict[str, Any]:
     data): gate points, masks, subnetworks, calibration and the detector's cross-validated AUROCs, with
     ``warnings`` and ``notes`` (sentences)."""
     from nad_guard.calibration import fpr_guarantee
+    from nad_guard.guard import resolve_guard_dir
+    from nad_guard.paths import read_meta
 
     path = resolve_guard_dir(guard_dir)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     warnings_: list[str] = []
     notes: list[str] = []
     layers = [str(d["name"]) for d in meta.get("layers", [])]

@@ -481,7 +481,8 @@ def audit_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple
     NAD's claim against chance and the classifier's own ranking, similarity against confusion,
     per-layer divergence, how well the trust score separates errors, and the least trusted inputs."""
     from nad_guard.attacks import default_cache_dir
-    from nad_guard.audit import guard_data, load_split, resolve_guard_dir, run_audit, write_report
+    from nad_guard.audit import guard_data, load_split, run_audit, write_report
+    from nad_guard.guard import resolve_guard_dir
     from nad_guard.guard import Guard, artifact_classifier
     from nad_guard.models import resolve_device
     from nad_guard.runinfo import portable_path

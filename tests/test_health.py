@@ -111,7 +111,7 @@ def test_check_command_on_the_bundled_guard() -> None:
     res = CliRunner().invoke(main, ["check", str(DEFAULT_GUARD_DIR), "--no-data", "--json", "--strict"])
     assert res.exit_code == 2 and json.loads(res.stdout)["calibration"]["needed"] == 240
     res = CliRunner().invoke(main, ["check", "no/such/guard"])
-    assert res.exit_code == 1 and "no guard directory" in res.output
+    assert res.exit_code == 1 and "guard directory no/such/guard does not exist" in res.output
 
 
 @pytest.fixture(scope="module")

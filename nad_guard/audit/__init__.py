@@ -54,7 +54,7 @@ from __future__ import annotations
 
 # The public API. Settings such as ATTACK_CHUNK or GALLERY_SIZE live in the file that uses them
 # (nad_guard.audit.run, .stats, ...); re-exported copies here would not change what the audit does.
-from nad_guard.audit.inputs import AuditError, check_fits, guard_data, load_split, resolve_guard_dir
+from nad_guard.audit.inputs import AuditError, check_fits, guard_data, load_split
 from nad_guard.audit.records import AuditResult, GalleryItem, Samples
 from nad_guard.audit.report import write_report, write_samples_csv
 from nad_guard.audit.run import calibration_record, run_audit
@@ -62,5 +62,5 @@ from nad_guard.audit.split_parts import holdout_parts
 from nad_guard.audit.stats import confusion_matrix, summarize, wilson
 
 __all__ = ["AuditError", "AuditResult", "GalleryItem", "Samples", "check_fits", "confusion_matrix", "guard_data",
-           "calibration_record", "holdout_parts", "load_split", "resolve_guard_dir", "run_audit", "summarize", "wilson",
+           "calibration_record", "holdout_parts", "load_split", "run_audit", "summarize", "wilson",
            "write_report", "write_samples_csv"]

@@ -1,4 +1,4 @@
-"""What is audited: the guard directory (:func:`resolve_guard_dir`), the data set and split its
+"""What is audited: the guard directory (:func:`nad_guard.guard.resolve_guard_dir`), the data set and split its
 detector was fitted on (:func:`guard_data`), a named split (:func:`load_split`), and whether that data
 fits the guard's classifier (:func:`check_fits`, :class:`AuditError`)."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nad_guard.data import DATASETS, ImageSet
-from nad_guard.guard import DEFAULT_GUARD_DIR, Guard
+from nad_guard.guard import Guard
 
 
 class AuditError(ValueError):
@@ -55,20 +55,6 @@ def check_fits(guard: Guard, data: ImageSet) -> None:
     bad = (data.labels < 0) | (data.labels >= clf.num_classes)
     if bool(bad.any()):
         raise AuditError(f"{what} has labels outside 0..{clf.num_classes - 1}")
-
-
-def resolve_guard_dir(artifact: str | Path) -> Path:
-    """``"default"`` -> the bundled default guard; otherwise the path, which must be a directory."""
-    if str(artifact) == "default":
-        return DEFAULT_GUARD_DIR
-    path = Path(artifact)
-    if not path.exists():
-        raise AuditError(f"guard directory {path} does not exist; pass a guard written by `nad-guard fit-detector` "
-                         "(meta.json, paths.safetensors, classifier.safetensors, detector.skops) or 'default'")
-    if not path.is_dir():
-        raise AuditError(f"{path} is a file; --artifact takes a guard directory (meta.json, paths.safetensors, "
-                         "classifier.safetensors, detector.skops) or 'default'")
-    return path
 
 
 def guard_data(guard: Guard) -> tuple[str | None, str | None]:
