@@ -206,3 +206,23 @@ def test_default_guard_records_unchanged():
                                                                             e["nearest_path_class"])
         for k in ("confidence", "trust_score", "suspicion_score", "threshold"):
             assert r[k] == pytest.approx(e[k], rel=1e-9, abs=1e-9)
+
+
+def test_audit_shows_both_p_values(two_guard, digits, tmp_path):
+    import csv
+
+    from nad_guard.audit import run_audit, write_report
+
+    g = two_guard[0]
+    if g.error_detector is None:
+        pytest.skip("no error detector")
+    result = run_audit(g, digits[1], attacks=["fgsm"], suite="fast", attack_images=40, progress=False,
+                       gallery_size=4, cache_dir=tmp_path / "atk")
+    assert result.clean.error_trust is not None and len(result.clean.error_trust) == len(result.clean)
+    files = write_report(result, tmp_path / "audit")
+    with open(files["samples.csv"]) as fh:
+        header = next(csv.reader(fh))
+    assert header[-2:] == ["attack_p_value", "error_p_value"]
+    html = files["index.html"].read_text()
+    assert "Two detectors, two p-values per input" in html and "error detector (1 - error p-value)" in html
+    assert result.summary["two_detectors"]["error_fpr"] == pytest.approx(0.05)
