@@ -63,8 +63,9 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     """
     if select not in ("fixed", "cv"):
         raise ValueError(f"select must be 'fixed' or 'cv', got {select!r}")
-    # too few calibration images for fpr (or its smaller share) at all: say so before any attack
-    conformal_rank(len(calibration_set), fpr * min(attack_share, 1 - attack_share) if error_detector else fpr)
+    conformal_rank(len(calibration_set), fpr)  # too few calibration images for fpr at all: say so before any attack
+    if error_detector:  # nor for the smaller of its two shares
+        conformal_rank(len(calibration_set), fpr * min(attack_share, 1 - attack_share))
     if select == "cv" and method in CLEAN_ONLY:
         raise ValueError(f"select='cv' chooses among the supervised detectors {CV_CANDIDATES['methods']}; "
                          f"{method!r} is clean-only")
