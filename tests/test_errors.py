@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from nad_guard.baselines import DOCTOR, Features
 from nad_guard.baselines.confidence import doctor_score
@@ -183,6 +182,9 @@ def test_two_detector_records_flag_and_round_trip(two_guard, tmp_path):
     g.save(tmp_path / "guard")
     meta = json.loads((tmp_path / "guard" / "meta.json").read_text())
     assert meta["decision"]["attack_share"] == 0.5 and meta["error_detector"]["selection"]["selected"]
+    from nad_guard.health import static_report
+
+    assert static_report(tmp_path / "guard")["decision"]["fpr"] == pytest.approx(0.1)  # check's rate: the flag's
     g2 = Guard.load(tmp_path / "guard", classifier=g.classifier)
     assert isinstance(g2.error_detector, ErrorDetector)
     assert g2.predict(clean.float(0, 8)) == g.predict(clean.float(0, 8))

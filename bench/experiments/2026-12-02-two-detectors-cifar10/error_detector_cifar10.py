@@ -10,7 +10,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 from nad_guard import Guard, load_dataset

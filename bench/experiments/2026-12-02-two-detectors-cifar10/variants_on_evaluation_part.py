@@ -1,4 +1,4 @@
-import numpy as np, torch, sys
+import numpy as np, torch
 torch.set_num_threads(1)
 from nad_guard import Guard, load_dataset
 from nad_guard.encoding import detector_input
