@@ -228,3 +228,12 @@ def test_audit_shows_both_p_values(two_guard, digits, tmp_path):
     html = files["index.html"].read_text()
     assert "Two detectors, two p-values per input" in html and "error detector (1 - error p-value)" in html
     assert result.summary["two_detectors"]["error_fpr"] == pytest.approx(0.05)
+
+
+def test_the_service_schema_documents_both_p_values_as_optional():
+    from service.service import TrustPrediction
+
+    schema = TrustPrediction.model_json_schema()
+    for k in ("attack_p_value", "error_p_value", "error_score", "error_threshold"):
+        assert k in schema["properties"] and k not in schema.get("required", [])
+    assert {"trust_score", "suspicion_score", "is_suspicious", "threshold"} <= set(schema["required"])
