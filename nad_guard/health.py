@@ -339,6 +339,10 @@ def format_report(report: dict[str, Any]) -> str:
     if det:
         lines.append(f"detector: {det['method']} on {det['encoding']}"
                      + (f" (chosen by cross-validation: {det['selection']})" if det.get("selection") else ""))
+        dec = report.get("decision")
+        if dec:
+            lines.append(f"two detectors: attack detector at {det.get('fpr')}, error detector {dec.get('error_detector')} "
+                         f"at {dec.get('error_fpr')}; flagged if either p-value is within its share of {dec.get('fpr')}")
         cv = det.get("cv_per_attack") or {}
         if isinstance(cv.get("auroc"), dict):
             lines.append(f"  cross-validated AUROC per training attack ({cv.get('folds')} folds by "
