@@ -369,9 +369,11 @@ def select_by_cv(candidates: dict[str, tuple[str, np.ndarray]], y, groups, folds
 # ------------------------------------------------------------------ safe persistence (skops)
 
 def _trusted_types() -> list[str]:
-    """The types skops does not trust by default that a saved PathDetector contains (measured with
-    ``skops.io.get_untrusted_types`` for every method); anything else is refused on load."""
+    """The types skops does not trust by default that a saved PathDetector (or its subclass
+    ``nad_guard.errors.ErrorDetector``) contains (measured with ``skops.io.get_untrusted_types`` for every
+    method); anything else is refused on load."""
     return ["nad_guard.detectors.GaussianDistance", "nad_guard.detectors.KNNDistance", "nad_guard.detectors.PathDetector",
+            "nad_guard.errors.ErrorDetector",
             "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor", "sklearn.tree._tree.Tree"]
 
 

@@ -4,6 +4,7 @@ evaluation harness): attacks on the fit part, features, detector, threshold on h
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,6 +16,7 @@ from nad_guard.calibration import conformal_rank
 from nad_guard.data import ImageSet
 from nad_guard.detectors import CLEAN_ONLY, PathDetector, cross_val_auroc_per_block, cv_groups, select_by_cv
 from nad_guard.encoding import detector_input, detector_inputs
+from nad_guard.errors import DEFAULT_ATTACK_SHARE, MIN_MISPREDICTIONS, error_rows, fit_error_detector
 from nad_guard.guard import Guard
 from nad_guard.holdout import correct_mask, partition_correct
 from nad_guard.models import resolve_device
@@ -29,7 +31,8 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
               attacks: Sequence[str] | None = None, method: str = "logistic", encoding: str = "rich",
               select: str = "fixed", cv_folds: int = 3, mispredictions: bool = True, fpr: float = 0.05,
               device: str = "auto", batch_size: int = 128, cache_dir: str | Path | None = None, progress: bool = True,
-              seed: int = 0, provenance: dict[str, Any] | None = None) -> Guard:
+              seed: int = 0, provenance: dict[str, Any] | None = None, error_detector: bool = False,
+              attack_share: float = DEFAULT_ATTACK_SHARE) -> Guard:
     """Train a detector on path features of ``fit_set`` and calibrate its threshold on the correctly
     classified images of ``calibration_set`` (held out, clean only).
 
@@ -48,10 +51,21 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     threshold. The metadata always gets the calibration's size and false-positive bounds
     (:meth:`PathDetector.calibration`); a calibration set too small for a tight bound warns
     (:class:`~nad_guard.calibration.CalibrationWarning`), one too small for ``fpr`` at all raises.
+
+    ``error_detector`` (``nad-guard fit-detector``'s default; off here so that existing callers keep their
+    guards): two questions, two detectors (:mod:`nad_guard.errors`). The attack detector then learns the
+    correct images against the attacks only (``mispredictions`` is ignored) and is calibrated at
+    ``attack_share * fpr``; an :class:`~nad_guard.errors.ErrorDetector`, its method chosen by
+    cross-validation on the fit part's correct and mispredicted images only, at ``(1 - attack_share) * fpr``.
+    With fewer than :data:`~nad_guard.errors.MIN_MISPREDICTIONS` (or ``cv_folds``) mispredictions in the fit
+    part there is no error detector: the guard is a one-detector guard at ``fpr`` and the metadata says why
+    (``error_detector_skipped``).
     """
     if select not in ("fixed", "cv"):
         raise ValueError(f"select must be 'fixed' or 'cv', got {select!r}")
     conformal_rank(len(calibration_set), fpr)  # too few calibration images for fpr at all: say so before any attack
+    if error_detector:  # nor for the smaller of its two shares
+        conformal_rank(len(calibration_set), fpr * min(attack_share, 1 - attack_share))
     if select == "cv" and method in CLEAN_ONLY:
         raise ValueError(f"select='cv' chooses among the supervised detectors {CV_CANDIDATES['methods']}; "
                          f"{method!r} is clean-only")
@@ -60,11 +74,22 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     paths.classifier.to(dev)
     encodings = (encoding,) if select == "fixed" else CV_CANDIDATES["encodings"]
 
-    def matrices(x: torch.Tensor) -> dict[str, np.ndarray]:
-        return detector_inputs(paths, x, encodings, batch_size)[1]
+    def matrices(x: torch.Tensor, logits: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        f, m = detector_inputs(paths, x, encodings, batch_size)
+        if logits is not None:
+            logits.append(f.logits.double().numpy())
+        return m
 
     clean, wrong = partition_correct(paths, fit_set)
-    X_clean = matrices(clean.float())
+    two = error_detector and len(wrong) >= max(MIN_MISPREDICTIONS, cv_folds)
+    skipped = (f"{len(wrong)} mispredictions in the fit part, fewer than the {max(MIN_MISPREDICTIONS, cv_folds)} "
+               "cross-validation needs: no error detector") if error_detector and not two else None
+    if skipped:
+        warnings.warn(skipped, stacklevel=2)
+    if two:
+        mispredictions = False  # the attack detector answers the first question only
+    logits: list[np.ndarray] = []
+    X_clean = matrices(clean.float(), logits)
     n_clean = len(clean)
     blocks, ys, sources, per_attack = [X_clean], [np.zeros(n_clean)], [], {}
     block_names: list[str] = []  # one per suspicious block, as sources
@@ -107,7 +132,15 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
             raise ValueError(f"the provenance record's calibration part has {len(cal_positions)} images, the "
                              f"calibration set {len(calibration_set)}")
         provenance = with_calibration_clean(provenance, cal_positions[cal_ok.numpy()])
-    det.infer_threshold(detector_input(paths, calib.float(), encoding, batch_size)[1], fpr=fpr)
+    f_cal, X_cal = detector_input(paths, calib.float(), encoding, batch_size)
+    det.infer_threshold(X_cal, fpr=fpr * attack_share if two else fpr)
+    err, err_info = None, None
+    if two:
+        X_wrong = matrices(wrong.float(), logits)[encoding]
+        X_err = error_rows(np.vstack(logits), np.vstack([X_clean[encoding], X_wrong]))
+        y_err = np.r_[np.zeros(n_clean), np.ones(len(wrong))]
+        err, err_info = fit_error_detector(X_err, y_err, error_rows(f_cal.logits, X_cal), fpr * (1 - attack_share),
+                                           folds=cv_folds, seed=seed)
     info: dict[str, Any] = {"suite": suite, "attacks": per_attack, "fit_set": fit_set.name,
                             "fit_clean": n_clean, "fit_adversarial": int(sum(len(v) for v in ys[1:])) - n_wrong,
                             "fit_mispredicted": n_wrong,
@@ -116,9 +149,11 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
                             "seed": seed, "seconds": round(time.time() - t0, 1),
                             **({"selection": selection} if selection else {}),
                             **({"cv_per_attack": per_block} if per_block else {}),
-                            **({"provenance": provenance} if provenance is not None else {})}
+                            **({"provenance": provenance} if provenance is not None else {}),
+                            **({"error_detector_skipped": skipped} if skipped else {})}
     paths.classifier.cpu()
-    return Guard(paths, det, encoding, {"detector_info": info})
+    return Guard(paths, det, encoding, {"detector_info": info, **({"error_detector_info": err_info} if two else {})},
+                 error_detector=err, attack_share=attack_share)
 
 
 def _cv_per_block(method: str, encoding: str, X: np.ndarray, y: np.ndarray, n_clean: int,

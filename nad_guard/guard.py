@@ -18,7 +18,12 @@ into a path artifact by ``fit-paths``, so that later commands and the service ne
 and ``detector.skops`` with ``meta["detector"]`` (method, encoding, threshold, metrics, the
 calibration's size and false-positive bounds under ``calibration`` (:mod:`nad_guard.calibration`), and,
 for detectors fitted by ``fit-detector`` / ``build-default``, which images each holdout part holds under
-``provenance`` (:mod:`nad_guard.provenance`)).
+``provenance`` (:mod:`nad_guard.provenance`)). A guard with an error detector (:mod:`nad_guard.errors`) adds
+``error_detector.skops`` with ``meta["error_detector"]`` (method, its cross-validated selection, threshold,
+calibration) and ``meta["decision"]`` (the requested rate and its split between the two detectors); its
+records then carry ``attack_p_value``, ``error_p_value``, ``error_score`` and ``error_threshold``, and
+``trust_score`` / ``is_suspicious`` are the combined ones. Guards without one answer as before, without
+those fields.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 
 from nad_guard.detectors import PathDetector, load_detector, save_detector
+from nad_guard.errors import DEFAULT_ATTACK_SHARE, SOFTMAX_COLUMNS, ErrorDetector, combined_trust, error_rows
 from nad_guard.models import (REFERENCE_MODELS, Classifier, InputSpec, load_state_dict_file, resolve_device,
                               torchvision_classifier)
 from nad_guard.model_names import build_classifier, classifier_from_factory, file_sha256, load_torchscript
@@ -45,6 +51,7 @@ PAD_MULTIPLE = 8  # rows: see pad_rows
 CLASSIFIER_FILE = "classifier.safetensors"
 CLASSIFIER_GRAPH = "classifier_graph"  # + the graph file's suffix: the copy of an exported program
 DETECTOR_FILE = "detector.skops"
+ERROR_DETECTOR_FILE = "error_detector.skops"  # guards with an error detector only (nad_guard.errors)
 
 
 class ModelRecordWarning(UserWarning):
@@ -259,10 +266,15 @@ class GuardResult:
     """Results for a batch; every field has the batch as its first dimension."""
 
     features: PathFeatures
-    score: np.ndarray       # (N,) higher = more suspicious
-    trust: np.ndarray       # (N,) conformal p-value in (0, 1], higher = more trustworthy
-    flag: np.ndarray        # (N,) bool, score > threshold
+    score: np.ndarray       # (N,) higher = more suspicious (the attack detector's, in a two-detector guard)
+    trust: np.ndarray       # (N,) conformal p-value in (0, 1], higher = more trustworthy (combined)
+    flag: np.ndarray        # (N,) bool, score > threshold (or, two detectors, either detector's flag)
     threshold: float
+    # a guard with an error detector (nad_guard.errors) only; None otherwise
+    attack_trust: np.ndarray | None = None  # (N,) the attack detector's p-value
+    error_score: np.ndarray | None = None   # (N,) the error detector's score, higher = more likely wrong
+    error_trust: np.ndarray | None = None   # (N,) the error detector's p-value
+    error_threshold: float | None = None
 
     def records(self, class_names: list[str]) -> list[dict[str, Any]]:
         """One JSON-ready dict per input (the service's response items). Tensors are converted once per
@@ -275,7 +287,7 @@ class GuardResult:
         layer_nearest, margin = f.nearest_class.tolist(), f.margin.tolist()
         trust, score, flag = self.trust.tolist(), self.score.tolist(), self.flag.tolist()
         threshold = float(self.threshold)
-        return [{
+        records = [{
             "label": p, "class_name": class_names[p], "confidence": c, "trust_score": t,
             "suspicion_score": sc, "is_suspicious": bool(fl), "threshold": threshold,
             "nearest_path_class": nr, "nearest_path_class_name": class_names[nr],
@@ -283,6 +295,12 @@ class GuardResult:
                           for name, dv, nc, mg in zip(f.layers, div_i, nc_i, mg_i)],
         } for p, c, t, sc, fl, nr, div_i, nc_i, mg_i in zip(pred, confidence, trust, score, flag, nearest, divergence,
                                                            layer_nearest, margin)]
+        if self.error_trust is not None:  # a two-detector guard: both p-values (absent otherwise)
+            err_threshold = float(self.error_threshold)
+            for r, pa, pe, se in zip(records, self.attack_trust.tolist(), self.error_trust.tolist(),
+                                     self.error_score.tolist()):
+                r.update(attack_p_value=pa, error_p_value=pe, error_score=se, error_threshold=err_threshold)
+        return records
 
 
 class Guard:
@@ -294,13 +312,24 @@ class Guard:
     """
 
     def __init__(self, paths: PathModel, detector: PathDetector, encoding: str = "rich",
-                 meta: dict[str, Any] | None = None):
+                 meta: dict[str, Any] | None = None, error_detector: ErrorDetector | None = None,
+                 attack_share: float = DEFAULT_ATTACK_SHARE):
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
-        if not hasattr(detector, "threshold_"):
-            raise ValueError("the detector has no threshold: call infer_threshold on held-out clean features")
+        for d in (detector, error_detector):
+            if d is not None and not hasattr(d, "threshold_"):
+                raise ValueError("a detector has no threshold: call infer_threshold on held-out clean features")
+        if not 0 < attack_share < 1:
+            raise ValueError(f"attack_share must be in (0, 1), got {attack_share}")
         self.paths, self.detector, self.encoding = paths, detector, encoding
+        self.error_detector, self.attack_share = error_detector, float(attack_share)
         self.meta = dict(meta or {})
+
+    @property
+    def fpr(self) -> float:
+        """The false-positive rate the guard's flag is calibrated at (a two-detector guard: the sum of its
+        detectors' shares, :mod:`nad_guard.errors`)."""
+        return self.detector.fpr_ + (self.error_detector.fpr_ if self.error_detector is not None else 0.0)
 
     @property
     def classifier(self) -> Classifier:
@@ -318,8 +347,15 @@ class Guard:
         x, n = pad_rows(x, pad_multiple)
         f, X = detector_input(self.paths, x, self.encoding, forward_step(batch_size, pad_multiple))
         s = self.detector.score_samples(X)[:n]
-        return GuardResult(f.rows(slice(0, n)), s, self.detector.trust_of_scores(s), s > self.detector.threshold_,
-                           self.detector.threshold_)
+        trust, flag = self.detector.trust_of_scores(s), s > self.detector.threshold_
+        if self.error_detector is None:
+            return GuardResult(f.rows(slice(0, n)), s, trust, flag, self.detector.threshold_)
+        e = self.error_detector.score_samples(error_rows(f.logits[:n], X[:n]))
+        e_trust = self.error_detector.trust_of_scores(e)
+        return GuardResult(f.rows(slice(0, n)), s, combined_trust(trust, e_trust, self.attack_share),
+                           flag | (e > self.error_detector.threshold_), self.detector.threshold_,
+                           attack_trust=trust, error_score=e, error_trust=e_trust,
+                           error_threshold=self.error_detector.threshold_)
 
     def probabilities(self, x: torch.Tensor, batch_size: int = 256, pad_multiple: int = PAD_MULTIPLE
                       ) -> torch.Tensor:
@@ -346,6 +382,20 @@ class Guard:
                             "n_features": int(self.detector.n_features_in_),
                             "calibration": self.detector.calibration().to_dict(),
                             **(detector_info or self.meta.get("detector_info", {}))}
+        meta.pop("error_detector", None)
+        meta.pop("decision", None)
+        (path / ERROR_DETECTOR_FILE).unlink(missing_ok=True)
+        if self.error_detector is not None:
+            save_detector(self.error_detector, path / ERROR_DETECTOR_FILE)
+            meta["error_detector"] = {"file": ERROR_DETECTOR_FILE, "method": self.error_detector.method,
+                                      "threshold": self.error_detector.threshold_, "fpr": self.error_detector.fpr_,
+                                      "n_features": int(self.error_detector.n_features_in_),
+                                      "calibration": self.error_detector.calibration().to_dict(),
+                                      **self.meta.get("error_detector_info", {})}
+            meta["decision"] = {"fpr": self.fpr, "attack_share": self.attack_share,
+                                "rule": "flagged if p_attack <= attack_share * fpr or p_error <= (1 - attack_share) "
+                                        "* fpr (union bound: clean inputs flagged at most fpr); trust_score = "
+                                        "min(1, p_attack / attack_share, p_error / (1 - attack_share))"}
         (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
@@ -362,12 +412,20 @@ class Guard:
             clf = classifier or rebuild_classifier(path, ref)
             paths = PathModel.load(path, clf)
             det = load_detector(path / det_meta.get("file", DETECTOR_FILE))
+            err_meta = meta.get("error_detector")
+            err = load_detector(path / err_meta.get("file", ERROR_DETECTOR_FILE)) if err_meta else None
+            if err is not None and not isinstance(err, ErrorDetector):
+                raise ValueError(f"{err_meta.get('file')} holds a {type(err).__name__}, not an ErrorDetector")
+            share = float(meta.get("decision", {}).get("attack_share", DEFAULT_ATTACK_SHARE))
         except ArtifactError:
             raise
         except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
             raise ArtifactError(f"cannot load guard {path}: {e}") from e
-        guard = cls(paths, det, det_meta.get("encoding", "rich"), meta)
+        guard = cls(paths, det, det_meta.get("encoding", "rich"), meta, error_detector=err, attack_share=share)
         n = len(detector_input(paths, torch.zeros(1, *clf.spec.shape), guard.encoding)[1][0])
         if n != det.n_features_in_:
             raise ArtifactError(f"detector in {path} expects {det.n_features_in_} features, the paths give {n}")
+        if err is not None and err.n_features_in_ != n + len(SOFTMAX_COLUMNS):
+            raise ArtifactError(f"error detector in {path} expects {err.n_features_in_} features, the paths give "
+                                f"{n + len(SOFTMAX_COLUMNS)}")
         return guard.to(device)

@@ -189,6 +189,9 @@ def static_report(guard_dir: str | Path) -> dict[str, Any]:
     report["detector"] = {"method": det.get("method"), "encoding": det.get("encoding"), "fpr": det.get("fpr"),
                           "threshold": det.get("threshold"), "suite": det.get("suite"),
                           "selection": (det.get("selection") or {}).get("selected"), "cv_per_attack": cv}
+    if isinstance(meta.get("decision"), dict):  # two detectors (nad_guard.errors): the flag's rate is the sum
+        err = meta.get("error_detector") or {}
+        report["decision"] = {**meta["decision"], "error_detector": err.get("method"), "error_fpr": err.get("fpr")}
     if isinstance(cv, dict) and isinstance(cv.get("auroc"), dict):
         weak = {a: v for a, v in cv["auroc"].items() if v is not None and v < WEAK_AUROC}
         for a, v in weak.items():
@@ -241,8 +244,8 @@ def measure_unseen(guard: Any, data_root: str | Path | None = None, *, batch_siz
                            "observed_fpr": k / n if n else None, "interval": [lo, hi], "confidence": CONFIDENCE}
     wrong = ~correct
     msp = result.features.logits.softmax(1).max(1).values.numpy()
-    if wrong.sum() >= MIN_ERRORS and n >= MIN_ERRORS:
-        s = np.asarray(result.score)
+    if wrong.sum() >= MIN_ERRORS and n >= MIN_ERRORS:  # a two-detector guard: its error detector answers this
+        s = np.asarray(result.score if result.error_score is None else result.error_score)
         out["mispredictions"] = {"n": int(wrong.sum()), "detector_auroc": _auroc(s[wrong], s[correct]),
                                  "msp_auroc": _auroc(-msp[wrong], -msp[correct])}
     else:
@@ -310,7 +313,8 @@ def health_report(guard_dir: str | Path, *, data_root: str | Path | None = None,
     if log:
         log("measuring the guard on the images its detector never saw")
     report["unseen"] = measure_unseen(guard, data_root, images=images)
-    report["warnings"] += unseen_warnings(report["unseen"], (report["detector"] or {}).get("fpr"))
+    rate = (report.get("decision") or report["detector"] or {}).get("fpr")  # two detectors: the combined flag's
+    report["warnings"] += unseen_warnings(report["unseen"], rate)
     return report
 
 
@@ -335,6 +339,10 @@ def format_report(report: dict[str, Any]) -> str:
     if det:
         lines.append(f"detector: {det['method']} on {det['encoding']}"
                      + (f" (chosen by cross-validation: {det['selection']})" if det.get("selection") else ""))
+        dec = report.get("decision")
+        if dec:
+            lines.append(f"two detectors: attack detector at {det.get('fpr')}, error detector {dec.get('error_detector')} "
+                         f"at {dec.get('error_fpr')}; flagged if either p-value is within its share of {dec.get('fpr')}")
         cv = det.get("cv_per_attack") or {}
         if isinstance(cv.get("auroc"), dict):
             lines.append(f"  cross-validated AUROC per training attack ({cv.get('folds')} folds by "

@@ -156,6 +156,37 @@ def bootstrap_ci(y_true: Any, scores: Any, metric: str = "auroc", *, threshold: 
     return float(lo), float(hi)
 
 
+def risk_coverage(scores: Any, errors: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The risk-coverage curve of a selective classifier that keeps the inputs with the lowest
+    suspicion ``scores`` ``(N,)`` (higher = more suspicious, handed to a human first) and gets
+    ``errors`` ``(N,)`` (bool: the prediction is wrong) wrong: ``(coverage, risk)``, each ``(N,)``,
+    where ``coverage[k-1] = k / N`` and ``risk[k-1]`` the error rate among the ``k`` kept inputs.
+    Tied scores are kept in random order, in expectation: inside a tie group the errors accumulate at
+    the group's error rate, so the curve does not depend on the inputs' order."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    e = np.asarray(errors).astype(np.float64).ravel()
+    if s.shape != e.shape or s.size == 0:
+        raise ValueError(f"scores and errors need the same, non-zero length, got {s.shape} and {e.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    order = np.argsort(s, kind="stable")
+    s, e = s[order], e[order]
+    _, start, count = np.unique(s, return_index=True, return_counts=True)
+    group = np.repeat(np.arange(len(start)), count)
+    before = np.r_[0.0, np.cumsum(e)][start]            # errors before each tie group
+    rate = np.add.reduceat(e, start) / count            # each group's error rate
+    k = np.arange(1, s.size + 1)
+    cum = before[group] + (k - start[group]) * rate[group]
+    return k / s.size, cum / k
+
+
+def aurc(scores: Any, errors: Any) -> float:
+    """Area under the risk-coverage curve (:func:`risk_coverage`; Geifman et al. 2019), the mean of the
+    risk over the coverages ``1/N, ..., N/N``: lower is better; a perfect ranking of ``m`` errors among
+    ``N`` gets ``sum_{k > N-m} (k - N + m) / k / N``, a random one the error rate."""
+    return float(risk_coverage(scores, errors)[1].mean())
+
+
 @dataclass
 class DetectionMetrics:
     """One detector on one test set. ``tpr`` is the detection rate at the threshold set on the

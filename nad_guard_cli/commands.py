@@ -246,6 +246,14 @@ def fit_paths_cmd(model: str, weights: str | None, mean: tuple[float, ...] | Non
                    "when there are fewer than 3 attacks and kinds of error).")
 @click.option("--mispredictions/--no-mispredictions", default=True, show_default=True,
               help="Also train supervised detectors on the fit part's natural mispredictions (as suspicious).")
+@click.option("--error-detector/--attack-detector-only", default=True, show_default=True,
+              help="Two questions, two detectors (nad_guard.errors): an attack detector (correct images vs attacks) "
+                   "and an error detector (correct vs mispredicted images; MSP, DOCTOR, energy or a logistic "
+                   "regression on them and the path features, chosen by cross-validation on the fit part), each "
+                   "with its own p-value; --attack-detector-only builds the one detector of earlier guards.")
+@click.option("--attack-share", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="With two detectors: the attack detector's share of --fpr (the error "
+                                      "detector gets the rest; flagged if either p-value is within its share).")
 @click.option("--max-images", type=int, default=None,
               help="Use a seeded stratified sample of this many test images (the same sample as evaluate's).")
 @click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
@@ -255,8 +263,8 @@ def fit_paths_cmd(model: str, weights: str | None, mean: tuple[float, ...] | Non
 @click.option("--seed", type=int, default=0, show_default=True)
 def fit_detector_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
                      std: tuple[float, ...] | None, data: str, data_root: str | None, suite: str, attacks: str | None,
-                     method: str, encoding: str, select: str, mispredictions: bool,
-                     max_images: int | None,
+                     method: str, encoding: str, select: str, mispredictions: bool, error_detector: bool,
+                     attack_share: float, max_images: int | None,
                      fpr: float, device: str, seed: int) -> None:
     """Generate the suite's attacks, fit the detector and calibrate its threshold, then write it into the
     artifact. The test split is divided (seeded, stratified) into detector-fit 40%, calibration 20%
@@ -270,7 +278,7 @@ def fit_detector_cmd(artifact: str, model: str | None, weights: str | None, mean
         info = build_guard(artifact, model, data, weights=weights, mean=mean, std=std, data_root=data_root, suite=suite,
                            attacks=attacks.split(",") if attacks else None, method=method, encoding=encoding,
                            select=select, mispredictions=mispredictions, fpr=fpr, max_images=max_images,
-                           device=device, seed=seed)
+                           device=device, seed=seed, error_detector=error_detector, attack_share=attack_share)
     _report_calibration(info["calibration"])
     _report_health(artifact)
     click.echo(json.dumps(info))

@@ -6,7 +6,10 @@ BentoML 1.4 describes a prediction route by its input model alone (a multipart f
 BentoML's document and describes, for each prediction route, every body the gate accepts (JSON,
 .npy, multipart with exactly one part, a URL-encoded form) with this model's shape and the service's
 limits, and every answer it gives; and the infrastructure routes with their media types and, when a
-key is set, which need it. Checked against the running server by Schemathesis
+key is set, which need it. The 200 answer's schema is kept as BentoML derives it from
+``service.service.TrustPrediction``: ``attack_p_value``, ``error_p_value``, ``error_score`` and
+``error_threshold`` are optional there (present only when the guard has an error detector,
+:mod:`nad_guard.errors`), the other fields required. Checked against the running server by Schemathesis
 (tests/test_service.py).
 """
 

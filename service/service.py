@@ -7,7 +7,9 @@ Endpoints (``POST``; each takes exactly one of the three inputs below):
 ``/predict_with_trust``
     one record per input image: ``label``, ``class_name``, ``confidence``, ``trust_score``,
     ``suspicion_score``, ``is_suspicious`` (score above the calibrated ``threshold``),
-    ``nearest_path_class`` (+ ``_name``) and ``per_layer`` divergences (:meth:`Guard.predict`).
+    ``nearest_path_class`` (+ ``_name``) and ``per_layer`` divergences (:meth:`Guard.predict`); a guard
+    with an error detector (:mod:`nad_guard.errors`) adds ``attack_p_value``, ``error_p_value``,
+    ``error_score`` and ``error_threshold``, and its ``trust_score`` / ``is_suspicious`` are the combined ones.
 ``/predict``
     plain classification, for comparison: ``label``, ``class_name``, ``confidence``.
 
@@ -132,9 +134,23 @@ class Prediction(BaseModel):
 class TrustPrediction(Prediction):
     trust_score: float = Field(description="Conformal p-value in (0, 1] among clean held-out inputs; "
                                "higher = more trustworthy.")
-    suspicion_score: float = Field(description="Detector score; higher = more suspicious.")
-    is_suspicious: bool = Field(description="suspicion_score > threshold.")
-    threshold: float = Field(description="Calibrated on clean held-out data at the guard's false-positive rate.")
+    suspicion_score: float = Field(description="Detector score (a guard with an error detector: the attack "
+                                   "detector's); higher = more suspicious.")
+    is_suspicious: bool = Field(description="suspicion_score > threshold; with an error detector, also when "
+                                "error_score > error_threshold. Either way: trust_score <= the guard's rate.")
+    threshold: float = Field(description="Calibrated on clean held-out data at the guard's false-positive rate "
+                             "(with an error detector: at the attack detector's share of it).")
+    attack_p_value: float | None = Field(default=None, description=(
+        "Guards with an error detector only (absent otherwise): the attack detector's conformal p-value "
+        "(is this input an attack?); trust_score = min(1, attack_p_value / s, error_p_value / (1 - s)), s the "
+        "attack detector's share of the false-positive rate (0.5 by default)."))
+    error_p_value: float | None = Field(default=None, description=(
+        "Guards with an error detector only (absent otherwise): the error detector's conformal p-value among "
+        "correctly classified held-out inputs (is this prediction wrong?)."))
+    error_score: float | None = Field(default=None, description=(
+        "Guards with an error detector only: its score, higher = more likely a misprediction."))
+    error_threshold: float | None = Field(default=None, description=(
+        "Guards with an error detector only: its threshold, calibrated at its share of the false-positive rate."))
     nearest_path_class: int = Field(description="Class whose sub-architecture is nearest the input's whole path "
                                     "(class scores averaged over gate points).")
     nearest_path_class_name: str

@@ -57,7 +57,10 @@ def test_every_protocol_reports_rows_with_intervals(result):
     assert set(result["summary"]) == protocols
     mis = {r["detector"]: r["trained_on"] for r in result["rows"] if r["protocol"] == "mispredictions"}
     assert mis["nad-guard"] == "all attacks + fit mispredictions"
-    assert mis["nad-guard[logistic,rich,attacks only]"] == "all attacks" and "msp" in mis
+    assert mis["nad-guard[logistic,rich,attacks only]"] == "all attacks" and "msp" in mis and "doctor" in mis
+    err = [r for r in result["rows"] if r["detector"] == "nad-guard[error-detector]"]
+    assert len(err) == 1 and err[0]["selected"] in err[0]["cv"]["auroc"]
+    assert all(0 <= r["aurc"] <= 1 for r in result["rows"] if r["protocol"] == "mispredictions")
     for split in ("fit", "evaluation"):
         for a in ("fgsm", "pgd"):
             s = result["attacks"][split][a]
@@ -135,6 +138,9 @@ def test_outputs_and_cli(paths, tiny_model, digits, result, tmp_path):
     assert (tmp_path / "lib" / "results.md").read_text().startswith("# Detection evaluation")
     assert json.loads((tmp_path / "lib" / "results.json").read_text())["command"] == "test"
     assert any(p.suffix == ".png" for p in files.values())
+    assert files["risk_coverage"].is_file()
+    md = (tmp_path / "lib" / "results.md").read_text()
+    assert "## mispredictions: risk-coverage (AURC)" in md and "nad-guard[error-detector]" in md
 
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_model.net.state_dict().items()}, str(weights))

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import typing as t
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -624,12 +625,38 @@ def test_an_api_key_locks_all_but_the_probes(home, tmp_path, images):
         assert key not in log.read_text(errors="replace")
     key_file = tmp_path / "key.txt"
     key_file.write_text(key + "\n")
+    two = _two_detector_guard(tmp_path / "two_guard", images)  # this server also serves a guard with both detectors
     with _serving(home, "server_key_file.log", NAD_GUARD_API_KEY_FILE=str(key_file), NAD_GUARD_METRICS_AUTH="0",
-                  NAD_GUARD_WORKERS="1") as (url, _, _):
+                  NAD_GUARD_WORKERS="1", NAD_GUARD_DIR=str(two.meta_dir)) as (url, _, _):
         assert requests.get(url + "/metrics", timeout=30).status_code == 200  # open by setting
         assert requests.post(url + "/predict", json={"images": x}, timeout=30).status_code == 401
         assert requests.post(url + "/predict", json={"images": x}, headers=auth, timeout=30).status_code == 200
+        got = requests.post(url + "/predict_with_trust", json={"images": x}, headers=auth, timeout=30).json()
+        want = two.predict(torch.from_numpy(images[:2]))
+        for g, w in zip(got, want):
+            assert set(g) == set(w) >= {"attack_p_value", "error_p_value", "error_score", "error_threshold"}
+            for k in ("trust_score", "attack_p_value", "error_p_value", "error_score"):
+                assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), k
+            assert g["trust_score"] == pytest.approx(min(1, 2 * min(g["attack_p_value"], g["error_p_value"])))
+            assert g["is_suspicious"] == w["is_suspicious"]
         assert "security" not in requests.get(url + "/docs.json", headers=auth, timeout=30).json()["paths"]["/metrics"]["get"]
+
+
+def _two_detector_guard(out: Path, images: np.ndarray) -> Guard:
+    """The bundled guard plus an error detector (DOCTOR's score, calibrated on mnist5k test images 48-447, at
+    the default share: 0.05 for each detector), saved to ``out``; ``.meta_dir`` is ``out``."""
+    from nad_guard.encoding import detector_input
+    from nad_guard.errors import ErrorDetector, error_rows
+
+    g = Guard.load(GUARD_DIR)
+    f, X = detector_input(g.paths, load_dataset("mnist5k")[1].float(48, 448), g.encoding)
+    rows = error_rows(f.logits, X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer than 240 calibration rows
+        g.error_detector = ErrorDetector("doctor").fit(rows).infer_threshold(rows, fpr=0.05)
+    g.save(out)
+    g.meta_dir = out
+    return g
 
 
 def test_api_key_settings_fail_clearly(tmp_path):

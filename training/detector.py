@@ -22,7 +22,7 @@ def build_guard(artifact: str | Path, model: str | None, data: str, *, weights: 
                 data_root: str | None = None, suite: str = "mnist", attacks: Sequence[str] | None = None,
                 method: str = "logistic", encoding: str = "rich", select: str = "fixed", mispredictions: bool = True,
                 fpr: float = 0.05, max_images: int | None = None, device: str = "auto", seed: int = 0,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, error_detector: bool = True, attack_share: float = 0.5) -> dict[str, Any]:
     """``nad-guard fit-detector``: load the path artifact, fit and calibrate a detector, save the guard.
     ``model=None``: the classifier the artifact records (:func:`nad_guard.guard.artifact_classifier`).
     ``max_images``: use a seeded stratified sample of the test split (:func:`nad_guard.holdout.sample_heldout`)."""
@@ -33,17 +33,22 @@ def build_guard(artifact: str | Path, model: str | None, data: str, *, weights: 
     (fit, calibration, _), record = holdout_provenance(test, data, max_images, seed)
     guard = fit_guard(paths, fit, calibration, suite=suite, attacks=attacks,
                       method=method, encoding=encoding, select=select, mispredictions=mispredictions, fpr=fpr,
-                      device=device, seed=seed, cache_dir=default_cache_dir(), progress=progress, provenance=record)
+                      device=device, seed=seed, cache_dir=default_cache_dir(), progress=progress, provenance=record,
+                      error_detector=error_detector, attack_share=attack_share)
     guard.save(artifact)
     info = dict(guard.meta["detector_info"])
     info["provenance"] = provenance_summary(info.get("provenance"))
+    err = guard.meta.get("error_detector_info")
     return {"artifact": str(artifact), "method": guard.detector.method, "encoding": guard.encoding,
-            "threshold": guard.detector.threshold_, **info}
+            "threshold": guard.detector.threshold_, **info,
+            **({"error_detector": err, "decision": {"fpr": guard.fpr, "attack_share": guard.attack_share}}
+               if err else {})}
 
 
 DEFAULT_RECIPE: dict[str, Any] = {"model": "mnist-cnn", "data": "mnist5k", "schedule": "joint", "target_keep": 0.25,
                                   "epochs": 10, "suite": "mnist", "method": "logistic", "encoding": "rich",
-                                  "fpr": 0.05, "seed": 0}
+                                  "fpr": 0.05, "seed": 0, "error_detector": False}
+# error_detector False: the bundled guard was built before there were two detectors, and the recipe rebuilds it
 
 
 def build_default(out: str | Path, device: str = "auto", progress: bool = True) -> dict[str, Any]:
@@ -53,5 +58,6 @@ def build_default(out: str | Path, device: str = "auto", progress: bool = True) 
     paths_summary = fit_and_save(r["model"], r["data"], out, schedule=r["schedule"], target_keep=r["target_keep"],
                                  epochs=r["epochs"], device=device, seed=r["seed"], progress=progress)
     det = build_guard(out, r["model"], r["data"], suite=r["suite"], method=r["method"], encoding=r["encoding"],
-                      fpr=r["fpr"], device=device, seed=r["seed"], progress=progress)
+                      fpr=r["fpr"], device=device, seed=r["seed"], progress=progress,
+                      error_detector=r["error_detector"])
     return {"recipe": r, "paths": paths_summary, "detector": det, "seconds": round(time.time() - t0, 1)}

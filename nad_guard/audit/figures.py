@@ -127,8 +127,8 @@ def _fig_claim(s: dict[str, Any], path: Path, dpi: int) -> Path:
             d = claim["groups"][g][m]
             v = d["share"] if d["share"] is not None else np.nan
             vals.append(v)
-            lo.append(v - d["ci"][0] if d["ci"] else 0)
-            hi.append(d["ci"][1] - v if d["ci"] else 0)
+            lo.append(max(0.0, v - d["ci"][0]) if d["ci"] else 0)  # max: a share at an interval's end,
+            hi.append(max(0.0, d["ci"][1] - v) if d["ci"] else 0)  # rounded, is not a negative error bar
         x = np.arange(len(measures)) - 0.4 + width * (gi + 0.5)
         ax.bar(x, vals, width, yerr=[lo, hi], capsize=2, label=f"{g} (n={claim['groups'][g]['n']})",
                color=f"C{(3 if gi == 0 else gi - 1) % 10}", alpha=0.85)

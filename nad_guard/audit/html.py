@@ -67,6 +67,15 @@ def _intro(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> lis
         f"(detector <code>{_e(cfg['detector_method'])}</code>, encoding <code>{_e(cfg['encoding'])}</code>, "
         f"threshold {_f(result.threshold, '.4g')} at {_f(cfg['fpr'], '.0%') if cfg['fpr'] is not None else 'n/a'} "
         f"false positives). {len(result.layers)} gate points, {k} classes.</p>")
+    two = s.get("two_detectors")
+    if two:
+        add(f"<p>Two detectors, two p-values per input (<code>attack_p_value</code>, <code>error_p_value</code> in "
+            f"samples.csv): an attack detector at {_f(two['attack_fpr'], '.2%')} and an error detector "
+            f"(<code>{_e(two['error_detector_method'])}</code>) at {_f(two['error_fpr'], '.2%')}; an input is flagged "
+            f"when either p-value is within its share. On the correct images measured in section 6, "
+            f"{_f(two['correct_flagged_by_attack'], '.1%')} are flagged by the attack detector and "
+            f"{_f(two['correct_flagged_by_error'], '.1%')} by the error detector; the error detector flags "
+            f"{_f(two['mispredictions_flagged_by_error'], '.1%')} of the mispredictions.</p>")
     add(f"<p class=\"note\">Command: <code>{_e(s['command'])}</code><br>Run time: "
         f"{_f(s['timings'].get('total_s', s['timings'].get('audit_s')), '.1f')} s; "
         f"machine: {_e(s['machine'].get('cpu'))}, "

@@ -21,7 +21,9 @@ class Samples:
     belongs to; ``label`` true class, ``pred`` predicted class ``(N,)`` int64; ``confidence``
     (softmax probability of ``pred``), ``trust``, ``score`` ``(N,)`` float64; ``flag`` ``(N,)`` bool;
     ``nearest_path``, ``true_path_rank``, ``clf_true_rank`` ``(N,)`` int64; ``divergence`` ``(N, L)``
-    float64 in [0, 1]; ``layer_nearest`` ``(N, L)`` int64: the nearest class at each gate point.
+    float64 in [0, 1]; ``layer_nearest`` ``(N, L)`` int64: the nearest class at each gate point;
+    ``attack_trust``, ``error_trust`` ``(N,)`` float64: the two p-values of a guard with an error detector
+    (:mod:`nad_guard.errors`; ``trust`` is then their combination), ``None`` for other guards.
     """
 
     position: np.ndarray
@@ -37,6 +39,8 @@ class Samples:
     clf_true_rank: np.ndarray
     divergence: np.ndarray
     layer_nearest: np.ndarray
+    attack_trust: np.ndarray | None = None
+    error_trust: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -46,7 +50,7 @@ class Samples:
         return self.pred == self.label
 
     def select(self, mask: np.ndarray) -> "Samples":
-        return Samples(**{k: v[mask] for k, v in vars(self).items()})
+        return Samples(**{k: (None if v is None else v[mask]) for k, v in vars(self).items()})
 
 
 # --------------------------------------------------------------------------- gallery

@@ -1,5 +1,6 @@
 """The report folder: :func:`write_report` writes ``index.html``, ``summary.json``, ``samples.csv``
-(:func:`write_samples_csv`, columns :data:`CSV_COLUMNS`) and the PNG figures."""
+(:func:`write_samples_csv`, columns :data:`CSV_COLUMNS`, then the per-layer ones, then, for a guard with an
+error detector, :data:`TWO_DETECTOR_COLUMNS`) and the PNG figures."""
 
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ CLEAN = "clean"
 CSV_COLUMNS = ("index", "input", "split_part", "true", "true_name", "pred", "pred_name", "correct", "confidence",
                "trust_score", "suspicion_score", "flagged", "nearest_path_class", "nearest_path_class_name",
                "true_class_path_rank", "classifier_true_rank")
+TWO_DETECTOR_COLUMNS = ("attack_p_value", "error_p_value")  # after the per-layer columns, two-detector guards only
 
 
 def write_samples_csv(result: AuditResult, path: str | Path) -> Path:
     """One row per audited input (clean images first, then each attack's adversarial examples)."""
     path = Path(path)
     names = result.class_names
+    two = result.clean.error_trust is not None  # a guard with an error detector: both p-values, last
     header = list(CSV_COLUMNS) + [f"divergence:{l}" for l in result.layers] + \
-        [f"nearest_class:{l}" for l in result.layers]
+        [f"nearest_class:{l}" for l in result.layers] + (list(TWO_DETECTOR_COLUMNS) if two else [])
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
@@ -34,7 +37,8 @@ def write_samples_csv(result: AuditResult, path: str | Path) -> Path:
                 w.writerow([int(s.position[i]), kind, s.part[i], y, names[y], p, names[p], int(y == p),
                             repr(float(s.confidence[i])), repr(float(s.trust[i])), repr(float(s.score[i])),
                             int(s.flag[i]), npc, names[npc], int(s.true_path_rank[i]), int(s.clf_true_rank[i]),
-                            *(repr(float(v)) for v in s.divergence[i]), *(int(v) for v in s.layer_nearest[i])])
+                            *(repr(float(v)) for v in s.divergence[i]), *(int(v) for v in s.layer_nearest[i]),
+                            *((repr(float(s.attack_trust[i])), repr(float(s.error_trust[i]))) if two else ())])
     return path
 
 

@@ -65,6 +65,8 @@ def _scalars(r: GuardResult, labels: torch.Tensor) -> dict[str, np.ndarray]:
         "clf_true_rank": (1 + (logits > logits.gather(1, y)).sum(1)).numpy().astype(np.int64),
         "divergence": (1 - f.mass_share.double()).numpy(),
         "layer_nearest": f.nearest_class.numpy().astype(np.int64),
+        **({"attack_trust": np.asarray(r.attack_trust, dtype=np.float64),
+            "error_trust": np.asarray(r.error_trust, dtype=np.float64)} if r.error_trust is not None else {}),
     }
 
 
@@ -256,6 +258,9 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
         "gallery_size": gallery_size, "device": str(dev), "seed": seed,
         "cache_dir": portable_path(cache_dir) if cache_dir is not None else None,
     }
+    if guard.error_detector is not None:  # two detectors (nad_guard.errors): the rate and its split
+        config.update(fpr=guard.fpr, attack_fpr=guard.detector.fpr_, error_fpr=guard.error_detector.fpr_,
+                      error_detector_method=guard.error_detector.method)
     result = AuditResult(
         clean=clean, adversarial=adversarial, gallery=gallery.items(), class_names=list(guard.classifier.class_names),
         layers=list(guard.paths.layer_names_), similarity=guard.paths.similarity().numpy(),

@@ -187,6 +187,23 @@ def summarize(result: AuditResult) -> dict[str, Any]:
         sb = unseen(s.part) if basis == "evaluation" else np.ones(len(s), dtype=bool)
         rows.append(_separation_row(f"adversarial ({a}) vs correct: suspicion score", c.score[cb], s.score[sb],
                                     c.flag[cb], s.flag[sb], seed))
+    if c.error_trust is not None:  # two detectors: each p-value on its own question (1 - p: higher = more suspicious)
+        rows.append(_separation_row("mispredictions vs correct: error detector (1 - error p-value)",
+                                    1 - c.error_trust[cb], 1 - c.error_trust[mb], None, None, seed))
+        for a, s in result.adversarial.items():
+            if s.attack_trust is None:  # no adversarial of this attack
+                continue
+            sb = unseen(s.part) if basis == "evaluation" else np.ones(len(s), dtype=bool)
+            rows.append(_separation_row(f"adversarial ({a}) vs correct: attack detector (1 - attack p-value)",
+                                        1 - c.attack_trust[cb], 1 - s.attack_trust[sb], None, None, seed))
+        cfg = result.config
+        out["two_detectors"] = {
+            "attack_fpr": cfg.get("attack_fpr"), "error_fpr": cfg.get("error_fpr"),
+            "error_detector_method": cfg.get("error_detector_method"),
+            "correct_flagged_by_attack": float((c.attack_trust[cb] <= cfg["attack_fpr"]).mean()) if cb.any() else None,
+            "correct_flagged_by_error": float((c.error_trust[cb] <= cfg["error_fpr"]).mean()) if cb.any() else None,
+            "mispredictions_flagged_by_error": (float((c.error_trust[mb] <= cfg["error_fpr"]).mean())
+                                                if mb.any() else None)}
     if basis == "evaluation":
         rows.append(_separation_row("mispredictions vs correct, all audited images (includes the images the "
                                     "detector was fitted and calibrated on: optimistic)", c.score[correct],

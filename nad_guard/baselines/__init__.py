@@ -5,6 +5,8 @@ Scores follow the project convention (see :mod:`nad_guard.metrics`): **higher = 
 ========================  =================================================================
 :class:`MSP`              1 - max softmax probability (Hendrycks & Gimpel 2017)
 :class:`Energy`           energy ``-T logsumexp(logits / T)`` (Liu et al. 2020)
+:class:`DOCTOR`           ``1 - sum_k p_k^2`` of the softmax, for mispredictions (Granese et
+                          al. 2021; temperature and input pre-processing as options)
 :class:`Mahalanobis`      min class-conditional Mahalanobis distance per layer, shared
                           covariance (Lee et al. 2018); logistic regression across layers
                           or, unsupervised, the last layer's distance
@@ -28,20 +30,20 @@ Features are global-average-pooled activations ``(N, C)`` of named modules (see
 
 The package, one file per idea: :mod:`~nad_guard.baselines.features` (:class:`Features`, :func:`default_layers`,
 :func:`extract_features`), :mod:`~nad_guard.baselines.base` (:class:`BaseDetector`, :func:`combiner` and the
-shared helpers), :mod:`~nad_guard.baselines.confidence` (MSP, Energy), :mod:`~nad_guard.baselines.mahalanobis`,
+shared helpers), :mod:`~nad_guard.baselines.confidence` (MSP, Energy, DOCTOR), :mod:`~nad_guard.baselines.mahalanobis`,
 :mod:`~nad_guard.baselines.lid` and :mod:`~nad_guard.baselines.deep_knn`.
 """
 
 from __future__ import annotations
 
 from nad_guard.baselines.base import BaseDetector, combiner
-from nad_guard.baselines.confidence import MSP, Energy
+from nad_guard.baselines.confidence import DOCTOR, MSP, Energy
 from nad_guard.baselines.deep_knn import DeepKNN
 from nad_guard.baselines.features import Features, ImagesLike, default_layers, extract_features
 from nad_guard.baselines.lid import LID
 from nad_guard.baselines.mahalanobis import Mahalanobis
 
-__all__ = ["BaseDetector", "DETECTORS", "DeepKNN", "Energy", "Features", "ImagesLike", "LID", "MSP", "Mahalanobis",
+__all__ = ["BaseDetector", "DETECTORS", "DOCTOR", "DeepKNN", "Energy", "Features", "ImagesLike", "LID", "MSP", "Mahalanobis",
            "combiner", "default_layers", "extract_features"]
 
-DETECTORS = {"msp": MSP, "energy": Energy, "mahalanobis": Mahalanobis, "lid": LID, "deep-knn": DeepKNN}
+DETECTORS = {"msp": MSP, "energy": Energy, "doctor": DOCTOR, "mahalanobis": Mahalanobis, "lid": LID, "deep-knn": DeepKNN}

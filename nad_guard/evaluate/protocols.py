@@ -1,6 +1,6 @@
 """The protocols with adversarial or mispredicted positives scored from precomputed features: the supervised
 ones (``seen``, ``unseen``, ``fgsm-only``: :func:`supervised_protocol`), ``clean-only`` and
-``mispredictions``; the unsupervised baselines fitted once for all of them (:class:`FittedBaselines`);
+``mispredictions`` (with DOCTOR, the error detector of :mod:`nad_guard.errors` and every row's AURC); the unsupervised baselines fitted once for all of them (:class:`FittedBaselines`);
 and one result row (:func:`metrics_row`)."""
 
 from __future__ import annotations
@@ -9,13 +9,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nad_guard.baselines import LID, MSP, DeepKNN, Energy, Mahalanobis, combiner
+from nad_guard.baselines import DOCTOR, LID, MSP, DeepKNN, Energy, Mahalanobis, combiner
 from nad_guard.detectors import PathDetector
+from nad_guard.errors import MIN_MISPREDICTIONS as ERR_MIN
+from nad_guard.errors import ErrorDetector, error_rows, select_error_method
 from nad_guard.evaluate.config import MIN_MISPREDICTIONS, UNSUPERVISED_BASELINES, EvalConfig
 from nad_guard.evaluate.data import EvalData
 from nad_guard.evaluate.features import (CALIBRATION_CLEAN, EVALUATION_CLEAN, EVALUATION_WRONG, FIT_CLEAN, FIT_WRONG,
                                          FeatureKey)
+from nad_guard.metrics import aurc
 from nad_guard.metrics import evaluate as evaluate_scores
+
+ERROR_DETECTOR_ROW = "nad-guard[error-detector]"  # the mispredictions protocol's row of nad_guard.errors
 
 
 class FittedBaselines:
@@ -23,7 +28,7 @@ class FittedBaselines:
 
     def __init__(self, d: EvalData, seed: int):
         self.d = d
-        self.msp, self.energy = MSP(), Energy()
+        self.msp, self.energy, self.doctor = MSP(), Energy(), DOCTOR()
         self.maha = Mahalanobis(combine="last").fit_features(d.train_base, d.train_labels)
         self.lid = LID(combine="last", random_state=seed).fit_features(d.train_base)
         self.knn = DeepKNN(random_state=seed).fit_features(d.train_base, d.train_labels)
@@ -39,7 +44,7 @@ class FittedBaselines:
     def score(self, name: str, key: FeatureKey) -> np.ndarray:
         k = (name, key)
         if k not in self._cache:
-            det = {"msp": self.msp, "energy": self.energy, "mahalanobis": self.maha, "lid": self.lid,
+            det = {"msp": self.msp, "energy": self.energy, "doctor": self.doctor, "mahalanobis": self.maha, "lid": self.lid,
                    "deep-knn": self.knn}[name]
             self._cache[k] = det.score_features(self.d.features[key].base)
         return self._cache[k]
@@ -146,15 +151,30 @@ def mispredictions_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
         mis_det = PathDetector(method, random_state=cfg.seed).fit(Xm, ym)
         dets[f"nad-guard[{method},{enc},on-mispredictions]"] = lambda k: mis_det.score_samples(
             d.features[k].path[enc])
-    for name in UNSUPERVISED_BASELINES:
+    err_cv = None
+    if len(d.features[FIT_WRONG] if FIT_WRONG in d.features else ()) >= max(ERR_MIN, cfg.cv_folds):
+        def err_rows(k: FeatureKey) -> np.ndarray:
+            return error_rows(d.features[k].base.logits, d.features[k].path[enc])
+
+        ye = np.r_[np.zeros(len(d.features[FIT_CLEAN])), np.ones(len(d.features[FIT_WRONG]))]
+        Xe = np.vstack([err_rows(FIT_CLEAN), err_rows(FIT_WRONG)])  # the fit part only
+        best, err_cv = select_error_method(Xe, ye, cfg.cv_folds, cfg.seed)
+        err_det = ErrorDetector(best, random_state=cfg.seed).fit(Xe, ye)
+        dets[ERROR_DETECTOR_ROW] = lambda k: err_det.score_samples(err_rows(k))
+    for name in (*UNSUPERVISED_BASELINES, "doctor"):
         dets[name] = lambda k, name=name: b.score(name, k)
     rows, scores = [], {}
     for name, fn in dets.items():
         s = {r: fn(k) for r, k in keys.items()}
         scores[name] = s
-        trained_on = {"nad-guard": "all attacks + fit mispredictions"}.get(name, "all attacks" if "attacks only" in name else "")
+        trained_on = {"nad-guard": "all attacks + fit mispredictions",
+                      ERROR_DETECTOR_ROW: "fit mispredictions (method by CV on the fit part)"}.get(
+            name, "all attacks" if "attacks only" in name else "")
         rows.append({**metrics_row(name, "mispredictions", s["clean"], s["adv"], s["cal"], cfg),
                      "trained_on": trained_on,
-                     **({"selected": f"{method},{enc}", "cv": cv} if name == "nad-guard" else {})})
+                     "aurc": aurc(np.r_[s["clean"], s["adv"]], np.r_[np.zeros(len(s["clean"])), np.ones(len(s["adv"]))]),
+                     **({"selected": f"{method},{enc}", "cv": cv} if name == "nad-guard" else {}),
+                     **({"selected": best, "cv": {"folds_by": "image", "auroc": err_cv}}
+                        if name == ERROR_DETECTOR_ROW else {})})
     keep_scores["mispredictions"] = scores
     return rows

@@ -10,7 +10,7 @@ import numpy as np
 
 from nad_guard.calibration import fpr_guarantee as calibration_guarantee
 from nad_guard.evaluate.config import clean_spec
-from nad_guard.metrics import markdown_table, plot_roc, write_json
+from nad_guard.metrics import aurc, markdown_table, plot_roc, risk_coverage, write_json
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -66,6 +66,10 @@ def write_outputs(result: dict[str, Any], out: str | Path, command: str | None =
         files[f"roc_{protocol}_{focus}"] = plot_roc(
             {k: (v["clean"], v["adv"]) for k, v in per_attack[focus].items()},
             out / f"roc_{protocol}_{focus}.png", title=f"{protocol}: {focus}")
+    mis = (scores.get("mispredictions") or {}).get("mispredictions") or {}  # protocol -> its one "attack"
+    curves = {k: mis[k] for k in ("msp", "doctor", "nad-guard[error-detector]", "nad-guard") if k in mis}
+    if curves:
+        files["risk_coverage"] = plot_risk_coverage(curves, out / "risk_coverage_mispredictions.png")
     js = {k: v for k, v in result.items() if k != "scores"}
     if command:
         js["command"] = command
@@ -73,6 +77,34 @@ def write_outputs(result: dict[str, Any], out: str | Path, command: str | None =
     files["md"] = out / "results.md"
     files["md"].write_text(render_markdown(js))
     return files
+
+
+def _oracle_aurc(n_ok: int, n_wrong: int) -> float:
+    """The AURC of a perfect ranking (every error more suspicious than every correct image)."""
+    return aurc(np.r_[np.zeros(n_ok), np.ones(n_wrong)], np.r_[np.zeros(n_ok), np.ones(n_wrong)])
+
+
+def plot_risk_coverage(curves: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
+    """Risk-coverage curves (:func:`nad_guard.metrics.risk_coverage`) of the detectors' scores on correct
+    (``clean``) and mispredicted (``adv``) images, with each one's AURC in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, s in curves.items():
+        sc = np.r_[s["clean"], s["adv"]]
+        err = np.r_[np.zeros(len(s["clean"])), np.ones(len(s["adv"]))]
+        cov, risk = risk_coverage(sc, err)
+        ax.plot(cov, risk, label=f"{name} (AURC {aurc(sc, err):.4f})")
+    ax.set(xlabel="coverage (share of predictions kept)", ylabel="risk (error rate among kept)",
+           title="mispredictions: risk-coverage")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _who(cfg: dict[str, Any]) -> str:
@@ -147,6 +179,22 @@ def render_markdown(r: dict[str, Any]) -> str:
     for p in r["summary"]:
         lines += [f"## {p}: AUROC", "", _pivot(r["rows"], p, "auroc"), f"## {p}: TPR at 5% FPR "
                   "(threshold from the calibration part)", "", _pivot(r["rows"], p, "tpr")]
+    mis = [x for x in r["rows"] if x["protocol"] == "mispredictions" and x.get("aurc") is not None]
+    if mis:
+        n_ok, n_wrong = mis[0]["n_clean"], mis[0]["n_suspicious"]
+        lines += ["## mispredictions: risk-coverage (AURC)", "",
+                  f"The evaluation part's {n_ok + n_wrong} images ({n_wrong} mispredicted) kept from the least to the "
+                  "most suspicious score; AURC is the error rate among the kept images averaged over every coverage "
+                  f"(lower is better; a perfect ranking {_oracle_aurc(n_ok, n_wrong):.4f}, a random one "
+                  f"{n_wrong / (n_ok + n_wrong):.4f}). Curves: `risk_coverage_mispredictions.png`.", "",
+                  markdown_table([{"detector": x["detector"], "AURC": x["aurc"], "AUROC": x["auroc"],
+                                   **({"selected": x["selected"]} if x.get("selected") else {})} for x in mis],
+                                 ["detector", "AURC", "AUROC", "selected"]), ""]
+        cvs = [x for x in mis if x["detector"] == "nad-guard[error-detector]"]
+        if cvs:
+            lines += ["The error detector's method, chosen by cross-validated AUROC on the fit part's correct and "
+                      "mispredicted images only: " + ", ".join(f"{k} {v:.3f}" for k, v in cvs[0]["cv"]["auroc"].items())
+                      + f"; selected `{cvs[0]['selected']}`.", ""]
     if r.get("adaptive"):
         a = r["adaptive"]
         lines += ["## Adaptive white-box attack", "",
