@@ -192,8 +192,11 @@ def test_two_detector_records_flag_and_round_trip(two_guard, tmp_path):
 
 def test_default_guard_records_unchanged():
     """The bundled guard has no error detector: its records are those of the code before two detectors
-    (stored from it; bit-identical on the machine that stored them, checked to 1e-9 here so that other
-    CPUs' last-bit differences pass), without the new fields."""
+    (stored from it; bit-identical on the machine that stored them), without the new fields. Compared as
+    docs/reproducibility.md promises across CPUs: floats up to float32 rounding (1e-5), trust scores
+    (multiples of 1/(n+1)) within one step, since an input that ties with a calibration score (the calibration
+    images themselves) can move by one, and the flag wherever the score is not within rounding of the
+    threshold."""
     from nad_guard import load_dataset
 
     g = Guard.load(DEFAULT_GUARD_DIR)
@@ -203,11 +206,14 @@ def test_default_guard_records_unchanged():
     ref = json.loads((DATA / "default_guard_records.json").read_text())
     assert [set(r) for r in recs] == [set(r) for r in ref]
     assert not any(k in recs[0] for k in ("attack_p_value", "error_p_value"))
+    step = 1 / (len(g.detector.calibration_scores_) + 1)
     for r, e in zip(recs, ref):
-        assert (r["label"], r["is_suspicious"], r["nearest_path_class"]) == (e["label"], e["is_suspicious"],
-                                                                            e["nearest_path_class"])
-        for k in ("confidence", "trust_score", "suspicion_score", "threshold"):
-            assert r[k] == pytest.approx(e[k], rel=1e-9, abs=1e-9)
+        assert (r["label"], r["nearest_path_class"]) == (e["label"], e["nearest_path_class"])
+        for k in ("confidence", "suspicion_score", "threshold"):
+            assert r[k] == pytest.approx(e[k], rel=1e-5, abs=1e-6)
+        assert r["trust_score"] == pytest.approx(e["trust_score"], abs=step + 1e-9)
+        if abs(e["suspicion_score"] - e["threshold"]) > 1e-5 * max(1.0, abs(e["threshold"])):
+            assert r["is_suspicious"] == e["is_suspicious"]
 
 
 def test_audit_shows_both_p_values(two_guard, digits, tmp_path):
