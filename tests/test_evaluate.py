@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from nad_guard.calibration import CalibrationWarning
-from nad_guard.evaluate import PROTOCOLS, EvalConfig, run_evaluation, soft_detector_matrix, write_outputs
+from nad_guard.evaluate import PROTOCOLS, EvalConfig, run_evaluation, soft_encode, write_outputs
 from nad_guard.encoding import detector_input
 from nad_guard.paths import LAYER_FEATURES
 from training.paths import fit_paths
@@ -115,7 +115,7 @@ def test_soft_surrogate_matches_the_detector_input(paths, digits, encoding):
     logits, pooled = paths.pooled_forward(x)
     masks = [paths.masks_[n] for n in paths.layer_names_]
     stats = [paths.stats_[n] for n in paths.layer_names_]
-    soft = soft_detector_matrix([p.double() for p in pooled], logits.double(), masks, stats, encoding, tau=1e-4)
+    soft = soft_encode([p.double() for p in pooled], logits.double(), masks, stats, encoding, tau=1e-4)
     hard = torch.as_tensor(detector_input(paths, x.detach(), encoding)[1])
     assert soft.shape == hard.shape
     # continuous columns are exact; with a tiny temperature the step columns agree too (ties aside)

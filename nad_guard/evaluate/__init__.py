@@ -35,7 +35,7 @@ Protocols (``PROTOCOLS``):
 ``adaptive``
     a white-box L-inf PGD (the suite's ``pgd`` budget) that lowers the classifier's margin and the
     detector's score at once, through differentiable path features
-    (:meth:`PathModel.pooled_forward` and :func:`soft_detector_matrix`, a smooth surrogate of the
+    (:meth:`PathModel.pooled_forward` and :func:`soft_encode`, a smooth surrogate of the
     detector input) and a differentiable stand-in for the detector (the logistic detector itself,
     or a logistic detector fitted on the same data for a gradient-boosting one). Reported: the share
     of attacked images for which, for some lambda (0, plain PGD, included) and some iterate, the image
@@ -74,9 +74,9 @@ from nad_guard.evaluate.features import (CALIBRATION_CLEAN, EVALUATION_CLEAN, EV
 from nad_guard.evaluate.protocols import FittedBaselines, metrics_row
 from nad_guard.evaluate.report import render_markdown, summarize, write_outputs
 from nad_guard.evaluate.run import run_evaluation
-from nad_guard.evaluate.surrogate import soft_detector_matrix
+from nad_guard.evaluate.surrogate import soft_encode
 
 __all__ = ["CALIBRATION_CLEAN", "EVALUATION_CLEAN", "EVALUATION_WRONG", "FIT_CLEAN", "FIT_WRONG", "MIN_MISPREDICTIONS",
            "PROTOCOLS", "SELECT", "SUPERVISED_BASELINES", "UNSUPERVISED_BASELINES", "EvalConfig", "EvalData",
            "FeatureKey", "FeatureSet", "FittedBaselines", "adaptive_protocol", "clean_spec", "compute_features",
-           "metrics_row", "render_markdown", "run_evaluation", "soft_detector_matrix", "summarize", "write_outputs"]
+           "metrics_row", "render_markdown", "run_evaluation", "soft_encode", "summarize", "write_outputs"]

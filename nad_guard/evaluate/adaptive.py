@@ -1,6 +1,6 @@
 """The ``adaptive`` protocol: a white-box L-inf PGD that lowers the classifier's margin and a detector's
 score at once (:func:`adaptive_protocol`), against the deployed nad-guard detector (through
-:func:`~nad_guard.evaluate.surrogate.soft_detector_matrix`) and Mahalanobis-LR."""
+:func:`~nad_guard.evaluate.surrogate.soft_encode`) and Mahalanobis-LR."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from nad_guard.evaluate.config import EvalConfig
 from nad_guard.evaluate.data import EvalData
 from nad_guard.evaluate.features import CALIBRATION_CLEAN
 from nad_guard.evaluate.protocols import FittedBaselines, deployed_training_keys
-from nad_guard.evaluate.surrogate import soft_detector_matrix, torch_linear
+from nad_guard.evaluate.surrogate import soft_encode, torch_linear
 from nad_guard.encoding import detector_input
 from nad_guard.hooks import capture
 from nad_guard.metrics import threshold_at_fpr
@@ -77,7 +77,7 @@ def adaptive_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, log: Cal
 
     def nad_surrogate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, pooled = paths.pooled_forward(x)
-        feats = soft_detector_matrix([p.double() for p in pooled], logits.double(), masks, stats, enc)
+        feats = soft_encode([p.double() for p in pooled], logits.double(), masks, stats, enc)
         return logits, lin(feats)
 
     def nad_flag(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Differentiable stand-ins for the adaptive attack: a smooth surrogate of the detector input
-(:func:`soft_detector_matrix`) and a scikit-learn scaler + logistic regression as a torch function
+(:func:`soft_encode`) and a scikit-learn scaler + logistic regression as a torch function
 (:func:`torch_linear`)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from nad_guard.paths import LAYER_FEATURES
 
 
-def soft_detector_matrix(pooled: Sequence[torch.Tensor], logits: torch.Tensor, masks: Sequence[torch.Tensor],
+def soft_encode(pooled: Sequence[torch.Tensor], logits: torch.Tensor, masks: Sequence[torch.Tensor],
                          stats: Sequence[Any], encoding: str = "rich", *, tau: float = 0.01,
                          top_k: float = 0.25) -> torch.Tensor:
     """A smooth surrogate of :func:`nad_guard.encoding.encode` ``(N, F)`` for attacks.
