@@ -8,7 +8,8 @@ sees how far its false-positive rate can be trusted::
                      "confidence": 0.95, "adequate": false, "needed": 240, "warning": "only 199 ...",
                      "summary": "..."}}}
 
-(:mod:`nad_guard.calibration`). Any other answer of BentoML's (503 while starting) passes unchanged.
+(:mod:`nad_guard.calibration`); a guard with two detectors adds ``error_detector`` (the same for the
+error detector) and ``decision`` (the rate and its split). Any other answer of BentoML's (503 while starting) passes unchanged.
 The detail is read once from the guard's meta.json (a guard without a ``calibration`` record gets it
 computed from its calibration size and rate).
 """
@@ -22,22 +23,39 @@ import typing as t
 READYZ = "/readyz"
 
 
-def readiness_detail(detector: dict[str, t.Any]) -> dict[str, t.Any]:
-    """The ``guard`` part of the ``/readyz`` body, from the ``detector`` record of a guard's meta.json."""
+def _calibration(n: int, fpr: float) -> dict[str, t.Any]:
     from nad_guard.calibration import fpr_guarantee
 
-    g = fpr_guarantee(int(detector["calibration_clean"]), float(detector["fpr"]))
-    return {"method": detector.get("method"), "encoding": detector.get("encoding"),
-            "threshold": detector.get("threshold"), "fpr": detector.get("fpr"),
-            "calibration": {**{k: v for k, v in g.to_dict().items() if k != "rule"}, "summary": g.summary()}}
+    g = fpr_guarantee(n, fpr)
+    return {**{k: v for k, v in g.to_dict().items() if k != "rule"}, "summary": g.summary()}
+
+
+def readiness_detail(detector: dict[str, t.Any], error_detector: dict[str, t.Any] | None = None,
+                     decision: dict[str, t.Any] | None = None) -> dict[str, t.Any]:
+    """The ``guard`` part of the ``/readyz`` body, from the ``detector`` record of a guard's meta.json; for a
+    guard with two detectors (:mod:`nad_guard.errors`) also the ``error_detector`` record's method, threshold,
+    rate and calibration, and the ``decision`` (the requested rate and its split)."""
+    out = {"method": detector.get("method"), "encoding": detector.get("encoding"),
+           "threshold": detector.get("threshold"), "fpr": detector.get("fpr"),
+           "calibration": _calibration(int(detector["calibration_clean"]), float(detector["fpr"]))}
+    if error_detector is not None:
+        out["error_detector"] = {"method": error_detector.get("method"), "threshold": error_detector.get("threshold"),
+                                 "fpr": error_detector.get("fpr"),
+                                 "calibration": _calibration(int(error_detector["calibration"]["n"]),
+                                                             float(error_detector["fpr"]))}
+        out["decision"] = decision
+    return out
 
 
 @functools.cache
 def _body() -> bytes:
-    from service.loader import read_spec, resolve_source
+    from nad_guard.guard import read_guard_meta
+    from service.loader import resolve_source
 
     try:
-        body = {"status": "ready", "guard": readiness_detail(read_spec(resolve_source())[1])}
+        meta = read_guard_meta(resolve_source().path)
+        body = {"status": "ready", "guard": readiness_detail(meta["detector"], meta.get("error_detector"),
+                                                             meta.get("decision"))}
     except Exception as e:  # the service is ready whatever the detail: say why it is missing
         body = {"status": "ready", "guard": None, "detail_error": f"{type(e).__name__}: {e}"}
     return json.dumps(body).encode()

@@ -243,3 +243,21 @@ def test_the_service_schema_documents_both_p_values_as_optional():
     for k in ("attack_p_value", "error_p_value", "error_score", "error_threshold"):
         assert k in schema["properties"] and k not in schema.get("required", [])
     assert {"trust_score", "suspicion_score", "is_suspicious", "threshold"} <= set(schema["required"])
+
+
+def test_readyz_detail_shows_both_detectors(two_guard, tmp_path):
+    """/readyz's detail (service.readiness) for a two-detector guard, read from its saved meta.json: each
+    detector's rate and calibration, and the split; a one-detector guard's detail has neither key."""
+    from nad_guard.guard import read_guard_meta
+    from service.readiness import readiness_detail
+
+    g = two_guard[0]
+    meta = read_guard_meta(g.save(tmp_path / "two"))
+    detail = readiness_detail(meta["detector"], meta.get("error_detector"), meta.get("decision"))
+    err = detail["error_detector"]
+    assert err["method"] == meta["error_detector"]["method"] and err["fpr"] == g.error_detector.fpr_
+    assert err["calibration"]["n"] == len(g.error_detector.calibration_scores_)
+    assert detail["calibration"]["n"] == len(g.detector.calibration_scores_)
+    assert detail["decision"] == meta["decision"] and detail["fpr"] + err["fpr"] == pytest.approx(meta["decision"]["fpr"])
+    one = readiness_detail(Guard.load(DEFAULT_GUARD_DIR).meta["detector"])
+    assert "error_detector" not in one and "decision" not in one
