@@ -13,17 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from cifar_vgg import HERE, cifar_vgg
 from nad_guard.data import load_dataset
 from nad_guard.models import accuracy, resolve_device
+from nad_guard.runinfo import cpu_model
 from training.classifier import Recipe, train_classifier, versions
 
 
@@ -52,21 +51,11 @@ def main() -> None:
               "parameters": sum(p.numel() for p in model.net.parameters()),
               "command": f"PYTHONPATH=bench/outside_models .venv/bin/python bench/outside_models/train_cifar_vgg.py "
                          f"--epochs {a.epochs} --lr {a.lr} --seed {a.seed}",
-              "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "load_average_end": list(os.getloadavg())},
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_end": list(os.getloadavg())},
               "versions": {k: v for k, v in versions().items() if k != "platform"}, "history": hist["history"],
               "input_spec": model.spec.to_dict()}
     (out / "cifar_vgg.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({"test_accuracy": acc, "seconds": round(seconds, 1)}))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
