@@ -218,3 +218,19 @@ def test_guard_with_the_full_encoding_round_trips(paths, digits, tmp_path):
     loaded = Guard.load(save_weights, classifier=paths.classifier)
     assert loaded.encoding == "full"
     np.testing.assert_allclose(loaded.run(x).score, det.score_samples(X), rtol=1e-5, atol=1e-9)
+
+
+def test_image_columns_are_read_from_the_same_stream(paths, digits):
+    """Multi-pass detectors' columns come from every batch of images, in order, next to the path features."""
+    from nad_guard.baselines import default_layers
+    from nad_guard.evaluate.features import compute_features
+
+    test = digits[1]
+    x = test.float(0, 50)
+    cols = {"mean": lambda b: b.mean((1, 2, 3)).cpu().numpy(), "two": lambda b: b.flatten(1)[:, :2].cpu().numpy()}
+    fs = compute_features(paths, x, test.labels[:50], ["rich"], default_layers(paths.classifier), batch_size=16,
+                          image_columns=cols)
+    assert fs.extra["mean"].shape == (50, 1) and fs.extra["two"].shape == (50, 2)
+    np.testing.assert_allclose(fs.extra["mean"][:, 0], x.double().mean((1, 2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fs.extra["two"], x.flatten(1)[:, :2].numpy(), rtol=1e-6)
+    assert fs.path["rich"].shape[0] == 50 and fs.base.logits.shape[0] == 50

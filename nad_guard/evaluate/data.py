@@ -17,6 +17,7 @@ from nad_guard.baselines import default_layers
 from nad_guard.data import ImageSet, stratified_split
 from nad_guard.evaluate.config import EvalConfig
 from nad_guard.evaluate.features import CLEAN, FIT_CLEAN, FIT_WRONG, WRONG, FeatureKey, FeatureSet, compute_features
+from nad_guard.evaluate.multipass import image_columns
 from nad_guard.holdout import correct_subset, holdout_provenance
 from nad_guard.paths import PathModel
 
@@ -43,11 +44,23 @@ class EvalData:
         enc = sorted(set(cfg.encodings) | {cfg.primary[1]} | {e for _, e in cfg.clean_specs()})
         self.encodings = enc
 
+        t0 = time.time()
+        # the classifier's training images for the unsupervised parts of the baselines (first: what the
+        # multi-pass columns fit, e.g. Mahalanobis's class means, comes from them)
+        if len(train) > cfg.train_images:
+            _, keep = stratified_split(train.labels.numpy(), cfg.train_images, seed=cfg.seed)
+            train = train.subset(keep, f"{train.name}[{cfg.train_images}]")
+        self.train_base = compute_features(paths, train, train.labels, enc[:1], self.layers, cfg.batch_size,
+                                           cfg.progress, "train").base
+        self.train_labels = train.labels.numpy()
+        self.image_columns = image_columns(self)
+
         def feats(images: torch.Tensor, labels: Any, desc: str) -> FeatureSet:
-            return compute_features(paths, images, labels, enc, self.layers, cfg.batch_size, cfg.progress, desc)
+            return compute_features(paths, images, labels, enc, self.layers, cfg.batch_size, cfg.progress, desc,
+                                    self.image_columns)
 
         self.features: dict[FeatureKey, FeatureSet] = {}
-        feature_seconds = 0.0
+        feature_seconds = time.time() - t0
         t0 = time.time()
         for split in ("fit", "calibration", "evaluation"):
             c = self.clean[split]
@@ -84,15 +97,7 @@ class EvalData:
             self.adv[split][attack] = replace(r, adv_images=r.adv_images[:0])
             feature_seconds += time.time() - t1
         log(f"attacks ready in {self.attack_seconds:.0f} s")
-        t0 = time.time()
-        # the classifier's training images for the unsupervised parts of the baselines
-        if len(train) > cfg.train_images:
-            _, keep = stratified_split(train.labels.numpy(), cfg.train_images, seed=cfg.seed)
-            train = train.subset(keep, f"{train.name}[{cfg.train_images}]")
-        self.train_base = compute_features(paths, train, train.labels, enc[:1], self.layers, cfg.batch_size,
-                                           cfg.progress, "train").base
-        self.train_labels = train.labels.numpy()
-        self.feature_seconds = feature_seconds + time.time() - t0
+        self.feature_seconds = feature_seconds
         log(f"features ready in {self.feature_seconds:.0f} s")
         self.usable = [a for a in self.attacks
                        if all(FeatureKey.attack(part, a) in self.features for part in ("fit", "evaluation"))]

@@ -4,8 +4,8 @@ pooled activations and the labels, from one forward pass per batch: :func:`compu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ class FeatureSet:
     path: dict[str, np.ndarray]   # encoding -> (N, F) detector input
     base: Features                 # baselines' pooled activations and logits
     labels: np.ndarray             # (N,) true labels
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N, F) columns read from the images
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -69,10 +70,16 @@ class FeatureSet:
 
 def compute_features(paths: PathModel, images: torch.Tensor | ImageSet, labels: Any, encodings: Sequence[str],
                      layers: Sequence[str], batch_size: int = 128, progress: bool = False,
-                     desc: str = "features") -> FeatureSet:
+                     desc: str = "features",
+                     image_columns: Mapping[str, Callable[[torch.Tensor], np.ndarray]] | None = None) -> FeatureSet:
     """Path encodings and baseline features of ``images`` (float ``(N, C, H, W)`` in ``[0, 1]``, or an
     :class:`ImageSet`, converted to float one batch at a time), streamed in batches: the memory of
-    the passes is bounded by ``batch_size``; what is kept is ``O(N)`` per-image feature rows."""
+    the passes is bounded by ``batch_size``; what is kept is ``O(N)`` per-image feature rows.
+
+    ``image_columns``: further per-image columns that need the images themselves (multi-pass detectors:
+    the deep check's probes, feature squeezing, input pre-processing), ``name -> fn``, where ``fn`` takes a
+    batch ``(B, C, H, W)`` on the classifier's device and returns ``(B, F)`` (or ``(B,)``) numbers; kept in
+    :attr:`FeatureSet.extra` as float64 ``(N, F)``."""
     from tqdm.auto import tqdm
 
     clf = paths.classifier
@@ -80,6 +87,7 @@ def compute_features(paths: PathModel, images: torch.Tensor | ImageSet, labels: 
     enc: dict[str, list[np.ndarray]] = {e: [] for e in encodings}
     acts: dict[str, list[np.ndarray]] = {n: [] for n in layers}
     logits = []
+    extra: dict[str, list[np.ndarray]] = {n: [] for n in (image_columns or {})}
     with capture(clf, layers) as store:
         for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
             store.clear()
@@ -90,13 +98,17 @@ def compute_features(paths: PathModel, images: torch.Tensor | ImageSet, labels: 
             for n in layers:
                 acts[n].append(store[n].cpu().numpy())
             logits.append(f.logits.float().numpy())
+            for n, fn in (image_columns or {}).items():
+                col = np.asarray(fn(x.to(device)), dtype=np.float64)
+                extra[n].append(col.reshape(len(x), -1))
     if not logits:
         raise ValueError(f"{desc}: no images")
     return FeatureSet({e: np.concatenate(v) for e, v in enc.items()},
                       Features({n: np.concatenate(v) for n, v in acts.items()}, np.concatenate(logits)),
-                      np.asarray(labels, dtype=np.int64))
+                      np.asarray(labels, dtype=np.int64), {n: np.concatenate(v) for n, v in extra.items()})
 
 
 def _concat(sets: Sequence[FeatureSet]) -> FeatureSet:
     return FeatureSet({e: np.concatenate([s.path[e] for s in sets]) for e in sets[0].path},
-                      Features.concat([s.base for s in sets]), np.concatenate([s.labels for s in sets]))
+                      Features.concat([s.base for s in sets]), np.concatenate([s.labels for s in sets]),
+                      {n: np.concatenate([s.extra[n] for s in sets]) for n in sets[0].extra})
