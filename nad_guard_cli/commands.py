@@ -362,7 +362,8 @@ def build_default_cmd(out: str | None, device: str) -> None:
 
 @main.command("evaluate")
 @_artifact_options("Path artifact from fit-paths (a detector in it is not used: each protocol fits its own).")
-@click.option("--protocols", default="seen,unseen,fgsm-only,clean-only,mispredictions,adaptive", show_default=True,
+@click.option("--protocols", default="seen,unseen,fgsm-only,clean-only,mispredictions,deployed,adaptive",
+              show_default=True,
               help="Comma-separated protocols.")
 @click.option("--method", "methods", default="logistic,gboost", show_default=True,
               help="Supervised nad-guard detectors to fit; with --select fixed the first (with the first "

@@ -141,6 +141,8 @@ def test_outputs_and_cli(paths, tiny_model, digits, result, tmp_path):
     assert files["risk_coverage"].is_file()
     md = (tmp_path / "lib" / "results.md").read_text()
     assert "## mispredictions: risk-coverage (AURC)" in md and "nad-guard[error-detector]" in md
+    assert "## deployed: the guard `fit-detector` ships" in md and "guard flagged" in md
+    assert json.loads((tmp_path / "lib" / "results.json").read_text())["deployed"]["two_detectors"] is True
 
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_model.net.state_dict().items()}, str(weights))
@@ -234,3 +236,28 @@ def test_image_columns_are_read_from_the_same_stream(paths, digits):
     np.testing.assert_allclose(fs.extra["mean"][:, 0], x.double().mean((1, 2, 3)).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fs.extra["two"], x.flatten(1)[:, :2].numpy(), rtol=1e-6)
     assert fs.path["rich"].shape[0] == 50 and fs.base.logits.shape[0] == 50
+
+
+def test_deployed_protocol_scores_the_shipped_guard_at_its_thresholds(result):
+    """The deployed rows are the two-detector guard's decisions: the combined flag covers each detector's,
+    its observed clean FPR is one number on every row, and the thresholds are the fit-detector shares."""
+    from nad_guard.evaluate.deployed import DEPLOYED, DEPLOYED_ATTACK, DEPLOYED_ERROR
+
+    rows = [r for r in result["rows"] if r["protocol"] == "deployed"]
+    info = result["deployed"]
+    assert info["two_detectors"], "the relabelled digits hold mispredictions in the fit part"
+    assert info["attack_detector"]["fpr"] == pytest.approx(0.025) and info["error_detector"]["fpr"] == pytest.approx(0.025)
+    attacks = {r["attack"] for r in rows}
+    assert attacks == {"fgsm", "pgd", "mispredictions"}
+    for attack in attacks:
+        by = {r["detector"]: r for r in rows if r["attack"] == attack}
+        assert {DEPLOYED, DEPLOYED_ATTACK, DEPLOYED_ERROR, "msp", "doctor", "energy"} <= set(by)
+        # either detector's flag is a guard's flag: the guard flags at least as many as each
+        assert by[DEPLOYED]["tpr"] >= max(by[DEPLOYED_ATTACK]["tpr"], by[DEPLOYED_ERROR]["tpr"]) - 1e-12
+        assert by[DEPLOYED]["test_fpr"] >= by[DEPLOYED_ATTACK]["test_fpr"] - 1e-12
+        lo, hi = by[DEPLOYED]["tpr_ci"]
+        assert lo <= by[DEPLOYED]["tpr"] <= hi
+    fprs = {r["test_fpr"] for r in rows if r["detector"] == DEPLOYED}
+    assert len(fprs) == 1
+    # the attack detector learned the attacks, not chance
+    assert min(r["auroc"] for r in rows if r["detector"] == DEPLOYED_ATTACK and r["attack"] != "mispredictions") > 0.7

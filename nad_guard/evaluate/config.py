@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 SELECT = ("fixed", "cv")
-PROTOCOLS = ("seen", "unseen", "fgsm-only", "clean-only", "mispredictions", "adaptive")
+PROTOCOLS = ("seen", "unseen", "fgsm-only", "clean-only", "mispredictions", "deployed", "adaptive")
 MIN_MISPREDICTIONS = 10
 UNSUPERVISED_BASELINES = ("msp", "energy", "mahalanobis", "lid", "deep-knn")
 SUPERVISED_BASELINES = ("mahalanobis-lr", "lid-lr")

@@ -176,7 +176,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                   "by attack when the task trains on at least as many attacks (or kinds of error) as there are "
                   "folds (each fold holds out whole attacks), else by source image (an image and its "
                   "adversarials stay on one side).", "", markdown_table(chosen), ""]
-    for p in r["summary"]:
+    for p in (p for p in r["summary"] if p != "deployed"):
         lines += [f"## {p}: AUROC", "", _pivot(r["rows"], p, "auroc"), f"## {p}: TPR at 5% FPR "
                   "(threshold from the calibration part)", "", _pivot(r["rows"], p, "tpr")]
     mis = [x for x in r["rows"] if x["protocol"] == "mispredictions" and x.get("aurc") is not None]
@@ -195,6 +195,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             lines += ["The error detector's method, chosen by cross-validated AUROC on the fit part's correct and "
                       "mispredicted images only: " + ", ".join(f"{k} {v:.3f}" for k, v in cvs[0]["cv"]["auroc"].items())
                       + f"; selected `{cvs[0]['selected']}`.", ""]
+    if r.get("deployed"):
+        lines += _deployed_section(r)
     if r.get("adaptive"):
         a = r["adaptive"]
         lines += ["## Adaptive white-box attack", "",
@@ -212,3 +214,36 @@ def render_markdown(r: dict[str, Any]) -> str:
             "test_fpr", "n_clean", "n_suspicious"]
     lines += [markdown_table(r["rows"], cols)]
     return "\n".join(lines)
+
+
+def _deployed_section(r: dict[str, Any]) -> list[str]:
+    """The shipped guard's table: per attack, AUROC, the share flagged at the deployed thresholds and the
+    observed false-positive rate on the evaluation part's correct images."""
+    from nad_guard.evaluate.deployed import DEPLOYED, DEPLOYED_ATTACK
+
+    info = r["deployed"]
+    a = info["attack_detector"]
+    rows = [x for x in r["rows"] if x["protocol"] == "deployed"]
+    guard = (f"two detectors: the attack detector ({a['method']}, {a['encoding']}) at {a['fpr']:.2%} FPR and the "
+             f"error detector ({info['error_detector']['method']}) at {info['error_detector']['fpr']:.2%}, an input "
+             "flagged when either flags it" if info["two_detectors"] else
+             f"one detector ({a['method']}, {a['encoding']}, trained on every attack and the mispredictions) at "
+             f"{a['fpr']:.2%} FPR")
+    fpr = next((x for x in rows if x["detector"] == DEPLOYED), {})
+    lines = ["## deployed: the guard `fit-detector` ships, at its thresholds", "",
+             f"The guard fitted on the fit part as `nad-guard fit-detector` does ({guard}), calibrated on the "
+             "calibration part, scored on the evaluation part. Flagged = the guard's decision at its deployed "
+             f"thresholds. Observed false-positive rate on the {fpr.get('n_clean')} correct evaluation images: "
+             f"**{fpr.get('test_fpr', float('nan')):.1%}** (95% CI {fpr.get('test_fpr_ci', [float('nan')] * 2)[0]:.1%}-"
+             f"{fpr.get('test_fpr_ci', [float('nan')] * 2)[1]:.1%}; asked: {r['config']['fpr']:.0%}). Baselines: "
+             f"threshold at {r['config']['fpr']:.0%} FPR on the calibration part.", ""]
+    table = []
+    for attack in dict.fromkeys(x["attack"] for x in rows):
+        row: dict[str, Any] = {"attack": attack}
+        for x in rows:
+            if x["attack"] == attack and x["detector"] in (DEPLOYED, DEPLOYED_ATTACK, "msp", "doctor"):
+                short = {DEPLOYED: "guard", DEPLOYED_ATTACK: "attack det."}.get(x["detector"], x["detector"])
+                row[f"{short} AUROC"] = x["auroc"]
+                row[f"{short} flagged"] = x["tpr"]
+        table.append(row)
+    return lines + [markdown_table(table), ""]

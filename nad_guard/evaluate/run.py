@@ -12,6 +12,7 @@ from nad_guard.data import ImageSet
 from nad_guard.evaluate.adaptive import adaptive_protocol
 from nad_guard.evaluate.config import PROTOCOLS, SELECT, EvalConfig
 from nad_guard.evaluate.data import EvalData
+from nad_guard.evaluate.deployed import deployed_protocol
 from nad_guard.evaluate.protocols import (FittedBaselines, clean_only_protocol, mispredictions_protocol,
                                           supervised_protocol)
 from nad_guard.evaluate.report import summarize
@@ -47,6 +48,7 @@ def run_evaluation(paths: PathModel, train: ImageSet, test: ImageSet, cfg: EvalC
     b = FittedBaselines(d, cfg.seed)
     log(f"baselines fitted in {time.time() - t0:.0f} s")
     rows: list[dict[str, Any]] = []
+    deployed = None
     scores: dict[str, Any] = {}
     timings: dict[str, float] = {"attacks": round(d.attack_seconds, 1), "features": round(d.feature_seconds, 1)}
     atk = d.usable
@@ -65,6 +67,8 @@ def run_evaluation(paths: PathModel, train: ImageSet, test: ImageSet, cfg: EvalC
             part = clean_only_protocol(d, b, cfg, keep)
         elif protocol == "mispredictions":
             part = mispredictions_protocol(d, b, cfg, keep)
+        elif protocol == "deployed":
+            part, deployed = deployed_protocol(d, b, cfg, keep)
         else:
             continue
         rows += [{"protocol": protocol, **r} for r in part]
@@ -87,7 +91,7 @@ def run_evaluation(paths: PathModel, train: ImageSet, test: ImageSet, cfg: EvalC
                  "evaluation_mispredicted": d.n_wrong["evaluation"], "fit_mispredicted": d.n_wrong["fit"],
                  "baseline_train_images": len(d.train_labels), "baseline_layers": d.layers,
                  "gate_points": paths.layer_names_},
-        "attacks": attacks, "rows": rows, "summary": summarize(rows), "adaptive": adaptive,
+        "attacks": attacks, "rows": rows, "summary": summarize(rows), "deployed": deployed, "adaptive": adaptive,
         "calibration": calibration_guarantee(len(d.clean["calibration"]), cfg.fpr).to_dict(),
         "provenance": {**provenance_summary(d.provenance),
                        **({"guard": compare_provenance(d.provenance, guard_provenance)}
