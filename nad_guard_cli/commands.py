@@ -377,7 +377,7 @@ def build_default_cmd(out: str | None, device: str) -> None:
 @click.option("--clean-method", "clean_methods", default="knn:summary,gaussian:rich,isoforest:rich", show_default=True,
               help="nad-guard's clean-only detectors, each METHOD or METHOD:ENCODING (the first --encoding when "
                    "omitted); the first is 'nad-guard' in the clean-only protocol.")
-@click.option("--multipass-baselines", default="", show_default=True,
+@click.option("--multipass-baselines", default="",
               help="Comma-separated multi-pass baselines to add as unsupervised rows: feature-squeezing (Xu et al. "
                    "2018, the paper's squeezers: 2-3 more forward passes per image), odds (Roth et al. 2019: "
                    "9 x --odds-samples more passes per image). None by default.")
