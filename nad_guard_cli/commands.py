@@ -379,8 +379,8 @@ def build_default_cmd(out: str | None, device: str) -> None:
                    "omitted); the first is 'nad-guard' in the clean-only protocol.")
 @click.option("--multipass-baselines", default="",
               help="Comma-separated multi-pass baselines to add as unsupervised rows: feature-squeezing (Xu et al. "
-                   "2018, the paper's squeezers: 2-3 more forward passes per image), odds (Roth et al. 2019: "
-                   "9 x --odds-samples more passes per image). None by default.")
+                   "2018, the paper's squeezers: 3-4 more forward passes per image), odds (Roth et al. 2019: "
+                   "1 + 9 x --odds-samples more passes per image). None by default.")
 @click.option("--odds-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Noise draws per noise setting of the odds baseline (the paper's 256).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),

@@ -20,8 +20,8 @@ The squeezers, named as strings (:func:`squeeze`):
 
 The paper's joint-detection configurations: MNIST ``bit-1`` + ``median-2``
 (:data:`GRAY_SQUEEZERS`); CIFAR-10 ``bit-5`` + ``median-2`` + ``nlm-13-3-2`` (:data:`COLOR_SQUEEZERS`).
-:func:`paper_squeezers` picks one by the input's channels. Cost: one forward pass per squeezer on top of
-the predicting pass, plus the squeezing itself (non-local means about 4 ms per 32x32 image on one CPU core).
+:func:`paper_squeezers` picks one by the input's channels. Cost: ``1 + S`` forward passes per image (the
+plain one and one per squeezer; :func:`squeeze_distances`), plus the squeezing itself (non-local means about 4 ms per 32x32 image on one CPU core).
 """
 
 from __future__ import annotations

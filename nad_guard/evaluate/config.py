@@ -27,8 +27,8 @@ class EvalConfig:
     ``clean_methods``: nad-guard's clean-only detectors, each ``method`` or ``method:encoding``
     (``primary``'s encoding when omitted); the first is nad-guard in the clean-only protocol.
     ``multipass_baselines``: any of :data:`MULTIPASS_BASELINES`, unsupervised rows next to MSP's (none by
-    default: they run the classifier again on every image of the run, feature squeezing 2-3 more passes,
-    the Odds ``9 * odds_samples``; see :mod:`nad_guard.evaluate.multipass`); ``odds_samples``: noise draws per
+    default: they run the classifier again on every image of the run, feature squeezing 3-4 more passes,
+    the Odds ``1 + 9 * odds_samples``; see :mod:`nad_guard.evaluate.multipass`); ``odds_samples``: noise draws per
     noise setting of the Odds (the paper's 256).
     """
 

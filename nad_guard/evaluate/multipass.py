@@ -11,12 +11,13 @@ The multi-pass baselines (``EvalConfig.multipass_baselines``, unsupervised rows 
 ``feature-squeezing``
     :class:`~nad_guard.baselines.FeatureSqueezing` with the paper's squeezers for the images' channels
     (CIFAR-10's bit-5, median-2, nlm-13-3-2; MNIST's bit-1, median-2): columns = the L1 distance per
-    squeezer, score = their max. 2-3 more forward passes per image, plus non-local means.
+    squeezer, score = their max. 3-4 more forward passes per image (the plain one again and one per
+    squeezer), plus non-local means.
 ``odds``
     :class:`~nad_guard.baselines.OddsAreOdd` with the released code's nine noise settings and
     ``EvalConfig.odds_samples`` draws each: columns = ``[pred, noise responses]``; the clean statistics
     are fitted on the fit part's clean (correctly classified) images, the detector-fit images, as the
-    paper fits them on clean training images. ``9 * odds_samples`` more forward passes per image.
+    paper fits them on clean training images. ``1 + 9 * odds_samples`` more forward passes per image.
 """
 
 from __future__ import annotations
