@@ -80,7 +80,7 @@ def test_odds_statistics_are_standardized_on_clean_fit_images(paths, clean):
     pred = cols[:, 0].astype(int)
     g = cols[:, 1:].reshape(len(x), E, K)
     np.testing.assert_allclose(g[np.arange(len(x)), :, pred], 0.0, atol=1e-12)  # f_{y,y} does not move
-    np.testing.assert_allclose(odds.columns(paths.classifier, x[:20], batch_size=7), cols[:20], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(odds.columns(paths.classifier, x[:20], batch_size=7), cols[:20], rtol=1e-4, atol=1e-5)
     odds.fit_columns(cols)
     z = odds.z_scores(cols)
     for c in range(K):
