@@ -378,6 +378,12 @@ def build_default_cmd(out: str | None, device: str) -> None:
 @click.option("--clean-method", "clean_methods", default="knn:summary,gaussian:rich,isoforest:rich", show_default=True,
               help="nad-guard's clean-only detectors, each METHOD or METHOD:ENCODING (the first --encoding when "
                    "omitted); the first is 'nad-guard' in the clean-only protocol.")
+@click.option("--multipass-baselines", default="",
+              help="Comma-separated multi-pass baselines to add as unsupervised rows: feature-squeezing (Xu et al. "
+                   "2018, the paper's squeezers: 3-4 more forward passes per image), odds (Roth et al. 2019: "
+                   "1 + 9 x --odds-samples more passes per image). None by default.")
+@click.option("--odds-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Noise draws per noise setting of the odds baseline (the paper's 256).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for results.md, results.json and roc_*.png.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -394,10 +400,11 @@ def build_default_cmd(out: str | None, device: str) -> None:
 def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
                  std: tuple[float, ...] | None, data: str, data_root: str | None, suite: str, attacks: str | None,
                  protocols: str, methods: str, encodings: str, select: str, cv_folds: int,
-                 clean_methods: str, out: str,
+                 clean_methods: str, multipass_baselines: str, odds_samples: int, out: str,
                  device: str, max_images: int | None, train_images: int, adaptive_images: int, batch_size: int,
                  bootstrap: int, seed: int, cache_dir: str | None, quiet: bool) -> None:
-    """Judge nad-guard against MSP, Energy, Mahalanobis, LID and deep kNN under the honest protocols
+    """Judge nad-guard against MSP, Energy, Mahalanobis, LID and deep kNN (and, on request, feature squeezing
+    and the Odds) under the honest protocols
     (seen, unseen, fgsm-only, clean-only, mispredictions, adaptive) on the test split's held-out parts,
     and write a Markdown table, a JSON file and ROC plots into --out."""
     from nad_guard.attacks import default_cache_dir
@@ -412,6 +419,7 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
     cfg = EvalConfig(suite=suite, attacks=split(attacks) if attacks else None, protocols=split(protocols),
                      methods=m, encodings=e, primary=(m[0], e[0]), select=select, cv_folds=cv_folds,
                      clean_methods=split(clean_methods),
+                     multipass_baselines=split(multipass_baselines), odds_samples=odds_samples,
                      batch_size=batch_size, n_resamples=bootstrap, seed=seed, max_images=max_images,
                      train_images=train_images, adaptive_images=adaptive_images,
                      device=str(resolve_device(device)), progress=not quiet)

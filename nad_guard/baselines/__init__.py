@@ -16,6 +16,10 @@ Scores follow the project convention (see :mod:`nad_guard.metrics`): **higher = 
 :class:`DeepKNN`          deep k-nearest neighbours with conformal p-values (Papernot &
                           McDaniel 2018): 1 - p-value of the predicted label, or
                           1 - credibility
+:class:`FeatureSqueezing` max L1 softmax change under squeezed inputs (Xu et al. 2018);
+                          multi-pass, reads the images
+:class:`OddsAreOdd`       noise response of the logit differences, z-scored per predicted
+                          class (Roth et al. 2019); multi-pass, reads the images
 ========================  =================================================================
 
 Every detector has two paths, as in pytorch-ood: the raw-input path ``fit(model, images, ...)`` /
@@ -31,7 +35,8 @@ Features are global-average-pooled activations ``(N, C)`` of named modules (see
 The package, one file per idea: :mod:`~nad_guard.baselines.features` (:class:`Features`, :func:`default_layers`,
 :func:`extract_features`), :mod:`~nad_guard.baselines.base` (:class:`BaseDetector`, :func:`combiner` and the
 shared helpers), :mod:`~nad_guard.baselines.confidence` (MSP, Energy, DOCTOR), :mod:`~nad_guard.baselines.mahalanobis`,
-:mod:`~nad_guard.baselines.lid` and :mod:`~nad_guard.baselines.deep_knn`.
+:mod:`~nad_guard.baselines.lid` and :mod:`~nad_guard.baselines.deep_knn`; the multi-pass ones, which need the images
+rather than one pass's features, :mod:`~nad_guard.baselines.squeezing` and :mod:`~nad_guard.baselines.odds`.
 """
 
 from __future__ import annotations
@@ -42,8 +47,10 @@ from nad_guard.baselines.deep_knn import DeepKNN
 from nad_guard.baselines.features import Features, ImagesLike, default_layers, extract_features
 from nad_guard.baselines.lid import LID
 from nad_guard.baselines.mahalanobis import Mahalanobis
+from nad_guard.baselines.odds import OddsAreOdd
+from nad_guard.baselines.squeezing import FeatureSqueezing
 
-__all__ = ["BaseDetector", "DETECTORS", "DOCTOR", "DeepKNN", "Energy", "Features", "ImagesLike", "LID", "MSP", "Mahalanobis",
-           "combiner", "default_layers", "extract_features"]
+__all__ = ["BaseDetector", "DETECTORS", "DOCTOR", "DeepKNN", "Energy", "FeatureSqueezing", "Features", "ImagesLike", "LID",
+           "MSP", "Mahalanobis", "OddsAreOdd", "combiner", "default_layers", "extract_features"]
 
 DETECTORS = {"msp": MSP, "energy": Energy, "doctor": DOCTOR, "mahalanobis": Mahalanobis, "lid": LID, "deep-knn": DeepKNN}

@@ -11,6 +11,8 @@ PROTOCOLS = ("seen", "unseen", "fgsm-only", "clean-only", "mispredictions", "dep
 MIN_MISPREDICTIONS = 10
 UNSUPERVISED_BASELINES = ("msp", "energy", "mahalanobis", "lid", "deep-knn")
 SUPERVISED_BASELINES = ("mahalanobis-lr", "lid-lr")
+# baselines that run the classifier again on transformed images (nad_guard.evaluate.multipass); opt-in
+MULTIPASS_BASELINES = ("feature-squeezing", "odds")
 
 
 @dataclass
@@ -24,6 +26,10 @@ class EvalConfig:
     :func:`nad_guard.detectors.select_by_cv`). Neither ever looks at the evaluation part.
     ``clean_methods``: nad-guard's clean-only detectors, each ``method`` or ``method:encoding``
     (``primary``'s encoding when omitted); the first is nad-guard in the clean-only protocol.
+    ``multipass_baselines``: any of :data:`MULTIPASS_BASELINES`, unsupervised rows next to MSP's (none by
+    default: they run the classifier again on every image of the run, feature squeezing 3-4 more passes,
+    the Odds ``1 + 9 * odds_samples``; see :mod:`nad_guard.evaluate.multipass`); ``odds_samples``: noise draws per
+    noise setting of the Odds (the paper's 256).
     """
 
     suite: str = "mnist"
@@ -46,6 +52,8 @@ class EvalConfig:
     adaptive_lambdas: Sequence[float] = (1.0, 10.0)
     device: str = "cpu"
     progress: bool = True
+    multipass_baselines: Sequence[str] = ()
+    odds_samples: int = 256
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}

@@ -17,6 +17,7 @@ from nad_guard.evaluate.config import MIN_MISPREDICTIONS, UNSUPERVISED_BASELINES
 from nad_guard.evaluate.data import EvalData
 from nad_guard.evaluate.features import (CALIBRATION_CLEAN, EVALUATION_CLEAN, EVALUATION_WRONG, FIT_CLEAN, FIT_WRONG,
                                          FeatureKey)
+from nad_guard.evaluate.multipass import multipass_scores, rule_fields
 from nad_guard.metrics import aurc
 from nad_guard.metrics import evaluate as evaluate_scores
 
@@ -32,6 +33,7 @@ class FittedBaselines:
         self.maha = Mahalanobis(combine="last").fit_features(d.train_base, d.train_labels)
         self.lid = LID(combine="last", random_state=seed).fit_features(d.train_base)
         self.knn = DeepKNN(random_state=seed).fit_features(d.train_base, d.train_labels)
+        self.multipass = multipass_scores(d)  # feature squeezing, the Odds: unsupervised, read FeatureSet.extra
         self._cache: dict[tuple[str, FeatureKey], np.ndarray] = {}
 
     def layer_scores(self, which: str, key: FeatureKey) -> np.ndarray:
@@ -43,6 +45,8 @@ class FittedBaselines:
 
     def score(self, name: str, key: FeatureKey) -> np.ndarray:
         k = (name, key)
+        if k not in self._cache and name in self.multipass:
+            self._cache[k] = self.multipass[name](self.d.features[key])
         if k not in self._cache:
             det = {"msp": self.msp, "energy": self.energy, "doctor": self.doctor, "mahalanobis": self.maha, "lid": self.lid,
                    "deep-knn": self.knn}[name]
@@ -90,7 +94,7 @@ def supervised_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, tasks:
             L = np.vstack([b.layer_scores(which, k) for k in train_keys])
             comb = combiner(1.0).fit(L, y)
             scores[f"{which}-lr"] = {r: comb.decision_function(b.layer_scores(which, k)) for r, k in test.items()}
-        for name in ("msp", "energy", "deep-knn"):
+        for name in ("msp", "energy", "deep-knn", *b.multipass):
             scores[name] = {r: b.score(name, k) for r, k in test.items()}
         for det_name, s in scores.items():
             rows.append({**metrics_row(det_name, test_attack, s["clean"], s["adv"], s["cal"], cfg),
@@ -109,14 +113,15 @@ def clean_only_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
         det = PathDetector(method, random_state=cfg.seed).fit(d.features[FIT_CLEAN].path[enc])
         name = "nad-guard" if i == 0 else f"nad-guard[{method},{enc}]"
         dets[name] = lambda k, det=det, enc=enc: det.score_samples(d.features[k].path[enc])
-    for name in UNSUPERVISED_BASELINES:
+    for name in (*UNSUPERVISED_BASELINES, *b.multipass):
         dets[name] = lambda k, name=name: b.score(name, k)
     for attack in d.usable:
         scores = {}
         for name, fn in dets.items():
             s = {r: fn(k) for r, k in {**keys, "adv": FeatureKey.attack("evaluation", attack)}.items()}
             scores[name] = s
-            rows.append({**metrics_row(name, attack, s["clean"], s["adv"], s["cal"], cfg), "trained_on": "clean"})
+            rows.append({**metrics_row(name, attack, s["clean"], s["adv"], s["cal"], cfg), "trained_on": "clean",
+                         **rule_fields(name, d, s)})
         keep_scores[attack] = scores
     return rows
 
@@ -161,7 +166,7 @@ def mispredictions_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
         best, err_cv = select_error_method(Xe, ye, cfg.cv_folds, cfg.seed)
         err_det = ErrorDetector(best, random_state=cfg.seed).fit(Xe, ye)
         dets[ERROR_DETECTOR_ROW] = lambda k: err_det.score_samples(err_rows(k))
-    for name in (*UNSUPERVISED_BASELINES, "doctor"):
+    for name in (*UNSUPERVISED_BASELINES, "doctor", *b.multipass):
         dets[name] = lambda k, name=name: b.score(name, k)
     rows, scores = [], {}
     for name, fn in dets.items():
