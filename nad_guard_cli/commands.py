@@ -377,6 +377,11 @@ def build_default_cmd(out: str | None, device: str) -> None:
 @click.option("--clean-method", "clean_methods", default="knn:summary,gaussian:rich,isoforest:rich", show_default=True,
               help="nad-guard's clean-only detectors, each METHOD or METHOD:ENCODING (the first --encoding when "
                    "omitted); the first is 'nad-guard' in the clean-only protocol.")
+@click.option("--maha-noise", default="", show_default=True,
+              help="Noise magnitudes (comma-separated, [0, 1] pixel units) of Lee et al.'s input pre-processing, "
+                   "or 'lee' for theirs (0,0.01,0.005,0.002,0.0014,0.001,0.0005): adds the row "
+                   "mahalanobis-lr[pre] to seen/unseen/fgsm-only (magnitude chosen by CV on the fit part; costs "
+                   "per image and layer one forward-backward pass plus one forward pass per magnitude). Empty: off.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for results.md, results.json and roc_*.png.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -393,7 +398,7 @@ def build_default_cmd(out: str | None, device: str) -> None:
 def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
                  std: tuple[float, ...] | None, data: str, data_root: str | None, suite: str, attacks: str | None,
                  protocols: str, methods: str, encodings: str, select: str, cv_folds: int,
-                 clean_methods: str, out: str,
+                 clean_methods: str, maha_noise: str, out: str,
                  device: str, max_images: int | None, train_images: int, adaptive_images: int, batch_size: int,
                  bootstrap: int, seed: int, cache_dir: str | None, quiet: bool) -> None:
     """Judge nad-guard against MSP, Energy, Mahalanobis, LID and deep kNN under the honest protocols
@@ -410,7 +415,7 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
     m, e = split(methods), split(encodings)
     cfg = EvalConfig(suite=suite, attacks=split(attacks) if attacks else None, protocols=split(protocols),
                      methods=m, encodings=e, primary=(m[0], e[0]), select=select, cv_folds=cv_folds,
-                     clean_methods=split(clean_methods),
+                     clean_methods=split(clean_methods), maha_noise=_maha_noise(maha_noise),
                      batch_size=batch_size, n_resamples=bootstrap, seed=seed, max_images=max_images,
                      train_images=train_images, adaptive_images=adaptive_images,
                      device=str(resolve_device(device)), progress=not quiet)
@@ -430,6 +435,21 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
             "best_baseline_auroc": s["best_baseline_mean_auroc"]} for p, s in result["summary"].items()},
         "adaptive": {k: v["adaptive_evades"] for k, v in (result["adaptive"] or {}).get("detectors", {}).items()},
         "files": sorted(str(f) for f in files.values())}))
+
+
+def _maha_noise(text: str) -> tuple[float, ...]:
+    """``--maha-noise``: 'lee' for Lee et al.'s magnitudes, else comma-separated numbers >= 0."""
+    from nad_guard.baselines.mahalanobis_pre import LEE_NOISE
+
+    if text.strip().lower() == "lee":
+        return LEE_NOISE
+    try:
+        mags = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected 'lee' or comma-separated numbers, got {text!r}", param_hint="--maha-noise")
+    if any(m < 0 for m in mags):
+        raise click.BadParameter("magnitudes must be >= 0", param_hint="--maha-noise")
+    return mags
 
 
 def _given_command(name: str) -> str:

@@ -24,6 +24,9 @@ class EvalConfig:
     :func:`nad_guard.detectors.select_by_cv`). Neither ever looks at the evaluation part.
     ``clean_methods``: nad-guard's clean-only detectors, each ``method`` or ``method:encoding``
     (``primary``'s encoding when omitted); the first is nad-guard in the clean-only protocol.
+    ``maha_noise``: noise magnitudes of Lee et al.'s input pre-processing (e.g.
+    :data:`nad_guard.baselines.mahalanobis_pre.LEE_NOISE`); non-empty adds the row ``mahalanobis-lr[pre]``
+    to the supervised protocols (:mod:`nad_guard.evaluate.maha_pre`); empty (the default): off.
     """
 
     suite: str = "mnist"
@@ -46,6 +49,7 @@ class EvalConfig:
     adaptive_lambdas: Sequence[float] = (1.0, 10.0)
     device: str = "cpu"
     progress: bool = True
+    maha_noise: Sequence[float] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}

@@ -21,5 +21,8 @@ ImageColumns = dict[str, Callable[[torch.Tensor], np.ndarray]]
 
 def image_columns(d: "EvalData") -> ImageColumns:
     """The per-image columns the run's configuration asks for (none by default)."""
+    from nad_guard.evaluate.maha_pre import maha_pre_columns
+
     cols: ImageColumns = {}
+    cols.update(maha_pre_columns(d))  # Mahalanobis with input pre-processing (cfg.maha_noise)
     return cols
