@@ -155,7 +155,8 @@ def _artifact_options(artifact_help: str):
         model_options(required=False),
         click.option("--data", required=True, type=click.Choice(DATASETS)),
         click.option("--data-root", type=click.Path(), default=None),
-        click.option("--suite", default="mnist", show_default=True, help="Attack suite: mnist, cifar10 or fast."),
+        click.option("--suite", default="mnist", show_default=True,
+                     help="Attack suite: mnist, cifar10, fast or lee2018 (Lee et al. 2018's settings, docs/lee2018.md)."),
         click.option("--attacks", default=None,
                      help="Comma-separated attacks of the suite (default: all but the noise controls)."),
     ]

@@ -63,3 +63,14 @@ def test_evaluation_reports_the_preprocessed_row_with_its_chosen_magnitude(tiny_
     written = write_outputs(r, tmp_path / "out")
     import json
     assert json.loads(written["json"].read_text())["config"]["maha_noise"] == list(mags)
+
+
+def test_cli_refuses_bad_magnitudes(tmp_path):
+    from click.testing import CliRunner
+
+    from nad_guard_cli.commands import main
+
+    for bad in ("0.01,abc", "-0.01"):
+        r = CliRunner().invoke(main, ["evaluate", "--artifact", "nad_guard/default_guard", "--data", "digits",
+                                      "--maha-noise", bad, "--out", str(tmp_path / "out")])
+        assert r.exit_code == 2 and "--maha-noise" in r.output, r.output
