@@ -31,7 +31,9 @@ Features are global-average-pooled activations ``(N, C)`` of named modules (see
 The package, one file per idea: :mod:`~nad_guard.baselines.features` (:class:`Features`, :func:`default_layers`,
 :func:`extract_features`), :mod:`~nad_guard.baselines.base` (:class:`BaseDetector`, :func:`combiner` and the
 shared helpers), :mod:`~nad_guard.baselines.confidence` (MSP, Energy, DOCTOR), :mod:`~nad_guard.baselines.mahalanobis`,
-:mod:`~nad_guard.baselines.lid` and :mod:`~nad_guard.baselines.deep_knn`.
+:mod:`~nad_guard.baselines.lid` and :mod:`~nad_guard.baselines.deep_knn`; :mod:`~nad_guard.baselines.mahalanobis_pre`
+computes Lee et al.'s input pre-processing for a list of noise magnitudes at once (what ``nad-guard evaluate
+--maha-noise`` reads).
 """
 
 from __future__ import annotations
