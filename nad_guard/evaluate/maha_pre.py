@@ -60,10 +60,10 @@ def maha_pre_scores(d: "EvalData", cfg: "EvalConfig", train_keys: Sequence["Feat
     cands = {f"noise={m:g}": ("logistic", np.vstack([block(k, m) for k in train_keys])) for m in mags}
     try:
         best, cv = select_by_cv(cands, y, groups, cfg.cv_folds, cfg.seed)
-    except ValueError:  # too few rows or groups to cross-validate: no pre-processing
-        best, cv = f"noise={mags[0]:g} (too few rows to cross-validate)", {}
-        cands[best] = cands[f"noise={mags[0]:g}"]
-    m = mags[list(cands).index(best) % len(mags)]
-    comb = combiner(1.0).fit(cands[best][1], y)
+        m = mags[list(cands).index(best)]
+    except ValueError:  # too few rows or groups to cross-validate: the smallest magnitude
+        m = min(mags)
+        best, cv = f"noise={m:g} (too few rows to cross-validate)", {}
+    comb = combiner(1.0).fit(np.vstack([block(k, m) for k in train_keys]), y)
     scores = {r: comb.decision_function(block(k, m)) for r, k in test.items()}
     return scores, {"selected": best, "cv": {"folds_by": by, "auroc": cv}}
