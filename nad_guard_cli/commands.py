@@ -155,7 +155,8 @@ def _artifact_options(artifact_help: str):
         model_options(required=False),
         click.option("--data", required=True, type=click.Choice(DATASETS)),
         click.option("--data-root", type=click.Path(), default=None),
-        click.option("--suite", default="mnist", show_default=True, help="Attack suite: mnist, cifar10 or fast."),
+        click.option("--suite", default="mnist", show_default=True,
+                     help="Attack suite: mnist, cifar10, fast or lee2018 (Lee et al. 2018's settings, docs/lee2018.md)."),
         click.option("--attacks", default=None,
                      help="Comma-separated attacks of the suite (default: all but the noise controls)."),
     ]
@@ -384,6 +385,11 @@ def build_default_cmd(out: str | None, device: str) -> None:
                    "1 + 9 x --odds-samples more passes per image). None by default.")
 @click.option("--odds-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Noise draws per noise setting of the odds baseline (the paper's 256).")
+@click.option("--maha-noise", default="", show_default=True,
+              help="Noise magnitudes (comma-separated, [0, 1] pixel units) of Lee et al.'s input pre-processing, "
+                   "or 'lee' for theirs (0,0.01,0.005,0.002,0.0014,0.001,0.0005): adds the row "
+                   "mahalanobis-lr[pre] to seen/unseen/fgsm-only (magnitude chosen by CV on the fit part; costs "
+                   "per image and layer one forward-backward pass plus one forward pass per magnitude). Empty: off.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for results.md, results.json and roc_*.png.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -400,7 +406,7 @@ def build_default_cmd(out: str | None, device: str) -> None:
 def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
                  std: tuple[float, ...] | None, data: str, data_root: str | None, suite: str, attacks: str | None,
                  protocols: str, methods: str, encodings: str, select: str, cv_folds: int,
-                 clean_methods: str, multipass_baselines: str, odds_samples: int, out: str,
+                 clean_methods: str, multipass_baselines: str, odds_samples: int, maha_noise: str, out: str,
                  device: str, max_images: int | None, train_images: int, adaptive_images: int, batch_size: int,
                  bootstrap: int, seed: int, cache_dir: str | None, quiet: bool) -> None:
     """Judge nad-guard against MSP, Energy, Mahalanobis, LID and deep kNN (and, on request, feature squeezing
@@ -420,6 +426,7 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
                      methods=m, encodings=e, primary=(m[0], e[0]), select=select, cv_folds=cv_folds,
                      clean_methods=split(clean_methods),
                      multipass_baselines=split(multipass_baselines), odds_samples=odds_samples,
+                     maha_noise=_maha_noise(maha_noise),
                      batch_size=batch_size, n_resamples=bootstrap, seed=seed, max_images=max_images,
                      train_images=train_images, adaptive_images=adaptive_images,
                      device=str(resolve_device(device)), progress=not quiet)
@@ -439,6 +446,21 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
             "best_baseline_auroc": s["best_baseline_mean_auroc"]} for p, s in result["summary"].items()},
         "adaptive": {k: v["adaptive_evades"] for k, v in (result["adaptive"] or {}).get("detectors", {}).items()},
         "files": sorted(str(f) for f in files.values())}))
+
+
+def _maha_noise(text: str) -> tuple[float, ...]:
+    """``--maha-noise``: 'lee' for Lee et al.'s magnitudes, else comma-separated numbers >= 0."""
+    from nad_guard.baselines.mahalanobis_pre import LEE_NOISE
+
+    if text.strip().lower() == "lee":
+        return LEE_NOISE
+    try:
+        mags = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected 'lee' or comma-separated numbers, got {text!r}", param_hint="--maha-noise")
+    if any(m < 0 for m in mags):
+        raise click.BadParameter("magnitudes must be >= 0", param_hint="--maha-noise")
+    return mags
 
 
 def _given_command(name: str) -> str:

@@ -194,3 +194,24 @@ def test_suites_and_overrides():
         mnist["pgd-l7"]
     with pytest.raises(ValueError, match="unknown attack"):
         get_suite("mnist", overrides={"pgd-l7": {}})
+
+
+def test_lee2018_suite_has_the_budgets_of_their_code(tiny_model, images):
+    """Lee et al.'s released settings: FGSM one step of 0.05, BIM six steps of 0.01 with no
+    projection (so up to 0.06), DeepFool 1.8x the linearised step for at most 5 steps, CW-L2 100 steps."""
+    suite = get_suite("lee2018")
+    assert suite["fgsm"].eps == 0.05 and suite["bim"].params == {"alpha": pytest.approx(0.01), "steps": 6}
+    assert suite["bim"].eps == pytest.approx(0.06)  # six steps of 0.01: the ball never binds
+    assert suite["deepfool"].params == {"steps": 5, "overshoot": 0.0, "step_size": 1.8}
+    assert suite["cw-l2"].params["steps"] == 100 and suite["cw-l2"].eps is None
+    x = images.float()
+    linf = {}
+    for attack in ("fgsm", "bim"):
+        r = generate(tiny_model, images, attack=attack, suite=suite, batch_size=32, progress=False)
+        _check_invariants(tiny_model, images, r, suite[attack].eps)
+        linf[attack] = (r.adv_images - x[r.indices]).flatten(1).abs().amax(1)
+    assert linf["fgsm"].max().item() == pytest.approx(0.05, abs=1e-6)  # one full step on unclipped pixels
+    assert linf["bim"].max().item() > 0.05 + 1e-3 and (linf["bim"] <= 0.06 + 1e-6).all()
+    r = generate(tiny_model, images, attack="deepfool", suite=suite, batch_size=32, progress=False)
+    _check_invariants(tiny_model, images, r, None, norm="L2")
+    assert len(r) > 0.8 * r.stats.n_correct  # the overshooting steps cross the boundary

@@ -19,7 +19,8 @@ name            norm    what
 ==============  ======  =====================================================================
 
 Suites: ``mnist`` (``eps`` 0.3, ``eps_l2`` 2.0), ``cifar10`` (``eps`` 8/255, ``eps_l2`` 0.5) and
-``fast`` (few steps, for tests). :func:`get_suite` takes other ``eps`` / ``eps_l2`` values and
+``fast`` (few steps, for tests); ``lee2018`` the settings of Lee et al. 2018's released code (FGSM 0.05, BIM
+6 x 0.01, their DeepFool and CW-L2, Gaussian noise as their noisy images; docs/lee2018.md). :func:`get_suite` takes other ``eps`` / ``eps_l2`` values and
 per-attack ``overrides``; step sizes scale with ``eps``.
 
 :func:`generate` follows the usual evaluation rules: only images the classifier gets right are

@@ -38,11 +38,20 @@ class DeepFool(Attack):
     the overshoot multiplies the accumulated perturbation (``x + (1 + overshoot) * r_total``,
     clipped), the candidate classes are the ``num_candidates`` highest-scoring clean classes, and
     each step takes one backward pass per candidate for the whole batch. Deterministic.
+
+    ``step_size`` scales each linearised step (1: just to the linearised boundary, as the original).
+    Lee et al.'s released code passes 0.18, but its gradients come from a mean-reduced NLL loss over
+    the ``K`` class copies, which divides them by ``K``, and the step then works out to ``0.18 * K``
+    (1.8 for CIFAR-10) times the linearised one: an overshoot, for at most 5 steps.
     """
 
-    def __init__(self, model: nn.Module, steps: int = 50, overshoot: float = 0.02, num_candidates: int = 10):
+    def __init__(self, model: nn.Module, steps: int = 50, overshoot: float = 0.02, num_candidates: int = 10,
+                 step_size: float = 1.0):
         super().__init__("DeepFool", model)
+        if not step_size > 0:
+            raise ValueError(f"step_size must be positive, got {step_size}")
         self.steps, self.overshoot, self.num_candidates = steps, overshoot, num_candidates
+        self.step_size = step_size
         self.supported_mode = ["default"]
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -78,6 +87,7 @@ class DeepFool(Attack):
             best = (f_diff / w_norm).argmin(1)
             ar = torch.arange(len(idx), device=x0.device)
             step = ((f_diff[ar, best] + 1e-4) / w_norm[ar, best] ** 2).view(shape) * w_diff[ar, best]
+            step = step * self.step_size
             sel = idx[still]
             r_total[sel] += step[still]
             adv[sel] = torch.clamp(x0[sel] + (1 + self.overshoot) * r_total[sel], 0, 1)

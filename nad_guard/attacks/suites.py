@@ -1,5 +1,6 @@
 """Attack settings: :class:`AttackSpec` (one attack), :class:`AttackSuite` (a named set of them) and
-the per-dataset suites ``mnist``, ``cifar10`` and ``fast``, built by :func:`get_suite`."""
+the per-dataset suites ``mnist``, ``cifar10``, ``fast`` and ``lee2018`` (the attack settings of Lee et
+al. 2018's released code), built by :func:`get_suite`."""
 
 from __future__ import annotations
 
@@ -91,10 +92,35 @@ def _fast(eps: float, eps_l2: float) -> dict[str, AttackSpec]:
                      deepfool={"steps": 10, "overshoot": 0.02}, apgd_steps=3, square_queries=20)
 
 
+def _lee2018(eps: float, eps_l2: float) -> dict[str, AttackSpec]:
+    """The attacks of Lee et al. 2018's released code (``ADV_Samples.py`` in
+    pokaxpoka/deep_Mahalanobis_detector, ResNet on CIFAR-10), in ``[0, 1]`` pixel units; ``eps`` is
+    FGSM's step (theirs: 0.05), ``eps_l2`` the L2 size of the noisy control images. What matches and
+    what differs is in docs/lee2018.md."""
+    var = (0.2023 ** 2 + 0.1994 ** 2 + 0.2010 ** 2) / 3  # their normalisation's mean variance
+    return {
+        # one signed-gradient step of the cross-entropy
+        "fgsm": AttackSpec("fgsm", "Linf", eps),
+        # six signed-gradient steps of eps / 5 with no projection: the ball eps * 1.2 never binds
+        "bim": AttackSpec("bim", "Linf", eps * 6 / 5, {"alpha": eps / 5, "steps": 6}),
+        # their step_size 0.18 on gradients divided by the 10 classes (a mean-reduced NLL over the class
+        # copies): 1.8 times the linearised step, at most 5 steps, all classes
+        "deepfool": AttackSpec("deepfool", "L2", None, {"steps": 5, "overshoot": 0.0, "step_size": 1.8}),
+        # c = 1 and Adam lr 0.01 on the squared L2 in normalised units: c * var and lr / 2 in pixel units
+        # (the tanh box's slope is about 1/2 at mid-grey); 100 steps, kappa 0
+        "cw-l2": AttackSpec("cw", "L2", None, {"c": round(var, 4), "kappa": 0.0, "steps": 100, "lr": 0.005}),
+        # their "noisy" negatives: Gaussian noise of std 0.0625 in normalised units (~0.0126 pixels);
+        # its L2 size concentrates at std * sqrt(3 * 32 * 32) ~ 0.70, its L-inf size is ~4 std ~ 0.05
+        "noise-l2": AttackSpec("noise", "L2", eps_l2),
+        "noise-linf": AttackSpec("noise", "Linf", eps),
+    }
+
+
 SUITES: dict[str, tuple[Any, float, float]] = {
     "mnist": (_mnist, 0.3, 2.0),
     "cifar10": (_cifar10, 8 / 255, 0.5),
     "fast": (_fast, 0.3, 2.0),
+    "lee2018": (_lee2018, 0.05, 0.70),
 }
 
 

@@ -36,7 +36,9 @@ The package, one file per idea: :mod:`~nad_guard.baselines.features` (:class:`Fe
 :func:`extract_features`), :mod:`~nad_guard.baselines.base` (:class:`BaseDetector`, :func:`combiner` and the
 shared helpers), :mod:`~nad_guard.baselines.confidence` (MSP, Energy, DOCTOR), :mod:`~nad_guard.baselines.mahalanobis`,
 :mod:`~nad_guard.baselines.lid` and :mod:`~nad_guard.baselines.deep_knn`; the multi-pass ones, which need the images
-rather than one pass's features, :mod:`~nad_guard.baselines.squeezing` and :mod:`~nad_guard.baselines.odds`.
+rather than one pass's features, :mod:`~nad_guard.baselines.squeezing` and :mod:`~nad_guard.baselines.odds`; :mod:`~nad_guard.baselines.mahalanobis_pre`
+computes Lee et al.'s input pre-processing for a list of noise magnitudes at once (what ``nad-guard evaluate
+--maha-noise`` reads).
 """
 
 from __future__ import annotations

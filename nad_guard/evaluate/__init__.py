@@ -12,7 +12,9 @@ splits, the same training data and the same threshold rule. Scores: **higher = m
 Unsupervised parts are learned from the classifier's training images, as nad-guard's masks are:
 the class Gaussians of Mahalanobis, the LID reference set and the deep-kNN neighbours (a seeded,
 stratified sample of at most ``train_images``). Supervised parts (nad-guard's detector, the
-logistic regressions of Mahalanobis-LR and LID-LR) learn on the fit part only.
+logistic regressions of Mahalanobis-LR and LID-LR) learn on the fit part only. With
+``EvalConfig.maha_noise``, ``mahalanobis-lr[pre]`` is Mahalanobis as Lee et al. run it (input
+pre-processing, its magnitude chosen by cross-validation on the fit part: :mod:`~nad_guard.evaluate.maha_pre`).
 
 Protocols (``PROTOCOLS``):
 

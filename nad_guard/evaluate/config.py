@@ -30,6 +30,9 @@ class EvalConfig:
     default: they run the classifier again on every image of the run, feature squeezing 3-4 more passes,
     the Odds ``1 + 9 * odds_samples``; see :mod:`nad_guard.evaluate.multipass`); ``odds_samples``: noise draws per
     noise setting of the Odds (the paper's 256).
+    ``maha_noise``: noise magnitudes of Lee et al.'s input pre-processing (e.g.
+    :data:`nad_guard.baselines.mahalanobis_pre.LEE_NOISE`); non-empty adds the row ``mahalanobis-lr[pre]``
+    to the supervised protocols (:mod:`nad_guard.evaluate.maha_pre`); empty (the default): off.
     """
 
     suite: str = "mnist"
@@ -54,6 +57,7 @@ class EvalConfig:
     progress: bool = True
     multipass_baselines: Sequence[str] = ()
     odds_samples: int = 256
+    maha_noise: Sequence[float] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}

@@ -57,8 +57,11 @@ def _detectors(d: "EvalData") -> dict[str, Any]:
 
 def image_columns(d: "EvalData") -> ImageColumns:
     """The per-image columns the run's configuration asks for (none by default)."""
+    from nad_guard.evaluate.maha_pre import maha_pre_columns
+
     clf = d.paths.classifier
     cols: ImageColumns = {}
+    cols.update(maha_pre_columns(d))  # Mahalanobis with input pre-processing (cfg.maha_noise)
     for name, det in _detectors(d).items():
         if isinstance(det, FeatureSqueezing):
             cols[name] = lambda x, det=det: squeeze_distances(clf, x, det.squeezers_)

@@ -18,6 +18,8 @@ from nad_guard.evaluate.data import EvalData
 from nad_guard.evaluate.features import (CALIBRATION_CLEAN, EVALUATION_CLEAN, EVALUATION_WRONG, FIT_CLEAN, FIT_WRONG,
                                          FeatureKey)
 from nad_guard.evaluate.multipass import multipass_scores, rule_fields
+from nad_guard.evaluate.maha_pre import ROW as MAHA_PRE_ROW
+from nad_guard.evaluate.maha_pre import maha_pre_scores
 from nad_guard.metrics import aurc
 from nad_guard.metrics import evaluate as evaluate_scores
 
@@ -94,12 +96,16 @@ def supervised_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, tasks:
             L = np.vstack([b.layer_scores(which, k) for k in train_keys])
             comb = combiner(1.0).fit(L, y)
             scores[f"{which}-lr"] = {r: comb.decision_function(b.layer_scores(which, k)) for r, k in test.items()}
+        info: dict[str, dict[str, Any]] = {}
+        if cfg.maha_noise:  # Lee et al.'s input pre-processing, magnitude chosen by CV on the fit part
+            scores[MAHA_PRE_ROW], info[MAHA_PRE_ROW] = maha_pre_scores(d, cfg, train_keys, test)
         for name in ("msp", "energy", "deep-knn", *b.multipass):
             scores[name] = {r: b.score(name, k) for r, k in test.items()}
         for det_name, s in scores.items():
             rows.append({**metrics_row(det_name, test_attack, s["clean"], s["adv"], s["cal"], cfg),
                          "trained_on": "+".join(train_attacks),
-                         **({"selected": f"{cm},{ce}", "cv": cv} if det_name == "nad-guard" else {})})
+                         **({"selected": f"{cm},{ce}", "cv": cv} if det_name == "nad-guard" else {}),
+                         **info.get(det_name, {})})
         keep_scores[test_attack] = scores
     return rows
 
