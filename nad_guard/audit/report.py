@@ -1,6 +1,8 @@
 """The report folder: :func:`write_report` writes ``index.html``, ``summary.json``, ``samples.csv``
 (:func:`write_samples_csv`, columns :data:`CSV_COLUMNS`, then the per-layer ones, then, for a guard with an
-error detector, :data:`TWO_DETECTOR_COLUMNS`) and the PNG figures."""
+error detector, :data:`TWO_DETECTOR_COLUMNS`, then per class-path source ``similar_rank:<source>``, the rank of
+the predicted class among the true class's most similar, :mod:`nad_guard.audit.class_paths`) and the PNG
+figures."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nad_guard.audit.claims import csv_columns, csv_values
 from nad_guard.audit.figures import write_figures
 from nad_guard.audit.html import render_html
 from nad_guard.audit.records import AuditResult
@@ -27,18 +30,21 @@ def write_samples_csv(result: AuditResult, path: str | Path) -> Path:
     names = result.class_names
     two = result.clean.error_trust is not None  # a guard with an error detector: both p-values, last
     header = list(CSV_COLUMNS) + [f"divergence:{l}" for l in result.layers] + \
-        [f"nearest_class:{l}" for l in result.layers] + (list(TWO_DETECTOR_COLUMNS) if two else [])
+        [f"nearest_class:{l}" for l in result.layers] + (list(TWO_DETECTOR_COLUMNS) if two else []) + \
+        csv_columns(result)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
         for kind, s in [(CLEAN, result.clean), *result.adversarial.items()]:
+            extra = csv_values(result, s)
             for i in range(len(s)):
                 y, p, npc = int(s.label[i]), int(s.pred[i]), int(s.nearest_path[i])
                 w.writerow([int(s.position[i]), kind, s.part[i], y, names[y], p, names[p], int(y == p),
                             repr(float(s.confidence[i])), repr(float(s.trust[i])), repr(float(s.score[i])),
                             int(s.flag[i]), npc, names[npc], int(s.true_path_rank[i]), int(s.clf_true_rank[i]),
                             *(repr(float(v)) for v in s.divergence[i]), *(int(v) for v in s.layer_nearest[i]),
-                            *((repr(float(s.attack_trust[i])), repr(float(s.error_trust[i]))) if two else ())])
+                            *((repr(float(s.attack_trust[i])), repr(float(s.error_trust[i]))) if two else ()),
+                            *(col[i] for col in extra)])
     return path
 
 
