@@ -18,7 +18,7 @@ from nad_guard.audit.records import AuditResult, Samples
 from nad_guard.audit.saliency import SALIENCY_IMAGES, subnetwork_explanations
 from nad_guard.data import ImageSet
 
-MAX_EXPLAINED_ROWS = 100  # mispredictions whose layer-by-layer path index.html shows (all are in summary.json)
+EXPLANATIONS_FILE = "explanations.json"  # every misprediction's path and deciding filters, one compact file
 
 
 def _images(data: ImageSet, positions: np.ndarray) -> torch.Tensor:
@@ -75,17 +75,25 @@ def summarize_claims(result: AuditResult, spearman: Any, pair_rates: Any, confus
                              "similarity_vs_confusion": spearman(sim[iu], rate)}
     out: dict[str, Any] = {"ks": list(KS), "sources": sources}
     ex = result.explanations
-    if ex is not None:
-        rows = sorted(ex["rows"], key=lambda r: _trust_order(result.clean, r["index"]))
-        out["explanations"] = {**{key: v for key, v in ex.items() if key != "rows"}, "rows": rows}
+    if ex is not None:  # the rows go to explanations.json (report.write_report): thousands of them
+        out["explanations"] = {**{key: v for key, v in ex.items() if key != "rows"}, "rows_file": EXPLANATIONS_FILE}
     if result.saliency is not None:
         out["subnetwork_explanations"] = result.saliency
     return out
 
 
-def _trust_order(c: Samples, position: int) -> tuple[float, float, int]:
-    i = int(np.flatnonzero(c.position == position)[0])
-    return float(c.trust[i]), -float(c.score[i]), int(position)
+def explanation_rows(result: AuditResult) -> list[dict[str, Any]]:
+    """Every misprediction's explanation (:func:`explain_mispredictions`), least trusted first (the order of
+    the report's misprediction table); empty when none were computed."""
+    if result.explanations is None:
+        return []
+    c = result.clean
+    at = {int(p): i for i, p in enumerate(c.position)}
+
+    def order(r: dict[str, Any]) -> tuple[float, float, int]:
+        i = at[r["index"]]
+        return float(c.trust[i]), -float(c.score[i]), int(r["index"])
+    return sorted(result.explanations["rows"], key=order)
 
 
 def csv_columns(result: AuditResult) -> list[str]:

@@ -1,7 +1,8 @@
 """Each misprediction's path, layer by layer, against the true and the predicted class's sub-architectures,
 and the filters that decided it (issue 20, item 4).
 
-Per misprediction (true class ``t``, predicted ``p``) and gate point ``l`` (:func:`explain_mispredictions`):
+Per misprediction (true class ``t``, predicted ``p``) and gate point ``l`` (:func:`explain_mispredictions`;
+``layers`` holds one list per quantity, over the gate points in order; numbers rounded to 4 decimals):
 
 ``score_true``, ``score_pred``
     the per-layer class scores ``s_t``, ``s_p`` of :mod:`nad_guard.paths.features` (how much more the
@@ -49,6 +50,11 @@ def divergence_layer(score_true: np.ndarray, score_pred: np.ndarray) -> int | No
     return int(behind[-1] + 1) if len(behind) else 0
 
 
+def _r(v: Any) -> float:
+    """A number rounded to 4 decimals: the rows are read, not recomputed from (and there may be thousands)."""
+    return round(float(v), 4)
+
+
 def _mass(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mag = a.abs().double()
     return (mag * mask.double()).sum(1) / mag.sum(1).clamp_min(1e-12)
@@ -92,17 +98,17 @@ def explain_batch(paths: Any, x: torch.Tensor, labels: torch.Tensor, top: int = 
         mt, mp = masks[at][t].cpu(), masks[at][p].cpu()
         positive = float(c.clamp_min(0).sum())
         records.append({
-            "true": t, "pred": p, "logit_margin": float(margin[i].detach()),
-            "layers": [{"layer": names[l], "score_true": float(st[l]), "score_pred": float(sp[l]),
-                        "mass_true": float(_mass(pooled[l][i:i + 1], masks[l][t][None])[0]),
-                        "mass_pred": float(_mass(pooled[l][i:i + 1], masks[l][p][None])[0]),
-                        "nearest": int(parts["nearest_class"][i, l])} for l in range(len(names))],
+            "true": t, "pred": p, "logit_margin": _r(margin[i].detach()),
+            "layers": {"score_true": [_r(v) for v in st], "score_pred": [_r(v) for v in sp],
+                       "mass_true": [_r(_mass(pooled[l][i:i + 1], masks[l][t][None])[0]) for l in range(len(names))],
+                       "mass_pred": [_r(_mass(pooled[l][i:i + 1], masks[l][p][None])[0]) for l in range(len(names))],
+                       "nearest": [int(parts["nearest_class"][i, l]) for l in range(len(names))]},
             "divergence_layer": None if dl is None else names[dl], "decided_at": names[at],
-            "channels": [{"channel": int(ch), "contribution": float(c[ch]), "in_true": bool(mt[ch]),
+            "channels": [{"channel": int(ch), "contribution": _r(c[ch]), "in_true": bool(mt[ch]),
                           "in_pred": bool(mp[ch])} for ch in order],
-            "channels_total": float(c.sum()), "true_mask_share": float(mt.float().mean()),
-            "pred_mask_share": float(mp.float().mean()),
-            "top_share_of_positive": float(c[order].clamp_min(0).sum()) / positive if positive > 0 else None,
+            "channels_total": _r(c.sum()), "true_mask_share": _r(mt.float().mean()),
+            "pred_mask_share": _r(mp.float().mean()),
+            "top_share_of_positive": _r(c[order].clamp_min(0).sum() / positive) if positive > 0 else None,
         })
         knock.append((at, order))
     # knock-out: zero each row's deciding channels at its layer (and, for reference, as many random channels
@@ -118,7 +124,7 @@ def explain_batch(paths: Any, x: torch.Tensor, labels: torch.Tensor, top: int = 
         for i, r in enumerate(records):
             new = int(after[i].argmax())
             r[key] = {"pred_after": new, "flips": new != r["pred"], "to_true": new == r["true"],
-                      "margin_after": float(after[i, r["pred"]] - after[i, r["true"]])}
+                      "margin_after": _r(after[i, r["pred"]] - after[i, r["true"]])}
     return records
 
 

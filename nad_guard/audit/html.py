@@ -273,6 +273,8 @@ def _how_made(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> 
         f"{PART_INDEPENDENT} (another split), or {PART_UNKNOWN}.</li></ul>")
     add("<p class=\"note\">Files: <code>summary.json</code> (every number here), <code>samples.csv</code> (one row "
         "per audited input, with per-layer divergence), "
+        + ("<code>explanations.json</code> (every misprediction's path and deciding filters), "
+           if s.get("claims", {}).get("explanations") else "")
         + ", ".join(f"<code>{_e(f.name)}</code>" for f in figs.values())
         + ".</p>")
     return parts

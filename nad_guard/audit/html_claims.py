@@ -8,16 +8,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nad_guard.audit.claims import explanation_rows
 from nad_guard.audit.html_parts import ci, e, f, img, table
 from nad_guard.audit.records import AuditResult
 
-MAX_SHOWN = 100  # mispredictions whose path table the page shows (all are in summary.json)
+MAX_SHOWN = 100  # mispredictions whose path table the page shows (all are in explanations.json)
 SCALE = 1.0      # |s_pred - s_true| (standard deviations) at which a cell's colour is full
 
 
-def _cell(layer: dict[str, Any], names: list[str]) -> str:
-    """One gate point of one misprediction: ``s_pred - s_true``, red where the predicted class's
+def _cell(row: dict[str, Any], layer_name: str, l: int, names: list[str]) -> str:
+    """Gate point ``l`` of one misprediction: ``s_pred - s_true``, red where the predicted class's
     sub-architecture matches the path better, blue where the true class's does."""
+    layer = {key: v[l] for key, v in row["layers"].items()}
+    layer["layer"] = layer_name
     d = layer["score_pred"] - layer["score_true"]
     a = min(abs(d) / SCALE, 1.0) * 0.75
     colour = f"rgba(200,40,40,{a:.2f})" if d > 0 else f"rgba(40,90,200,{a:.2f})"
@@ -67,9 +70,9 @@ def explanations_section(result: AuditResult, s: dict[str, Any], figs: dict[str,
         f"<b>{ex['knockout_flips']} of {n}</b> mispredictions ({ex['knockout_to_true']} to the true class); "
         f"zeroing {ex['top']} random channels of the same layer changes {ex['random_knockout_flips']} "
         f"({ex['random_knockout_to_true']} to the true class).</p>")
-    rows = ex["rows"][:MAX_SHOWN]
-    cut = f"the {len(rows)} least trusted are shown; all are in <code>summary.json</code>" if len(rows) < n else \
-        "least trusted first"
+    rows = explanation_rows(result)[:MAX_SHOWN]
+    cut = (f"the {len(rows)} least trusted are shown; all are in <code>{e(ex['rows_file'])}</code>"
+           if len(rows) < n else "least trusted first")
     parts.append(f'<p class="note">One row per misprediction ({cut}). Each gate point\'s cell: '
                  '<i>s<sub>p</sub> − s<sub>t</sub></i> (red: the predicted class\'s sub-architecture matches better, '
                  'blue: the true class\'s), below it the share of the pooled activation inside the true / predicted '
@@ -77,7 +80,7 @@ def explanations_section(result: AuditResult, s: dict[str, Any], figs: dict[str,
                  'to the margin, <sup>P</sup>/<sup>T</sup> = in the predicted / true class\'s mask.</p>')
     layers = result.layers
     body = ([str(r["index"]), f"{e(names[r['true']])} → {e(names[r['pred']])}",
-             *[_cell(layer, names) for layer in r["layers"]], e(r["divergence_layer"] or "none"),
+             *[_cell(r, name, l, names) for l, name in enumerate(layers)], e(r["divergence_layer"] or "none"),
              f'<span class="filters">{_channels(r)}</span>',
              ("→ " + e(names[r["knockout"]["pred_after"]])) if r["knockout"]["flips"] else "no change"]
             for r in rows)
@@ -149,11 +152,13 @@ def saliency_section(result: AuditResult, s: dict[str, Any], figs: dict[str, Pat
         f"Interval: paired bootstrap over images (95%); test: Wilcoxon signed-rank.</p>")
     parts.append(f"<p><b>Verdict: {e(sal['verdict'])}.</b> Mean deletion AUC: subnetwork {f(m['subnetwork'])}, full "
                  f"model {f(m['full'])}, random order {f(m['random'])}; subnetwork − full "
-                 f"{f(cmp['mean_difference'], '+.3f')} {ci(cmp['ci'])} (median {f(cmp['median_difference'], '+.3f')}; "
-                 f"lower for {f(cmp['share_lower'], '.0%')} of the images; Wilcoxon p = {f(cmp['wilcoxon_p'], '.2g')}).</p>")
-    rows = [[e(name), f(c["mean_difference"], "+.3f"), ci(c["ci"]), f(c["share_lower"], ".0%"), f(c["wilcoxon_p"], ".2g")]
-            for name, c in (("subnetwork − full model", cmp), ("full model − random order", sal["full_minus_random"]),
-                            ("subnetwork − random order", sal["subnetwork_minus_random"]))]
+                 f"{f(cmp['mean_difference'], '+.3f')} {ci(cmp['ci'])} (median "
+                 f"{f(cmp['median_difference'], '+.3f')}; lower for {f(cmp['share_lower'], '.0%')} of the images; "
+                 f"Wilcoxon p = {f(cmp['wilcoxon_p'], '.2g')}).</p>")
+    pairs = (("subnetwork − full model", cmp), ("full model − random order", sal["full_minus_random"]),
+             ("subnetwork − random order", sal["subnetwork_minus_random"]))
+    rows = [[e(name), f(c["mean_difference"], "+.3f"), ci(c["ci"]), f(c["share_lower"], ".0%"),
+             f(c["wilcoxon_p"], ".2g")] for name, c in pairs]
     parts.append(table(["paired difference of deletion AUC", "mean", "95% CI", "share < 0", "Wilcoxon p"], rows))
     parts.append(img(figs, "deletion", "mean deletion curves"))
     return parts

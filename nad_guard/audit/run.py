@@ -254,6 +254,8 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
         t_attack = time.perf_counter() - t0
         log(f"attacks {', '.join(names)} on {len(src)} images in {t_attack:.1f} s")
 
+    if saliency_images < 0:
+        raise AuditError(f"saliency_images must be 0 (skip) or positive, got {saliency_images}")
     t0 = time.perf_counter()
     claims = claims_pass(guard, data, clean, saliency_images=saliency_images, explain=explain, seed=seed, log=log)
     t_claims = time.perf_counter() - t0
