@@ -141,7 +141,7 @@ def test_claims_are_in_the_json_csv_and_html(audited):
     assert all(len(r["layers"]["score_true"]) == 4 and len(r["channels"]) == 5 for r in rows)
     assert ex["knockout_flips"] == sum(r["knockout"]["flips"] for r in rows)
     sal = claims["subnetwork_explanations"]
-    assert sal["n_images"] == 48 and len(sal["auc"]["full"]) == 48 and len(sal["mean_curve"]["subnetwork"]) == 17
+    assert sal["n_images"] == 48 and len(sal["auc"]["full"]) == 48 and len(sal["mean_curve"]["subnetwork"]) == 11
     assert all(int(mis_i) not in sal["positions"] for mis_i in (r["index"] for r in mis))  # correct images only
     d = np.asarray(sal["auc"]["subnetwork"]) - np.asarray(sal["auc"]["full"])
     assert sal["subnetwork_minus_full"]["mean_difference"] == pytest.approx(float(d.mean()))

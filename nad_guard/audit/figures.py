@@ -78,24 +78,31 @@ def _fig_nad_test(claims: dict[str, Any], path: Path, dpi: int) -> Path:
             ax.hlines(first[k]["chance"], i - 0.42, i + 0.42, colors="k", linestyles=":", linewidth=1.2,
                       label="chance k/(K-1)" if i == 0 else None)
     ax.set_xticks(range(len(ks)), [f"predicted class among the true\nclass's {k} most similar" for k in ks], fontsize=7)
-    ax.set(ylim=(0, 1.05), ylabel="share of errors (95% Wilson interval)", title="NAD's test: similar sub-architectures")
+    ax.set(ylim=(0, 1.05), ylabel="share of errors (95% Wilson interval)",
+           title="NAD's test: similar sub-architectures")
     ax.legend(fontsize=6)
     return _save(fig, path)
 
 
 def _fig_deletion(sal: dict[str, Any], path: Path, dpi: int) -> Path:
-    """Mean deletion curves of the subnetwork's and the full model's saliency, and the random order."""
-    fig = _figure(5.2, 3.8, dpi)
-    ax = fig.add_subplot()
+    """Mean deletion curves of the subnetwork's and the full model's saliency and of a random order, for the
+    black and the blurred baseline."""
+    panels = [("removed pixels set to 0", sal)]
+    if sal.get("blurred_baseline"):
+        panels.append((f"removed pixels blurred (sigma {sal['blurred_baseline']['sigma']:g} px)",
+                       sal["blurred_baseline"]))
+    fig = _figure(4.8 * len(panels), 3.8, dpi)
     styles = {"subnetwork": ("C3", "-"), "full": ("C0", "-"), "random": ("C7", "--")}
-    for o, curve in sal["mean_curve"].items():
-        color, ls = styles.get(o, ("k", "-"))
-        ax.plot(sal["fractions"], curve, color=color, linestyle=ls, marker="o", markersize=3,
-                label=f"{o} (mean AUC {sal['mean_auc'][o]:.3f})")
-    ax.set(xlabel="fraction of pixels removed (saliency order)", ylabel="full model's probability of the class",
-           ylim=(0, 1.02), title=f"deletion curves, {sal['n_images']} correctly classified images (lower = better)")
-    ax.title.set_fontsize(8)
-    ax.legend(fontsize=7)
+    for i, (label, d) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for o, curve in d["mean_curve"].items():
+            color, ls = styles.get(o, ("k", "-"))
+            ax.plot(sal["fractions"], curve, color=color, linestyle=ls, marker="o", markersize=3,
+                    label=f"{o} (mean AUC {d['mean_auc'][o]:.3f})")
+        ax.set(xlabel="fraction of pixels removed (saliency order)", ylabel="full model's probability of the class",
+               ylim=(0, 1.02), title=f"deletion, {label}\n{sal['n_images']} correct images (lower = better)")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 

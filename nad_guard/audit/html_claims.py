@@ -150,15 +150,32 @@ def saliency_section(result: AuditResult, s: dict[str, Any], figs: dict[str, Pat
         f"predicted class is read after each; the deletion AUC is the area under that curve over the removed "
         f"fraction (lower = the saliency found the pixels the classifier needs). A random order is the reference. "
         f"Interval: paired bootstrap over images (95%); test: Wilcoxon signed-rank.</p>")
+    blur = sal.get("blurred_baseline")
     parts.append(f"<p><b>Verdict: {e(sal['verdict'])}.</b> Mean deletion AUC: subnetwork {f(m['subnetwork'])}, full "
                  f"model {f(m['full'])}, random order {f(m['random'])}; subnetwork − full "
                  f"{f(cmp['mean_difference'], '+.3f')} {ci(cmp['ci'])} (median "
                  f"{f(cmp['median_difference'], '+.3f')}; lower for {f(cmp['share_lower'], '.0%')} of the images; "
                  f"Wilcoxon p = {f(cmp['wilcoxon_p'], '.2g')}).</p>")
-    pairs = (("subnetwork − full model", cmp), ("full model − random order", sal["full_minus_random"]),
-             ("subnetwork − random order", sal["subnetwork_minus_random"]))
+    if blur:
+        b = blur["subnetwork_minus_full"]
+        parts.append(f"<p>With removed pixels replaced by a blurred copy of the image (Gaussian, sigma "
+                     f"{f(blur['sigma'], 'g')} pixels) instead of black: <b>{e(blur['verdict'])}</b>; mean AUC "
+                     f"subnetwork {f(blur['mean_auc']['subnetwork'])}, full {f(blur['mean_auc']['full'])}, random "
+                     f"{f(blur['mean_auc']['random'])}; subnetwork − full {f(b['mean_difference'], '+.3f')} "
+                     f"{ci(b['ci'])}.</p>")
+    beaten = [name for name, d in (("black", sal), ("blurred", blur)) if d
+              and (d["full_minus_random"]["mean_difference"] or 0) > 0]
+    if beaten:
+        parts.append(f'<p class="bad">With the {" and the ".join(beaten)} baseline a random pixel order scores lower '
+                     "(better) than the full model's saliency: there the metric reacts to how pixels are removed more "
+                     "than to which, so its verdict on the two saliencies says little.</p>")
+    pairs = [(f"{name} ({base})", d[key]) for base, d in (("black", sal), ("blurred", blur)) if d
+             for name, key in (("subnetwork − full model", "subnetwork_minus_full"),
+                               ("full model − random order", "full_minus_random"),
+                               ("subnetwork − random order", "subnetwork_minus_random"))]
     rows = [[e(name), f(c["mean_difference"], "+.3f"), ci(c["ci"]), f(c["share_lower"], ".0%"),
              f(c["wilcoxon_p"], ".2g")] for name, c in pairs]
-    parts.append(table(["paired difference of deletion AUC", "mean", "95% CI", "share < 0", "Wilcoxon p"], rows))
+    parts.append(table(["paired difference of deletion AUC (baseline)", "mean", "95% CI", "share < 0",
+                        "Wilcoxon p"], rows))
     parts.append(img(figs, "deletion", "mean deletion curves"))
     return parts

@@ -17,6 +17,10 @@ Protocol (:func:`subnetwork_explanations`), on a seeded sample of correctly clas
 3. Comparison, paired per image: ``AUC_subnetwork - AUC_full``; its mean with a seeded bootstrap 95%
    interval (2,000 resamples of the images) and the Wilcoxon signed-rank test (two-sided). The claim
    is supported when the interval lies below 0.
+4. The same with a second baseline, a Gaussian-blurred copy of the image (sigma :data:`BLUR_SIGMA`
+   pixels), as the removed pixels' value: scattered black pixels are far from the images a classifier
+   was trained on and can lower its confidence whatever their place (a random order can then beat
+   any saliency); blurred pixels carry less of that.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import numpy as np
 import torch
 
 SALIENCY_IMAGES = 200   # correctly classified images in the sample
-DELETION_STEPS = 16     # deletion steps (curve points: steps + 1)
+DELETION_STEPS = 10     # deletion steps (curve points: steps + 1)
 BOOTSTRAP = 2000        # paired bootstrap resamples
 ORDERS = ("subnetwork", "full", "random")
+BLUR_SIGMA = 2.0        # the blurred baseline's Gaussian (pixels)
 
 
 def gradient_saliency(logit_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -53,11 +58,11 @@ def deletion_orders(saliency: torch.Tensor) -> torch.Tensor:
 
 
 def deletion_curves(prob_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, classes: torch.Tensor,
-                    orders: torch.Tensor, steps: int = DELETION_STEPS, baseline: float = 0.0,
+                    orders: torch.Tensor, steps: int = DELETION_STEPS, baseline: float | torch.Tensor = 0.0,
                     batch_size: int = 256) -> np.ndarray:
     """``(N, steps + 1)``: ``prob_fn``'s probability of ``classes[i]`` after removing the first
-    ``min(j * ceil(H * W / steps), H * W)`` pixels of ``orders[i]`` (set to ``baseline`` in every channel),
-    ``j = 0..steps``."""
+    ``min(j * ceil(H * W / steps), H * W)`` pixels of ``orders[i]``, ``j = 0..steps``; a removed pixel takes
+    ``baseline``'s value (a number for every channel, or a tensor shaped like ``x``, e.g. a blurred copy)."""
     n, c, h, w = x.shape
     per = math.ceil(h * w / steps)
     counts = torch.as_tensor([min(j * per, h * w) for j in range(steps + 1)], device=orders.device)
@@ -69,7 +74,9 @@ def deletion_curves(prob_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
     with torch.no_grad():
         for s in range(0, n, rows):
             keep = (rank[s:s + rows, None, :] >= counts[None, :, None]).view(-1, per_image, 1, h, w)
-            xb = torch.where(keep, x[s:s + rows, None], torch.full((), baseline, dtype=x.dtype, device=x.device))
+            fill = (baseline[s:s + rows, None] if torch.is_tensor(baseline)
+                    else torch.full((), baseline, dtype=x.dtype, device=x.device))
+            xb = torch.where(keep, x[s:s + rows, None], fill)
             p = prob_fn(xb.reshape(-1, c, h, w))
             p = p.view(-1, per_image, p.shape[-1])
             cls = classes[s:s + rows].to(p.device).view(-1, 1, 1).expand(-1, per_image, 1)
@@ -115,17 +122,41 @@ def verdict(cmp: dict[str, Any], lower_name: str, upper_name: str) -> str:
     return "no significant difference (the 95% interval of the difference contains 0)"
 
 
+def blurred(x: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
+    """A Gaussian-blurred copy of ``x`` ``(N, C, H, W)`` (kernel ``2 * ceil(2 * sigma) + 1`` pixels, at most
+    the image's odd size), the second deletion baseline."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    k = min(2 * math.ceil(2 * sigma) + 1, (min(x.shape[2:]) - 1) // 2 * 2 + 1)
+    return gaussian_blur(x, [k, k], [sigma, sigma]) if k > 1 else x.clone()
+
+
+def _scores(curves: dict[str, np.ndarray], n: int, seed: int) -> dict[str, Any]:
+    auc = {o: deletion_auc(c) for o, c in curves.items()}
+    sub_vs_full = paired_comparison(auc["subnetwork"], auc["full"], seed)
+    return {
+        "mean_curve": {o: c.mean(0).tolist() if n else [] for o, c in curves.items()},
+        "mean_auc": {o: float(a.mean()) if n else None for o, a in auc.items()},
+        "auc": {o: [round(float(v), 5) for v in a] for o, a in auc.items()},
+        "subnetwork_minus_full": sub_vs_full,
+        "full_minus_random": paired_comparison(auc["full"], auc["random"], seed),
+        "subnetwork_minus_random": paired_comparison(auc["subnetwork"], auc["random"], seed),
+        "verdict": verdict(sub_vs_full, "subnetwork", "full model"),
+    }
+
+
 def subnetwork_explanations(paths: Any, images: torch.Tensor, labels: torch.Tensor, positions: np.ndarray, *,
                             steps: int = DELETION_STEPS, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
     """The protocol of the module docstring on ``images`` (float ``(N, C, H, W)`` in ``[0, 1]``, correctly
     classified as ``labels``; ``positions`` their places in the audited split). Returns mean curves, AUCs
-    per image and order, the paired comparisons and the verdict (JSON-ready)."""
+    per image and order, the paired comparisons and the verdict for the black baseline (at the top level)
+    and the same for the blurred one (``blurred_baseline``), JSON-ready."""
     t0 = time.perf_counter()
     clf = paths.classifier
     dev = next((p.device for p in clf.parameters()), torch.device("cpu"))
     n = len(labels)
     gen = torch.Generator().manual_seed(seed)
-    curves = {o: [] for o in ORDERS}
+    curves: dict[str, dict[str, list[np.ndarray]]] = {b: {o: [] for o in ORDERS} for b in ("zero", "blur")}
     prob = lambda xb: clf(xb.to(dev)).softmax(1)  # noqa: E731
     for s in range(0, n, batch_size):
         x, y = images[s:s + batch_size].to(dev), labels[s:s + batch_size].to(dev)
@@ -134,22 +165,17 @@ def subnetwork_explanations(paths: Any, images: torch.Tensor, labels: torch.Tens
         h, w = x.shape[2:]
         orders = {o: deletion_orders(sal[o]) for o in sal}
         orders["random"] = torch.stack([torch.randperm(h * w, generator=gen) for _ in range(len(y))]).to(dev)
-        for o in ORDERS:
-            curves[o].append(deletion_curves(prob, x, y, orders[o], steps, batch_size=256))
-    curves = {o: (np.concatenate(c) if c else np.zeros((0, steps + 1))) for o, c in curves.items()}
-    auc = {o: deletion_auc(c) for o, c in curves.items()}
-    sub_vs_full = paired_comparison(auc["subnetwork"], auc["full"], seed)
+        for b, base in (("zero", 0.0), ("blur", blurred(x))):
+            for o in ORDERS:
+                curves[b][o].append(deletion_curves(prob, x, y, orders[o], steps, base, batch_size=256))
+    done = {b: {o: (np.concatenate(c) if c else np.zeros((0, steps + 1))) for o, c in cs.items()}
+            for b, cs in curves.items()}
+    hw = images.shape[2] * images.shape[3]
     return {
-        "n_images": int(n), "steps": int(steps), "baseline": 0.0, "seed": int(seed),
+        "n_images": int(n), "steps": int(steps), "baseline": "zero", "seed": int(seed),
         "positions": [int(p) for p in positions],
-        "fractions": [min(j * math.ceil(images.shape[2] * images.shape[3] / steps), images.shape[2] * images.shape[3])
-                      / (images.shape[2] * images.shape[3]) for j in range(steps + 1)] if n else [],
-        "mean_curve": {o: c.mean(0).tolist() if n else [] for o, c in curves.items()},
-        "mean_auc": {o: float(a.mean()) if n else None for o, a in auc.items()},
-        "auc": {o: a.tolist() for o, a in auc.items()},
-        "subnetwork_minus_full": sub_vs_full,
-        "full_minus_random": paired_comparison(auc["full"], auc["random"], seed),
-        "subnetwork_minus_random": paired_comparison(auc["subnetwork"], auc["random"], seed),
-        "verdict": verdict(sub_vs_full, "subnetwork", "full model"),
+        "fractions": [min(j * math.ceil(hw / steps), hw) / hw for j in range(steps + 1)],
+        **_scores(done["zero"], n, seed),
+        "blurred_baseline": {"sigma": BLUR_SIGMA, **_scores(done["blur"], n, seed)},
         "seconds": round(time.perf_counter() - t0, 2),
     }
