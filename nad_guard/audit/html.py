@@ -25,8 +25,10 @@ th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 img { max-width: 100%; display: block; margin: 0.8em 0; }
 .note { color: #555; font-size: 0.92em; } .bad { color: #b00; } code { background: #f5f5f5; padding: 0 3px; }
 .kv td:first-child { text-align: left; font-weight: bold; } .scroll { max-height: 520px; overflow: auto; }
-.cell { display: inline-block; min-width: 3.4em; padding: 1px 3px; border-radius: 3px; line-height: 1.15; }
-.cell small { color: #333; font-size: 0.8em; } .filters { font-size: 0.85em; white-space: normal; }
+.cell { display: inline-block; min-width: 3em; padding: 1px 3px; border-radius: 3px; line-height: 1.15; }
+.cell small { color: #333; font-size: 0.8em; } .filters { display: inline-block; min-width: 16em; font-size: 0.85em; }
+.ch { white-space: nowrap; } .paths table { font-size: 0.76em; } .paths td, .paths th { padding: 2px 4px; }
+.paths .filters { min-width: 15em; }
 thead th { position: sticky; top: 0; z-index: 1; }
 """
 

@@ -36,8 +36,9 @@ def _channels(r: dict[str, Any]) -> str:
     for ch in r["channels"]:
         where = "P" if ch["in_pred"] else ""
         where += "T" if ch["in_true"] else ""
-        tags.append(f"c{ch['channel']} {ch['contribution']:+.2f}" + (f" <sup>{where}</sup>" if where else ""))
-    return ", ".join(tags)
+        tags.append(f'<span class="ch">c{ch["channel"]} {ch["contribution"]:+.2f}'
+                    + (f"<sup>{where}</sup>" if where else "") + "</span>")
+    return " ".join(tags)
 
 
 def explanations_section(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> list[str]:
@@ -79,12 +80,13 @@ def explanations_section(result: AuditResult, s: dict[str, Any], figs: dict[str,
                  'class\'s mask; hover a cell for both scores and the nearest class. Filters: channel, contribution '
                  'to the margin, <sup>P</sup>/<sup>T</sup> = in the predicted / true class\'s mask.</p>')
     layers = result.layers
-    body = ([str(r["index"]), f"{e(names[r['true']])} → {e(names[r['pred']])}",
+    body = ([str(r["index"]), f'<span class="ch">{e(names[r["true"]])} → {e(names[r["pred"]])}</span>',
              *[_cell(r, name, l, names) for l, name in enumerate(layers)], e(r["divergence_layer"] or "none"),
              f'<span class="filters">{_channels(r)}</span>',
-             ("→ " + e(names[r["knockout"]["pred_after"]])) if r["knockout"]["flips"] else "no change"]
+             (f'<span class="ch">→ {e(names[r["knockout"]["pred_after"]])}</span>' if r["knockout"]["flips"]
+              else "no change")]
             for r in rows)
-    parts.append('<div class="scroll">' + table(["index", "true → predicted", *layers, "diverges at",
+    parts.append('<div class="scroll paths">' + table(["index", "true → predicted", *layers, "diverges at",
                                                  "deciding filters (at that layer)", "knock-out"], body, left=2)
                  + "</div>")
     return parts
