@@ -505,20 +505,25 @@ def _given_command(name: str) -> str:
 @click.option("--batch-size", type=int, default=256, show_default=True,
               help="Images per forward pass (bounds memory; results do not depend on it).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples and attacks.")
+@click.option("--saliency-images", type=int, default=200, show_default=True,
+              help="Correctly classified images of the subnetwork-explanation test (deletion metric); 0: skip it.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Attack cache (default: $NAD_GUARD_CACHE/attacks).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Report folder: index.html, summary.json, samples.csv and PNG figures.")
+              help="Report folder: index.html, summary.json, samples.csv, explanations.json and PNG figures.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
 def audit_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
               std: tuple[float, ...] | None, data: str | None, data_root: str | None, split: str,
               max_images: int | None,
               suite: str | None, attack_names: str | None, attack_images: int | None, gallery_size: int,
-              device: str, batch_size: int, seed: int, cache_dir: str | None, out: str, quiet: bool) -> None:
+              device: str, batch_size: int, seed: int, saliency_images: int, cache_dir: str | None, out: str,
+              quiet: bool) -> None:
     """Audit a guard's mispredictions on a labelled data split and write a report a person reads:
-    accuracy and confusions, each error's nearest sub-architecture and the rank of its true class,
-    NAD's claim against chance and the classifier's own ranking, similarity against confusion,
-    per-layer divergence, how well the trust score separates errors, and the least trusted inputs."""
+    accuracy and confusions, each error's nearest sub-architecture and the rank of its true class, each
+    error's path layer by layer and the filters that decided it, NAD's claims against chance (the path's
+    nearest sub-architecture; the wrong class among the true class's most similar), similarity against
+    confusion, per-layer divergence, the subnetwork-explanation claim (deletion metric), how well the
+    trust score separates errors, and the least trusted inputs."""
     from nad_guard.attacks import default_cache_dir
     from nad_guard.audit import guard_data, load_split, run_audit, write_report
     from nad_guard.guard import resolve_guard_dir
@@ -545,6 +550,7 @@ def audit_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple
     result = run_audit(guard, images, max_images=max_images, attacks=names, suite=suite, attack_images=attack_images,
                        batch_size=batch_size, gallery_size=gallery_size, device=dev,
                        cache_dir=cache_dir or default_cache_dir(), seed=seed, progress=not quiet,
+                       saliency_images=saliency_images,
                        source="default" if artifact == "default" else portable_path(guard_dir), log=log)
     files = write_report(result, out, command=_given_command("audit"), timings={"load_s": round(load_s, 3)})
     s = result.summary
@@ -556,6 +562,9 @@ def audit_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple
         "path_top3_true": claim["path_top3"]["share"], "auroc_mispredictions": sep["auroc"],
         "caught": sep["caught"], "separation_basis": s["separation"]["basis"],
         "spearman_similarity_confusion": s["similarity_vs_confusion"]["errors"]["rho"],
+        "nad_test_k1": (s["claims"]["sources"]["masks"]["nad_test"]["mispredictions"]["by_k"].get("1") or {}).get("share"),
+        "nad_test_k3": (s["claims"]["sources"]["masks"]["nad_test"]["mispredictions"]["by_k"].get("3") or {}).get("share"),
+        "subnetwork_explanations": (s["claims"].get("subnetwork_explanations") or {}).get("verdict"),
         "detector_split": s["split"]["status"], "calibration": s["calibration"]["summary"],
         **({"calibration_warning": s["calibration"]["warning"]} if s["calibration"].get("warning") else {}),
         "seconds": round(time.perf_counter() - t0, 1), "report": str(files["index.html"])}))

@@ -43,7 +43,7 @@ def mnist_test() -> ImageSet:
 @pytest.fixture(scope="module")
 def audited(guard, mnist_test, tmp_path_factory):
     """The whole 1,000-image mnist5k test split audited with the bundled guard, and its report folder."""
-    result = run_audit(guard, mnist_test, batch_size=256, progress=False, source="default")
+    result = run_audit(guard, mnist_test, batch_size=256, progress=False, source="default", saliency_images=48)
     out = tmp_path_factory.mktemp("audit")
     write_report(result, out, command="pytest audited fixture")
     return result, out
@@ -65,7 +65,7 @@ def test_report_folder_is_complete_and_self_contained(audited):
     assert set(must) <= set(rows[0]) and [f"divergence:{l}" in rows[0] for l in result.layers] == [True] * 4
     assert sorted(int(r["index"]) for r in rows) == list(range(1000))
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == sorted(summary["figures"]) and len(pngs) == 7
+    assert pngs == sorted(summary["figures"]) and len(pngs) == 9
     for p in pngs:
         assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "index.html").read_text()
@@ -116,6 +116,66 @@ def test_nad_claim_shares_by_hand_from_samples_csv(audited):
     assert wilson(5, 10)[0] == pytest.approx(1 - wilson(5, 10)[1])
     assert wilson(0, 10)[0] == 0 and wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
     assert wilson(0, 0) is None
+
+
+def test_claims_are_in_the_json_csv_and_html(audited):
+    """NAD's k-most-similar test, each misprediction's path and the subnetwork-explanation test: in
+    summary.json, samples.csv and index.html, and consistent with each other."""
+    result, out = audited
+    summary = json.loads((out / "summary.json").read_text())
+    claims = summary["claims"]
+    test = claims["sources"]["masks"]["nad_test"]["mispredictions"]
+    np.testing.assert_allclose(claims["sources"]["masks"]["similarity"], result.similarity, rtol=1e-6, atol=1e-6)
+    mis = [r for r in read_samples(out) if r["correct"] == "0"]
+    ranks = [int(r["similar_rank:masks"]) for r in mis]
+    assert all(r["similar_rank:masks"] == "" for r in read_samples(out) if r["correct"] == "1")
+    for k in ("1", "3"):
+        v = test["by_k"][k]
+        assert v["n"] == 15 and v["hits"] == sum(r <= int(k) for r in ranks)
+        assert v["chance"] == pytest.approx(int(k) / 9) and 0 <= v["p_value"] <= 1
+        assert sum(c["n"] for c in v["per_class"]) == 15
+    ex = claims["explanations"]
+    rows = json.loads((out / ex["rows_file"]).read_text())["rows"]
+    assert ex["n"] == 15 == len(rows) and {r["index"] for r in rows} == {int(r["index"]) for r in mis}
+    assert [r["index"] for r in rows] == [r["index"] for r in summary["mispredictions"]]  # least trusted first
+    assert all(len(r["layers"]["score_true"]) == 4 and len(r["channels"]) == 5 for r in rows)
+    assert ex["knockout_flips"] == sum(r["knockout"]["flips"] for r in rows)
+    sal = claims["subnetwork_explanations"]
+    assert sal["n_images"] == 48 and len(sal["auc"]["full"]) == 48 and len(sal["mean_curve"]["subnetwork"]) == 11
+    assert all(int(mis_i) not in sal["positions"] for mis_i in (r["index"] for r in mis))  # correct images only
+    d = np.asarray(sal["auc"]["subnetwork"]) - np.asarray(sal["auc"]["full"])
+    assert sal["subnetwork_minus_full"]["mean_difference"] == pytest.approx(float(d.mean()), abs=1e-5)  # AUCs: 5 decimals
+    lo, hi = sal["subnetwork_minus_full"]["ci"]
+    assert lo <= d.mean() <= hi and sal["verdict"]
+    page = (out / "index.html").read_text()
+    assert "NAD's own test" in page and "Verdict:" in page and "deciding filters" in page
+    assert 'src="nad_test.png"' in page and 'src="deletion.png"' in page and page.count('class="cell"') == 15 * 4
+
+
+def test_explanations_agree_with_the_guards_path_features(guard, mnist_test):
+    """Each misprediction's per-layer scores are the guard's own class scores; the deciding filters are the
+    largest contributions; the knock-out of channels is a real forward pass that can change the prediction."""
+    from nad_guard.audit.explain import explain_mispredictions
+
+    images, labels = mnist_test.images[:400].float() / 255.0, mnist_test.labels[:400]
+    with torch.no_grad():
+        pred = guard.classifier(images).argmax(1)
+    wrong = torch.nonzero(pred != labels).flatten()
+    assert len(wrong) >= 3
+    ex = explain_mispredictions(guard.paths, images[wrong], labels[wrong], wrong.numpy(), top=3, batch_size=2)
+    feats = guard.paths.features(images[wrong])
+    assert ex["n"] == len(wrong) and sum(ex["divergence_layer_counts"].values()) + ex["never_diverged"] == ex["n"]
+    for i, r in enumerate(ex["rows"]):
+        assert r["pred"] == int(pred[wrong[i]]) and r["true"] == int(labels[wrong[i]]) and r["index"] == int(wrong[i])
+        s = feats.class_scores[i]
+        # rounded to 4 decimals in the rows
+        np.testing.assert_allclose(r["layers"]["score_true"], s[:, r["true"]], rtol=0, atol=6e-5)
+        np.testing.assert_allclose(r["layers"]["score_pred"], s[:, r["pred"]], rtol=0, atol=6e-5)
+        np.testing.assert_allclose(r["layers"]["mass_pred"][-1], feats.mass_share[i, -1], rtol=0, atol=6e-5)
+        contrib = [c["contribution"] for c in r["channels"]]
+        assert len(contrib) == 3 and contrib == sorted(contrib, reverse=True)
+        assert r["knockout"]["flips"] == (r["knockout"]["pred_after"] != r["pred"])
+    assert ex["knockout_flips"] >= ex["random_knockout_flips"]
 
 
 def test_similarity_and_confusion_are_compared_over_class_pairs(audited):
@@ -184,7 +244,7 @@ def test_the_split_is_verified_from_the_record_not_from_scores(guard, mnist_test
 def test_a_split_that_cannot_be_verified_is_said_so_with_what_to_do(guard, mnist_test):
     # no record (a guard fitted by an older nad-guard)
     old = _with_detector_meta(guard, provenance=None)
-    result = run_audit(old, mnist_test, max_images=200, progress=False, gallery_size=0)
+    result = run_audit(old, mnist_test, max_images=200, progress=False, gallery_size=0, saliency_images=0)
     assert result.split["status"] == "unrecorded" and "cannot be verified" in result.split["note"]
     assert "nad-guard fit-detector" in result.split["note"]
     assert set(result.clean.part) == {"unknown"} and result.summary["separation"]["basis"] == "all"
@@ -200,7 +260,8 @@ def test_a_split_that_cannot_be_verified_is_said_so_with_what_to_do(guard, mnist
     parts, info = holdout_parts(_with_detector_meta(guard, provenance=record), mnist_test)
     assert info["status"] == "mismatch" and "damaged" in info["note"] and set(parts) == {"unknown"}
     # another split: the detector saw none of it
-    train = run_audit(guard, load_split("mnist5k", "train"), max_images=100, progress=False, gallery_size=0)
+    train = run_audit(guard, load_split("mnist5k", "train"), max_images=100, progress=False, gallery_size=0,
+                      saliency_images=0)
     assert train.split["status"] == "independent" and set(train.clean.part) == {"not-used-by-detector"}
 
 
@@ -234,14 +295,15 @@ def test_ranks_in_cases_known_by_construction(guard, mnist_test):
     """Relabel each image with the class whose sub-architecture is nearest its path: that class ranks 1
     by definition; with the farthest one it ranks K; with the classifier's prediction, the classifier
     ranks it 1 and every prediction is correct."""
-    pos = torch.as_tensor(run_audit(guard, mnist_test, max_images=100, progress=False, gallery_size=0).clean.position)
+    pos = torch.as_tensor(run_audit(guard, mnist_test, max_images=100, progress=False, gallery_size=0,
+                                     saliency_images=0).clean.position)
     x = mnist_test.images[pos]
     r = guard.run(x.float() / 255)
     sim = r.features.path_similarity
 
     def audit(labels: torch.Tensor):
         return run_audit(guard, ImageSet(x, labels, mnist_test.classes, "relabelled"), progress=False,
-                         gallery_size=0).clean
+                         gallery_size=0, saliency_images=0).clean
 
     nearest = audit(sim.argmax(1))
     assert (nearest.true_path_rank == 1).all()
@@ -258,8 +320,9 @@ def test_ranks_in_cases_known_by_construction(guard, mnist_test):
 def test_batch_size_changes_no_per_sample_value(guard, mnist_test):
     """Bit for bit: every forward pass is padded to a multiple of 8 rows (Guard.run), the promise the
     service's batching rests on, on one machine whatever its CPU."""
-    a = run_audit(guard, mnist_test, max_images=120, batch_size=7, progress=False, gallery_size=5)
-    b = run_audit(guard, mnist_test, max_images=120, batch_size=120, progress=False, gallery_size=5)
+    a = run_audit(guard, mnist_test, max_images=120, batch_size=7, progress=False, gallery_size=5, saliency_images=0)
+    b = run_audit(guard, mnist_test, max_images=120, batch_size=120, progress=False, gallery_size=5,
+                  saliency_images=0)
     for name, va in vars(a.clean).items():
         assert np.array_equal(va, getattr(b.clean, name)), name
     assert [g.position for g in a.gallery] == [g.position for g in b.gallery]
@@ -277,7 +340,7 @@ def test_gallery_holds_the_least_trusted_inputs(audited, mnist_test):
 
 def test_attacks_are_audited_on_the_evaluation_part_only(guard, mnist_test, tmp_path):
     kw = dict(max_images=300, suite="fast", attacks=["fgsm"], progress=False, cache_dir=tmp_path / "cache",
-              gallery_size=0)
+              gallery_size=0, saliency_images=0)
     r = run_audit(guard, mnist_test, **kw)
     adv = r.adversarial["fgsm"]
     assert len(adv) > 0 and (adv.pred != adv.label).all()
@@ -323,13 +386,14 @@ def test_bad_input_gets_a_clear_error(guard, mnist_test, tmp_path):
 
 def test_cli_writes_the_report_and_records_the_command(tmp_path):
     out = tmp_path / "report"
-    res = CliRunner().invoke(main, ["audit", "--max-images", "100", "--batch-size", "64", "--quiet", "--out", str(out)])
+    res = CliRunner().invoke(main, ["audit", "--max-images", "100", "--batch-size", "64", "--saliency-images", "12",
+                                    "--quiet", "--out", str(out)])
     assert res.exit_code == 0, res.output
     printed = json.loads(res.output.strip().splitlines()[-1])
     summary = json.loads((out / "summary.json").read_text())
     assert printed["images"] == 100 == summary["n_images"]
     # an absolute --out is recorded as a placeholder: result files hold no absolute machine path
-    assert summary["command"] == ("nad-guard audit --max-images 100 --batch-size 64 --out "
+    assert summary["command"] == ("nad-guard audit --max-images 100 --batch-size 64 --saliency-images 12 --out "
                                   f"{shlex.quote(portable_path(out))} --quiet")
     assert summary["command"].endswith("--out '<outside-repo>/report' --quiet")
     assert str(tmp_path) not in json.dumps(summary)
@@ -394,4 +458,7 @@ def test_report_renders_in_a_headless_browser(audited, tmp_path):
     assert sorted(src for src, *_ in images) == sorted(summary["figures"])
     for src, complete, width, height in images:
         assert complete and width > 0 and height > 0, src
-    assert len(headings) == 8 and headings[0].startswith("1. How accurate")
+    assert len(headings) == 11 and headings[0].startswith("1. How accurate")
+    assert [h.split(". ", 1)[0] for h in headings] == [str(i) for i in range(1, 12)]
+    assert any("most similar sub-architectures" in h for h in headings)
+    assert any("subnetwork" in h for h in headings) and any("filters decided it" in h for h in headings)

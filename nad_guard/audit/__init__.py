@@ -42,25 +42,39 @@ Attacks (optional) are made only on correctly classified images of the evaluatio
 when the audited data is not the detector's), through :func:`nad_guard.attacks.generate`
 and its on-disk cache; only successful ones are kept.
 
+The seeds' interpretability claims are measured on every audit (issue 20): NAD's own test (is the wrongly
+predicted class among the true class's k most similar sub-architectures, k = 1, 3, against chance
+k/(K-1): :mod:`~nad_guard.audit.class_paths`, per class-path source), each misprediction's path layer by
+layer against the true and predicted class's sub-architectures with the filters that decided it and a
+knock-out check (:mod:`~nad_guard.audit.explain`), and the subnetwork-explanation claim by a deletion
+metric (:mod:`~nad_guard.audit.saliency`); :mod:`~nad_guard.audit.claims` runs and summarises them.
+
 The package, one idea a file: :mod:`~nad_guard.audit.inputs` (the guard directory, the data split,
 whether they fit), :mod:`~nad_guard.audit.split_parts` (the detector's holdout parts),
 :mod:`~nad_guard.audit.records` (what is kept per input), :mod:`~nad_guard.audit.run` (the passes and
-:func:`run_audit`), :mod:`~nad_guard.audit.stats` (the report's numbers), :mod:`~nad_guard.audit.figures`
-(the PNG figures), :mod:`~nad_guard.audit.html` (the page) and :mod:`~nad_guard.audit.report` (the
-folder: :func:`write_report`). Everything other code uses is importable from ``nad_guard.audit``.
+:func:`run_audit`), :mod:`~nad_guard.audit.stats` (the report's numbers), :mod:`~nad_guard.audit.class_paths`,
+:mod:`~nad_guard.audit.explain`, :mod:`~nad_guard.audit.saliency` and :mod:`~nad_guard.audit.claims` (the
+claims), :mod:`~nad_guard.audit.figures` (the PNG figures), :mod:`~nad_guard.audit.html`,
+:mod:`~nad_guard.audit.html_claims` and :mod:`~nad_guard.audit.html_parts` (the page) and
+:mod:`~nad_guard.audit.report` (the folder: :func:`write_report`). Everything other code uses is
+importable from ``nad_guard.audit``.
 """
 
 from __future__ import annotations
 
 # The public API. Settings such as ATTACK_CHUNK or GALLERY_SIZE live in the file that uses them
 # (nad_guard.audit.run, .stats, ...); re-exported copies here would not change what the audit does.
+from nad_guard.audit.class_paths import ClassPaths, class_path_sources, class_paths_from_masks, k_similar_test
+from nad_guard.audit.explain import explain_mispredictions
 from nad_guard.audit.inputs import AuditError, check_fits, guard_data, load_split
 from nad_guard.audit.records import AuditResult, GalleryItem, Samples
 from nad_guard.audit.report import write_report, write_samples_csv
 from nad_guard.audit.run import calibration_record, run_audit
+from nad_guard.audit.saliency import deletion_auc, deletion_curves, subnetwork_explanations
 from nad_guard.audit.split_parts import holdout_parts
 from nad_guard.audit.stats import confusion_matrix, summarize, wilson
 
-__all__ = ["AuditError", "AuditResult", "GalleryItem", "Samples", "check_fits", "confusion_matrix", "guard_data",
-           "calibration_record", "holdout_parts", "load_split", "run_audit", "summarize", "wilson",
-           "write_report", "write_samples_csv"]
+__all__ = ["AuditError", "AuditResult", "ClassPaths", "GalleryItem", "Samples", "check_fits", "class_path_sources",
+           "class_paths_from_masks", "confusion_matrix", "deletion_auc", "deletion_curves", "explain_mispredictions",
+           "guard_data", "calibration_record", "holdout_parts", "k_similar_test", "load_split", "run_audit",
+           "subnetwork_explanations", "summarize", "wilson", "write_report", "write_samples_csv"]

@@ -44,9 +44,66 @@ def write_figures(result: AuditResult, out: Path, dpi: int) -> dict[str, Path]:
         "roc": _fig_roc(result, out / "roc.png", dpi),
         "scores": _fig_scores(result, out / "scores.png", dpi),
     }
+    claims = s.get("claims") or {}
+    if any(t["by_k"] for d in claims.get("sources", {}).values() for t in d["nad_test"].values()):
+        figs["nad_test"] = _fig_nad_test(claims, out / "nad_test.png", dpi)
+    if (claims.get("subnetwork_explanations") or {}).get("n_images"):
+        figs["deletion"] = _fig_deletion(claims["subnetwork_explanations"], out / "deletion.png", dpi)
     if result.gallery:
         figs["gallery"] = _fig_gallery(result, out / "gallery.png", dpi)
     return figs
+
+
+def _fig_nad_test(claims: dict[str, Any], path: Path, dpi: int) -> Path:
+    """NAD's test: per source, group and k, the share of hits with its interval, and chance."""
+    bars = [(f"{src}: {g}", t) for src, d in claims["sources"].items() for g, t in d["nad_test"].items() if t["n"]]
+    ks = [str(k) for k in claims["ks"]]
+    fig = _figure(6.5, 3.6, dpi)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(bars), 1)
+    for bi, (label, t) in enumerate(bars):
+        vals, lo, hi = [], [], []
+        for k in ks:
+            v = t["by_k"].get(k)
+            share = v["share"] if v and v["share"] is not None else np.nan
+            vals.append(share)
+            lo.append(max(0.0, share - v["ci"][0]) if v and v["ci"] else 0)
+            hi.append(max(0.0, v["ci"][1] - share) if v and v["ci"] else 0)
+        x = np.arange(len(ks)) - 0.4 + width * (bi + 0.5)
+        ax.bar(x, vals, width, yerr=[lo, hi], capsize=2, label=f"{label} (n={t['n']})", color=f"C{(3 + bi) % 10}",
+               alpha=0.85)
+    first = bars[0][1]["by_k"] if bars else {}
+    for i, k in enumerate(ks):
+        if k in first:
+            ax.hlines(first[k]["chance"], i - 0.42, i + 0.42, colors="k", linestyles=":", linewidth=1.2,
+                      label="chance k/(K-1)" if i == 0 else None)
+    ax.set_xticks(range(len(ks)), [f"predicted class among the true\nclass's {k} most similar" for k in ks], fontsize=7)
+    ax.set(ylim=(0, 1.05), ylabel="share of errors (95% Wilson interval)",
+           title="NAD's test: similar sub-architectures")
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def _fig_deletion(sal: dict[str, Any], path: Path, dpi: int) -> Path:
+    """Mean deletion curves of the subnetwork's and the full model's saliency and of a random order, for the
+    black and the blurred baseline."""
+    panels = [("removed pixels set to 0", sal)]
+    if sal.get("blurred_baseline"):
+        panels.append((f"removed pixels blurred (sigma {sal['blurred_baseline']['sigma']:g} px)",
+                       sal["blurred_baseline"]))
+    fig = _figure(4.8 * len(panels), 3.8, dpi)
+    styles = {"subnetwork": ("C3", "-"), "full": ("C0", "-"), "random": ("C7", "--")}
+    for i, (label, d) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for o, curve in d["mean_curve"].items():
+            color, ls = styles.get(o, ("k", "-"))
+            ax.plot(sal["fractions"], curve, color=color, linestyle=ls, marker="o", markersize=3,
+                    label=f"{o} (mean AUC {d['mean_auc'][o]:.3f})")
+        ax.set(xlabel="fraction of pixels removed (saliency order)", ylabel="full model's probability of the class",
+               ylim=(0, 1.02), title=f"deletion, {label}\n{sal['n_images']} correct images (lower = better)")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _heatmap(fig, ax, m: np.ndarray, names: list[str], title: str, cmap: str, annotate: np.ndarray | None = None):

@@ -4,13 +4,13 @@ and the summary that ``summary.json`` holds."""
 
 from __future__ import annotations
 
-import html
-import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
+from nad_guard.audit.html_claims import explanations_section, nad_test_section, saliency_section
+from nad_guard.audit.html_parts import ci as _ci, e as _e, f as _f, img as _img, table as _table
 from nad_guard.audit.records import AuditResult
 from nad_guard.audit.stats import CLAIM_MEASURES
 from nad_guard.provenance import PART_INDEPENDENT, PART_UNKNOWN
@@ -24,33 +24,13 @@ th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 img { max-width: 100%; display: block; margin: 0.8em 0; }
 .note { color: #555; font-size: 0.92em; } .bad { color: #b00; } code { background: #f5f5f5; padding: 0 3px; }
-.kv td:first-child { text-align: left; font-weight: bold; } .scroll { max-height: 520px; overflow-y: auto; }
+.kv td:first-child { text-align: left; font-weight: bold; } .scroll { max-height: 520px; overflow: auto; }
+.cell { display: inline-block; min-width: 3em; padding: 1px 3px; border-radius: 3px; line-height: 1.15; }
+.cell small { color: #333; font-size: 0.8em; } .filters { display: inline-block; min-width: 16em; font-size: 0.85em; }
+.ch { white-space: nowrap; } .paths table { font-size: 0.76em; } .paths td, .paths th { padding: 2px 4px; }
+.paths .filters { min-width: 15em; }
+thead th { position: sticky; top: 0; z-index: 1; }
 """
-
-
-def _e(v: Any) -> str:
-    return html.escape(str(v))
-
-
-def _f(v: Any, fmt: str = ".3f") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    return format(float(v), fmt)
-
-
-def _ci(ci: Any, fmt: str = ".3f") -> str:
-    return f"[{_f(ci[0], fmt)}, {_f(ci[1], fmt)}]" if ci else "n/a"
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], left: int = 1) -> str:
-    th = "".join(f'<th class="l">{_e(h)}</th>' if i < left else f"<th>{_e(h)}</th>" for i, h in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td class="l">{c}</td>' if i < left else f"<td>{c}</td>"
-                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _img(figs: dict[str, Path], key: str, alt: str) -> str:
-    return f'<img src="{_e(figs[key].name)}" alt="{_e(alt)}">' if key in figs else ""
 
 
 def _intro(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> list[str]:
@@ -72,7 +52,7 @@ def _intro(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> lis
         add(f"<p>Two detectors, two p-values per input (<code>attack_p_value</code>, <code>error_p_value</code> in "
             f"samples.csv): an attack detector at {_f(two['attack_fpr'], '.2%')} and an error detector "
             f"(<code>{_e(two['error_detector_method'])}</code>) at {_f(two['error_fpr'], '.2%')}; an input is flagged "
-            f"when either p-value is within its share. On the correct images measured in section 6, "
+            f"when either p-value is within its share. On the correct images of the separation section, "
             f"{_f(two['correct_flagged_by_attack'], '.1%')} are flagged by the attack detector and "
             f"{_f(two['correct_flagged_by_error'], '.1%')} by the error detector; the error detector flags "
             f"{_f(two['mispredictions_flagged_by_error'], '.1%')} of the mispredictions.</p>")
@@ -91,7 +71,7 @@ def _accuracy(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> 
     parts: list[str] = []
     add = parts.append
     # 1. accuracy and confusion
-    add("<h2>1. How accurate is the classifier, and which classes does it confuse?</h2>")
+    add("<h2>How accurate is the classifier, and which classes does it confuse?</h2>")
     add(f"<p>Accuracy <b>{_f(acc['share'], '.4f')}</b> ({acc['k']} of {acc['n']}; 95% Wilson interval "
         f"{_ci(acc['ci'], '.4f')}).</p>")
     add(_img(figs, "confusion_similarity", "confusion matrix and sub-architecture similarity"))
@@ -111,7 +91,7 @@ def _mispredictions(result: AuditResult, s: dict[str, Any], figs: dict[str, Path
     parts: list[str] = []
     add = parts.append
     # 2. each misprediction
-    add("<h2>2. Each misprediction: what was predicted, how far was it trusted, where did its path go?</h2>")
+    add("<h2>Each misprediction: what was predicted, how far was it trusted, where did its path go?</h2>")
     shown = s["mispredictions"]
     if not shown:
         add("<p>No mispredictions.</p>")
@@ -138,7 +118,7 @@ def _nad_claim(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) ->
     add = parts.append
     # 3. NAD claim
     claim = s["nad_claim"]
-    add("<h2>3. Does an error's path lead to its true class's sub-architecture? (NAD's claim, measured)</h2>")
+    add("<h2>Does an error's path lead to its true class's sub-architecture? (NAD's claim, measured)</h2>")
     add(f"<p>Neural Architecture Disentanglement suggests that a misclassified input still flows through "
         f"(or near) its true class's sub-architecture. For each error group: the share whose path is nearest to the "
         f"true class's sub-architecture, or has it among the 3 nearest, next to chance (1/K = {_f(1 / k)}, "
@@ -162,7 +142,7 @@ def _similarity_vs_confusion(result: AuditResult, s: dict[str, Any], figs: dict[
     add = parts.append
     # 4. similarity vs confusion
     svc = s["similarity_vs_confusion"]
-    add("<h2>4. Are classes with similar sub-architectures the ones the model confuses?</h2>")
+    add("<h2>Are classes with similar sub-architectures the ones the model confuses?</h2>")
 
     def rho_txt(st: dict[str, Any]) -> str:
         if st["rho"] is None:
@@ -188,7 +168,7 @@ def _layers(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> li
     parts: list[str] = []
     add = parts.append
     # 5. layers
-    add("<h2>5. Where does the flow go wrong? Layer by layer, from input to output</h2>")
+    add("<h2>Where does the flow go wrong? Layer by layer, from input to output</h2>")
     add("<p>Left: the mean per-layer <i>divergence</i>, the share of the layer's pooled activation that lies outside "
         "the predicted class's sub-architecture (0 = entirely inside). Right: the share of inputs whose nearest "
         "sub-architecture at that gate point (by the per-layer class score) is the true class: where it drops for "
@@ -211,7 +191,7 @@ def _separation(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -
     add = parts.append
     # 6. separation
     sep = s["separation"]
-    add("<h2>6. How well does the trust score separate errors from correct predictions?</h2>")
+    add("<h2>How well does the trust score separate errors from correct predictions?</h2>")
     learned = s["split"].get("detector_fit_mispredicted")
     add(f"<p><b>Basis:</b> {_e(sep['note'])}.<br><b>Which images the detector saw:</b> {_e(s['split']['note'])}."
         + (f" The detector was trained on the {learned} mispredictions of its fit part as well (as suspicious "
@@ -242,7 +222,7 @@ def _gallery(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> l
     parts: list[str] = []
     add = parts.append
     # 7. gallery
-    add("<h2>7. Which inputs does the guard trust least?</h2>")
+    add("<h2>Which inputs does the guard trust least?</h2>")
     if s["gallery"]:
         add(f"<p>The {len(s['gallery'])} least trusted audited images (lowest trust, then highest suspicion score); "
             "titles: index, true → predicted class (red: mispredicted), trust score, nearest path class.</p>")
@@ -265,7 +245,7 @@ def _how_made(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> 
     parts: list[str] = []
     add = parts.append
     # 8. how it was made
-    add("<h2>8. How this report was made</h2>")
+    add("<h2>How this report was made</h2>")
     if s["attacks"]:
         add("<p>Attacks (made only on correctly classified images; only successful ones kept):</p>")
         add(_table(["attack", "attacked", "kept", "success rate", "mean L-inf", "mean L2", "seconds", "from cache"],
@@ -295,19 +275,26 @@ def _how_made(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> 
         f"{PART_INDEPENDENT} (another split), or {PART_UNKNOWN}.</li></ul>")
     add("<p class=\"note\">Files: <code>summary.json</code> (every number here), <code>samples.csv</code> (one row "
         "per audited input, with per-layer divergence), "
+        + ("<code>explanations.json</code> (every misprediction's path and deciding filters), "
+           if s.get("claims", {}).get("explanations") else "")
         + ", ".join(f"<code>{_e(f.name)}</code>" for f in figs.values())
         + ".</p>")
     return parts
 
 
-SECTIONS = (_intro, _accuracy, _mispredictions, _nad_claim, _similarity_vs_confusion, _layers, _separation,
-            _gallery, _how_made)
+SECTIONS = (_intro, _accuracy, _mispredictions, explanations_section, _nad_claim, nad_test_section,
+            _similarity_vs_confusion, _layers, saliency_section, _separation, _gallery, _how_made)
 
 
 def render_html(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> str:
     """The whole ``index.html`` page: every section of :data:`SECTIONS` in order, with :data:`CSS` inline."""
     cfg = s["config"]
     parts = [p for section in SECTIONS for p in section(result, s, figs)]
+    n = 0
+    for i, p in enumerate(parts):  # sections are numbered in page order
+        if p.startswith("<h2>"):
+            n += 1
+            parts[i] = f"<h2>{n}. " + p[len("<h2>"):]
     title = f"nad-guard audit: {cfg['model']} on {cfg['data']}"
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

@@ -91,3 +91,6 @@ class AuditResult:
     timings: dict[str, float]
     calibration: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    class_paths: list[Any] = field(default_factory=list)  # nad_guard.audit.class_paths.ClassPaths, masks first
+    explanations: dict[str, Any] | None = None  # nad_guard.audit.explain.explain_mispredictions
+    saliency: dict[str, Any] | None = None  # nad_guard.audit.saliency.subnetwork_explanations

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from nad_guard.audit.claims import claims_pass
+from nad_guard.audit.saliency import SALIENCY_IMAGES
 from nad_guard.audit.split_parts import holdout_parts, unseen
 from nad_guard.audit.inputs import AuditError, check_fits
 from nad_guard.audit.records import AuditResult, GalleryItem, Samples
@@ -178,7 +180,8 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
               suite: str | Any | None = None, attack_images: int | None = None, batch_size: int = 256,
               attack_batch_size: int = 128, gallery_size: int = GALLERY_SIZE, device: str | torch.device = "cpu",
               cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True,
-              source: str | None = None, log: Callable[[str], None] | None = None) -> AuditResult:
+              source: str | None = None, log: Callable[[str], None] | None = None,
+              saliency_images: int = SALIENCY_IMAGES, explain: bool = True) -> AuditResult:
     """Audit ``guard`` on ``data`` (a whole split; ``max_images`` takes a seeded stratified sample of it).
 
     Args:
@@ -191,6 +194,9 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
         attack_batch_size: images per attack call (part of the attack cache key).
         cache_dir: the attack cache (``None``: no caching).
         source: where the guard came from (a directory), for the report.
+        saliency_images: correctly classified images (seeded sample) of the subnetwork-explanation test
+            (:mod:`nad_guard.audit.saliency`); 0 skips it.
+        explain: explain every misprediction's path and deciding filters (:mod:`nad_guard.audit.explain`).
 
     Returns:
         :class:`AuditResult` with every per-sample record and the report's numbers in ``summary``.
@@ -248,6 +254,12 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
         t_attack = time.perf_counter() - t0
         log(f"attacks {', '.join(names)} on {len(src)} images in {t_attack:.1f} s")
 
+    if saliency_images < 0:
+        raise AuditError(f"saliency_images must be 0 (skip) or positive, got {saliency_images}")
+    t0 = time.perf_counter()
+    claims = claims_pass(guard, data, clean, saliency_images=saliency_images, explain=explain, seed=seed, log=log)
+    t_claims = time.perf_counter() - t0
+
     det = guard.meta.get("detector") or {}
     config = {
         "guard": source, "model": guard.classifier.name,
@@ -255,7 +267,8 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
         "data": data.name, "split_images": n_split, "max_images": max_images, "audited_images": len(clean),
         "attack_suite": getattr(suite_obj, "name", None), "attacks": list(adversarial) or None,
         "attack_images": attack_images, "batch_size": batch_size, "attack_batch_size": attack_batch_size,
-        "gallery_size": gallery_size, "device": str(dev), "seed": seed,
+        "gallery_size": gallery_size, "device": str(dev), "seed": seed, "saliency_images": saliency_images,
+        "explain": explain,
         "cache_dir": portable_path(cache_dir) if cache_dir is not None else None,
     }
     if guard.error_detector is not None:  # two detectors (nad_guard.errors): the rate and its split
@@ -265,8 +278,10 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
         clean=clean, adversarial=adversarial, gallery=gallery.items(), class_names=list(guard.classifier.class_names),
         layers=list(guard.paths.layer_names_), similarity=guard.paths.similarity().numpy(),
         threshold=float(guard.detector.threshold_), split=split, config=config, attack_stats=attack_stats,
-        timings={"clean_pass_s": round(t_clean, 3), "attacks_s": round(t_attack, 3)},
-        calibration=calibration_record(guard))
+        timings={"clean_pass_s": round(t_clean, 3), "attacks_s": round(t_attack, 3),
+                 "claims_s": round(t_claims, 3), **claims["timings"]},
+        calibration=calibration_record(guard), class_paths=claims["class_paths"],
+        explanations=claims["explanations"], saliency=claims["saliency"])
     t0 = time.perf_counter()
     result.summary = summarize(result)
     result.timings["metrics_s"] = round(time.perf_counter() - t0, 3)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from nad_guard.audit.claims import summarize_claims
 from nad_guard.audit.split_parts import unseen
 from nad_guard.audit.records import AuditResult, Samples
 
@@ -219,6 +220,7 @@ def summarize(result: AuditResult) -> dict[str, Any]:
                        "true_class_path_rank": g.true_path_rank} for g in result.gallery]
     out["split"] = result.split
     out["attacks"] = result.attack_stats
+    out["claims"] = summarize_claims(result, _spearman, pair_rates, conf)
     return out
 
 
