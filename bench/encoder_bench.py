@@ -28,10 +28,26 @@ import torch
 from nad_guard.data import load_dataset
 from nad_guard.encoder import ArchitectureEncoder, check_skippable, count_flops, encoder_features, skip_forward, wall_seconds
 from nad_guard.guard import artifact_classifier, resolve_guard_dir
+from nad_guard.hooks import hooked, pool
 from nad_guard.metrics import auroc
-from nad_guard.paths import PathModel
+from nad_guard.paths import PathModel, apply_gate
 from nad_guard.runinfo import machine_info, portable_command
 from training.distributed import permutation
+
+
+def magnitude_oracle(clf, names: list[str], x: torch.Tensor, y: torch.Tensor, shares=(0.1, 0.2, 0.3)) -> dict:
+    """Accuracy when each image closes the share ``q`` of channels with the smallest pooled output at each of
+    ``names`` (the layer's own output: an oracle that sees what it closes, which no encoder can before the
+    layer runs). For the inner channels (``*.bn1``) the pooled ReLU of the batch-norm output is ranked."""
+    out = {}
+    for q in shares:
+        def close(i: int, o: torch.Tensor) -> torch.Tensor:
+            p = pool(torch.relu(o))
+            return apply_gate(o, (p > p.quantile(q, dim=1, keepdim=True)).to(o.dtype))
+        with torch.no_grad(), hooked(clf.net, names, close):
+            pred = torch.cat([clf(b) for b in x.split(256)]).argmax(1)
+        out[str(q)] = float((pred == y).float().mean())
+    return out
 
 
 def main() -> None:
@@ -100,6 +116,10 @@ def main() -> None:
                              "b64_union": t["original_b64"] / t["skipped_union_b64"],
                              "b64_image_loop": t["original_b64"] / t["skipped_image_loop_b64"]}
     res["accuracy"] = acc
+    if skippable:
+        inner = [f"{n}.bn1" for n in enc.names[1:]]
+        res["magnitude_oracle_accuracy"] = {"closed_share_at_gate_points": magnitude_oracle(clf, enc.names, x, y),
+                                            "closed_share_at_inner_channels": magnitude_oracle(clf, inner, x, y)}
     # use 1: cost and a first look at mispredictions
     xs = x[:256]
     with torch.no_grad():
@@ -120,7 +140,7 @@ def main() -> None:
     res["features_seconds_all_images"] = round(time.time() - t0, 2)
     res["mispredictions"] = int(wrong.sum())
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps({k: res[k] for k in ("accuracy", "kept_fraction_mean", "flops_per_image") if k in res}, indent=1))
+    print(json.dumps({k: res[k] for k in ("accuracy", "kept_fraction_mean", "flops_per_image", "magnitude_oracle_accuracy") if k in res}, indent=1))
     print(json.dumps({k: res.get(k) for k in ("wall_ratio", "feature_cost_256_images_seconds", "misprediction_auroc")},
                      indent=1))
 

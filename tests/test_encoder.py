@@ -157,3 +157,24 @@ def test_skipping_closed_channels_gives_the_masked_logits_with_fewer_flops(digit
 def _tiny_digits() -> Classifier:
     from tiny_models import tiny_digits_cnn
     return tiny_digits_cnn()
+
+
+def test_evaluate_reads_the_encoder_features_as_image_columns(tiny_model: Classifier, digits, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from nad_guard.evaluate.config import EvalConfig
+    from nad_guard.evaluate.multipass import image_columns
+    from nad_guard.paths import PathModel
+
+    enc = ArchitectureEncoder(tiny_model)
+    gen = torch.Generator().manual_seed(0)
+    pm = PathModel(tiny_model).set_gates({p.name: torch.rand(10, p.channels, generator=gen) for p in enc.gate_points})
+    pm.fit_stats(digits[0].float(0, 200), digits[0].labels[:200])
+    enc.save(tmp_path)
+    assert image_columns(SimpleNamespace(cfg=EvalConfig(), paths=pm)) == {}
+    cols = image_columns(SimpleNamespace(cfg=EvalConfig(encoder=str(tmp_path)), paths=pm))
+    x = _x(digits, 8)
+    got = cols["nnd-encoder"](x)
+    X, names = encoder_features(enc, pm, x)
+    assert got.shape == (8, 6 + 2 * len(enc.names)) and len(names) == got.shape[1]
+    assert torch.allclose(torch.as_tensor(got), X, rtol=1e-5, atol=1e-6)

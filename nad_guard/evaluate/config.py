@@ -46,6 +46,7 @@ class EvalConfig:
     adaptive_lambdas: Sequence[float] = (1.0, 10.0)
     device: str = "cpu"
     progress: bool = True
+    encoder: str | None = None  # a fitted NND encoder's directory: its features become the column "nnd-encoder"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}

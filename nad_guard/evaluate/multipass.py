@@ -22,4 +22,10 @@ ImageColumns = dict[str, Callable[[torch.Tensor], np.ndarray]]
 def image_columns(d: "EvalData") -> ImageColumns:
     """The per-image columns the run's configuration asks for (none by default)."""
     cols: ImageColumns = {}
+    if d.cfg.encoder is not None:  # NND's gate vector against the class masks and mean encodings (docs/encoder.md)
+        from nad_guard.encoder import ArchitectureEncoder, encoder_features
+        from nad_guard.hooks import device_of
+
+        enc = ArchitectureEncoder.load(d.cfg.encoder, d.paths.classifier).to(device_of(d.paths.classifier))
+        cols["nnd-encoder"] = lambda x: encoder_features(enc, d.paths, x)[0].numpy()
     return cols
