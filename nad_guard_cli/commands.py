@@ -240,6 +240,9 @@ def fit_paths_cmd(model: str, weights: str | None, mean: tuple[float, ...] | Non
 @click.option("--data-root", type=click.Path(), default=None, help="Data folder (cifar10, imagefolder).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Directory for encoder.safetensors and encoder.json (default: the artifact directory).")
+@click.option("--layers", default=None,
+              help="Comma-separated gate points (default: the artifact's). E.g. a CIFAR ResNet's inner channels "
+                   "layer1.0.bn1,...: closing those costs less accuracy than closing block outputs.")
 @click.option("--max-images", type=click.IntRange(min=1), default=None,
               help="Learn from a seeded (--seed), stratified sample of this many training images.")
 @click.option("--test-images", type=click.IntRange(min=1), default=2000, show_default=True,
@@ -261,7 +264,8 @@ def fit_paths_cmd(model: str, weights: str | None, mean: tuple[float, ...] | Non
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
               help="Checkpoint every epoch here and resume from it.")
-def fit_encoder_cmd(artifact: str, data: str, data_root: str | None, out: str | None, max_images: int | None,
+def fit_encoder_cmd(artifact: str, data: str, data_root: str | None, out: str | None, layers: str | None,
+                    max_images: int | None,
                     test_images: int, epochs: int, soft_epochs: int, batch_size: int, lr: float, mi_weight: float,
                     sparsity: float, target_keep: float, align_weight: float, device: str, seed: int,
                     checkpoint_dir: str | None) -> None:
@@ -275,7 +279,8 @@ def fit_encoder_cmd(artifact: str, data: str, data_root: str | None, out: str | 
     For several processes use `torchrun --nproc_per_node N -m training.encoder` with the same options."""
     from training.encoder import fit_and_save
 
-    summary = fit_and_save(artifact, data, out=out, data_root=data_root, max_images=max_images,
+    summary = fit_and_save(artifact, data, out=out, data_root=data_root, layers=layers.split(",") if layers else None,
+                           max_images=max_images,
                            test_images=test_images, device=device, seed=seed, checkpoint_dir=checkpoint_dir,
                            epochs=epochs, soft_epochs=soft_epochs, batch_size=batch_size, lr=lr, mi_weight=mi_weight,
                            sparsity=sparsity, target_keep=target_keep, align_weight=align_weight)

@@ -133,9 +133,11 @@ def _tiny_resnet() -> Classifier:
     return Classifier(net.eval(), InputSpec(**DIGITS_SPEC, class_names=[str(i) for i in range(10)]), "tiny-resnet")
 
 
-def test_skipping_closed_channels_gives_the_masked_logits_with_fewer_flops(digits) -> None:
+@pytest.mark.parametrize("layers", [["relu", "layer1.0", "layer2.0", "layer3.0"],  # the guard's: block outputs
+                                    ["layer1.0.bn1", "layer2.0.bn1", "layer2.0", "layer3.0.bn1"]])  # inner, mixed
+def test_skipping_closed_channels_gives_the_masked_logits_with_fewer_flops(digits, layers: list[str]) -> None:
     clf = _tiny_resnet()
-    enc = ArchitectureEncoder(clf, ["relu", "layer1.0", "layer2.0", "layer3.0"])
+    enc = ArchitectureEncoder(clf, layers)
     torch.manual_seed(1)
     with torch.no_grad():
         for c in enc.controls:
@@ -152,6 +154,8 @@ def test_skipping_closed_channels_gives_the_masked_logits_with_fewer_flops(digit
     assert skipped < 0.9 * full
     with pytest.raises(ValueError, match="CIFAR ResNets"):
         skip_forward(ArchitectureEncoder(_tiny_digits()), x)
+    with pytest.raises(ValueError, match="in that order"):
+        skip_forward(ArchitectureEncoder(clf, ["layer2.0", "layer1.0"]), x)
 
 
 def _tiny_digits() -> Classifier:

@@ -202,16 +202,18 @@ def fit_encoder(classifier: Classifier, train_set: ImageSet, test_set: ImageSet 
 
 
 def fit_and_save(artifact: str | Path, data: str, *, out: str | Path | None = None, data_root: str | None = None,
+                 layers: Sequence[str] | None = None,
                  max_images: int | None = None, test_images: int | None = 2000, device: str = "auto",
                  seed: int = 0, checkpoint_dir: str | Path | None = None, progress: bool = True,
                  **options: Any) -> dict[str, Any] | None:
     """Fit the encoder for the guard or path artifact ``artifact`` (``"default"``: the bundled guard) at its gate
     points, on ``data`` (``max_images``: a seeded stratified sample), and save it into ``out`` (default: the
-    artifact directory). ``test_images``: how many test images (a seeded sample) measure it. ``options``: the
+    artifact directory). ``layers``: other gate points than the artifact's (e.g. a ResNet's inner channels for
+    acceleration; the detection features then have no mask columns). ``test_images``: how many test images (a seeded sample) measure it. ``options``: the
     loss and schedule settings of :func:`fit_encoder`. Returns a summary on rank 0, else ``None``."""
     path = resolve_guard_dir(artifact)
     clf = artifact_classifier(path)
-    layers = [str(d["name"]) for d in read_meta(path)["layers"]]
+    layers = list(layers) if layers else [str(d["name"]) for d in read_meta(path)["layers"]]
     train, test = load_dataset(data, data_root)
     train = sample_training_set(train, max_images, seed)
     if test_images is not None and test_images < len(test):
@@ -232,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--data-root")
     ap.add_argument("--out")
+    ap.add_argument("--layers", type=lambda v: v.split(","))
     ap.add_argument("--max-images", type=int)
     ap.add_argument("--test-images", type=int, default=2000)
     for name, kind in (("epochs", int), ("soft-epochs", int), ("batch-size", int), ("lr", float), ("hidden", int),
@@ -242,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--checkpoint-dir")
     ap.add_argument("--no-progress", action="store_true")
     a = vars(ap.parse_args(argv))
-    fixed = ("artifact", "data", "data_root", "out", "max_images", "test_images", "device", "seed", "checkpoint_dir")
+    fixed = ("artifact", "data", "data_root", "out", "layers", "max_images", "test_images", "device", "seed", "checkpoint_dir")
     options = {k: v for k, v in a.items() if k not in fixed + ("no_progress",) and v is not None}
     summary = fit_and_save(**{k: a[k] for k in fixed}, progress=not a["no_progress"], **options)
     if summary is not None:
