@@ -182,3 +182,39 @@ def test_evaluate_reads_the_encoder_features_as_image_columns(tiny_model: Classi
     X, names = encoder_features(enc, pm, x)
     assert got.shape == (8, 6 + 2 * len(enc.names)) and len(names) == got.shape[1]
     assert torch.allclose(torch.as_tensor(got), X, rtol=1e-5, atol=1e-6)
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+from tiny_models import tiny_digits_cnn, train_tiny
+from nad_guard.data import load_dataset
+import training.encoder as te
+torch.set_num_threads(1)
+train = load_dataset("digits")[0]
+model = train_tiny(tiny_digits_cnn(), train, epochs=10)
+enc, metrics = te.fit_encoder(model, train.subset(range(320)), epochs=2, batch_size=32, lr=0.01, device="cpu",
+                              progress=False)
+if os.environ.get("RANK", "0") == "0":
+    torch.save({"state": enc.state_dict(), "world": metrics["world_size"]}, sys.argv[1])
+"""
+
+
+def test_two_processes_fit_the_encoder_of_one(tiny_model: Classifier, digits, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2`` (gloo): the same encoder as one process, up to float32 summation order."""
+    import os
+    import subprocess
+    import sys
+
+    one, _ = te.fit_encoder(tiny_model, digits[0].subset(range(320)), epochs=2, batch_size=32, lr=0.01,
+                            device="cpu", progress=False)
+    root = Path(__file__).resolve().parents[1]
+    script, out = tmp_path / "fit.py", tmp_path / "enc.pt"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "tests")]), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(out)], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = torch.load(out, weights_only=True)
+    assert two["world"] == 2
+    for k, v in one.state_dict().items():
+        torch.testing.assert_close(two["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
