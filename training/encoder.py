@@ -4,15 +4,15 @@ The loss on a batch (docs/encoder.md says where each term departs from the paper
 
     KL(softmax(original logits) || softmax(decoupled logits))                     fidelity
     + mi_weight * CE(aux(gate vector), original prediction)                       mutual information
-    + sparsity * sum_l [mean gate of layer l > target_keep] * mean gate of layer l   sparsity (hinge)
-    + align_weight * mean_l MSE(gate_l, pooled output_l / max_c pooled output_l)   alignment
+    + sparsity * mean_l [kept share of l > target_keep] * mean soft gate of l     sparsity (hinge)
+    + align_weight * mean_l MSE(gate_l, a_l / max_c a_l), a_l = pool(relu(output_l)) alignment
 
 The mutual-information term is the variational (Barber-Agakov) lower bound
-``I(g; y) >= H(y) - CE(q(y | g))`` with an auxiliary linear classifier ``q`` over the concatenated gates
-and ``y`` the frozen classifier's prediction (the input's class attribute): minimising the CE maximises
-the bound. The sparsity hinge is an L1 penalty (gates are positive) switched on per gate point while its
-mean gate over the batch is above ``target_keep``, as in ``training.paths``. The alignment pulls each
-gate towards the layer's own (ungated, detached) pooled output scaled to ``[0, 1]`` per image.
+``I(g; y) >= H(y) - CE(q(y | g))`` with an auxiliary linear classifier ``q`` over the concatenated soft
+gates and ``y`` the frozen classifier's prediction (the input's class attribute): minimising the CE
+maximises the bound. The sparsity hinge is an L1 penalty on the soft gates, switched on per gate point
+while its kept share (hard gates, over the global batch) is above ``target_keep``, as in ``training.paths``. The alignment pulls each
+gate towards the layer's own (ungated, detached) pooled positive output scaled to ``[0, 1]`` per image.
 
 Every epoch after the first ``soft_epochs`` (default 0: all of them) gates with the hard 0/1 gates in the
 forward pass and the sigmoid's gradient in the backward (straight-through), so that the decoupled network

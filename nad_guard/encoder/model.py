@@ -97,8 +97,9 @@ class ArchitectureEncoder(nn.Module):
                 ) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, list[torch.Tensor]]]:
         """The decoupled network on ``x`` float ``(N, C, H, W)`` in ``[0, 1]``: logits ``(N, K)``, the gates
         per gate point ``(N, C_l)`` (``mode`` ``soft`` or ``hard``) and, with ``keep_outputs``, a dict with
-        each gate point's pooled *ungated* output (``outputs``) and soft gates (``probs``), ``(N, C_l)``
-        each (else an empty dict)."""
+        each gate point's pooled *ungated* positive output (``outputs``: ``pool(relu(out))``, what the channel
+        passes on after a ReLU; the output itself at a post-ReLU gate point) and soft gates (``probs``),
+        ``(N, C_l)`` each (else an empty dict)."""
         pooled_in = [self.input_pool(x)]
         gates: list[torch.Tensor] = []
         extra: dict[str, list[torch.Tensor]] = {"outputs": [], "probs": []} if keep_outputs else {}
@@ -110,7 +111,7 @@ class ArchitectureEncoder(nn.Module):
             g = gate_values(logit, mode)
             gates.append(g)
             if keep_outputs:
-                extra["outputs"].append(pool(out))
+                extra["outputs"].append(pool(torch.relu(out)))
                 extra["probs"].append(torch.sigmoid(logit))
             gated = apply_gate(out, g)
             pooled_in.append(pool(gated))
