@@ -117,8 +117,9 @@ def main() -> None:
                              "b64_image_loop": t["original_b64"] / t["skipped_image_loop_b64"]}
     res["accuracy"] = acc
     if skippable:
-        inner = [f"{n}.bn1" for n in enc.names[1:]]
-        res["magnitude_oracle_accuracy"] = {"closed_share_at_gate_points": magnitude_oracle(clf, enc.names, x, y),
+        blocks = [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(len(getattr(clf.net, f"layer{i}")))]
+        inner = [f"{n}.bn1" for n in blocks]
+        res["magnitude_oracle_accuracy"] = {"closed_share_at_gate_points": magnitude_oracle(clf, ["relu"] + blocks, x, y),
                                             "closed_share_at_inner_channels": magnitude_oracle(clf, inner, x, y)}
     # use 1: cost and a first look at mispredictions
     xs = x[:256]
