@@ -66,7 +66,8 @@ def main() -> None:
     path = resolve_guard_dir(a.artifact)
     clf = artifact_classifier(path)
     enc = ArchitectureEncoder.load(a.encoder, clf)
-    paths = PathModel.load(path, clf)
+    path_model = PathModel.load(path, clf)
+    paths = path_model if path_model.layer_names_ == enc.names else None  # other gate points: no mask columns
     _, test = load_dataset(a.data)
     test = test.subset(permutation(len(test), a.seed, -1)[:a.images])
     x, y = test.float(), test.labels
@@ -126,7 +127,7 @@ def main() -> None:
     with torch.no_grad():
         plain = wall_seconds(lambda: clf(xs), a.repeats)
         feats = wall_seconds(lambda: encoder_features(enc, paths, xs), a.repeats)
-        path_f = wall_seconds(lambda: paths.features(xs), a.repeats)
+        path_f = wall_seconds(lambda: path_model.features(xs), a.repeats)
     res["feature_cost_256_images_seconds"] = {"plain_forward": plain, "encoder_features": feats,
                                               "path_features": path_f, "encoder_over_plain": feats / plain}
     t0 = time.time()
