@@ -234,6 +234,61 @@ def fit_paths_cmd(model: str, weights: str | None, mean: tuple[float, ...] | Non
         click.echo(json.dumps(summary))
 
 
+@main.command("fit-encoder")
+@click.option("--artifact", required=True, help="Guard or path artifact directory (or 'default': the bundled guard); "
+              "the encoder gates its gate points.")
+@click.option("--data", required=True, type=click.Choice(DATASETS))
+@click.option("--data-root", type=click.Path(), default=None, help="Data folder (cifar10, imagefolder).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Directory for encoder.safetensors and encoder.json (default: the artifact directory).")
+@click.option("--layers", default=None,
+              help="Comma-separated gate points (default: the artifact's). E.g. a CIFAR ResNet's inner channels "
+                   "layer1.0.bn1,...: closing those costs less accuracy than closing block outputs.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None,
+              help="Learn from a seeded (--seed), stratified sample of this many training images.")
+@click.option("--test-images", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Seeded sample of test images that measures the fitted encoder.")
+@click.option("--epochs", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--soft-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="First epochs trained with the soft (sigmoid) gates; the rest use the hard 0/1 gates "
+                   "(straight-through).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate.")
+@click.option("--mi-weight", type=float, default=0.5, show_default=True,
+              help="Weight of the mutual-information term (auxiliary-classifier bound).")
+@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Weight of the sparsity hinge.")
+@click.option("--target-keep", type=float, default=0.6, show_default=True,
+              help="Share of channels per gate point above which the sparsity term acts.")
+@click.option("--align-weight", type=float, default=0.1, show_default=True,
+              help="Weight of the alignment of gates to the layers' pooled outputs.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="Checkpoint every epoch here and resume from it.")
+def fit_encoder_cmd(artifact: str, data: str, data_root: str | None, out: str | None, layers: str | None,
+                    max_images: int | None,
+                    test_images: int, epochs: int, soft_epochs: int, batch_size: int, lr: float, mi_weight: float,
+                    sparsity: float, target_keep: float, align_weight: float, device: str, seed: int,
+                    checkpoint_dir: str | None) -> None:
+    """Fit the NND architecture encoder (Li et al., ECCV 2020) of a guard's frozen classifier: per-input
+    gates at the guard's gate points, from each layer's input (docs/encoder.md).
+
+    \b
+    Loss: KL to the classifier's softmax + mutual-information bound (auxiliary classifier of the predicted
+    class from the gates) + sparsity hinge + alignment of gates to the layers' pooled outputs.
+    Measured cost (2 shared cores, 1 thread; bench/results/encoder_*): see the README there.
+    For several processes use `torchrun --nproc_per_node N -m training.encoder` with the same options."""
+    from training.encoder import fit_and_save
+
+    summary = fit_and_save(artifact, data, out=out, data_root=data_root, layers=layers.split(",") if layers else None,
+                           max_images=max_images,
+                           test_images=test_images, device=device, seed=seed, checkpoint_dir=checkpoint_dir,
+                           epochs=epochs, soft_epochs=soft_epochs, batch_size=batch_size, lr=lr, mi_weight=mi_weight,
+                           sparsity=sparsity, target_keep=target_keep, align_weight=align_weight)
+    if summary is not None:
+        click.echo(json.dumps(summary))
+
+
 @main.command("fit-detector")
 @_artifact_options("Path artifact from fit-paths; the guard is written into it.")
 @click.option("--method", type=click.Choice(["logistic", "gboost", "knn", "gaussian", "isoforest"]), default="logistic",

@@ -60,7 +60,6 @@ Command line (also under ``torchrun``)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -68,13 +67,10 @@ import re
 import sys
 import time
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -82,9 +78,10 @@ from tqdm.auto import tqdm
 from nad_guard.data import ImageSet, load_dataset, stratified_split
 from nad_guard.guard import save_classifier
 from nad_guard.health import MIN_SUBNET_ACCURACY, MaskProblem, mask_problems
-from nad_guard.models import Classifier, resolve_device
+from nad_guard.models import Classifier
 from nad_guard.model_names import build_classifier, graph_layers_problem
 from nad_guard.hooks import hooked
+from training.distributed import Ranks as _Ranks, permutation as _permutation, session as _session
 from nad_guard.paths import GateCoverageWarning, GatePoint, PathModel, apply_gate, discover_gate_points
 
 CHECKPOINT_FILE = "paths-checkpoint.pt"
@@ -107,49 +104,6 @@ class GateLogits(nn.Module):
 
 
 # --------------------------------------------------------------------------- plumbing
-
-@dataclass
-class _Ranks:
-    rank: int = 0
-    world: int = 1
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
-    def shard(self, idx: torch.Tensor) -> torch.Tensor:
-        return idx[self.rank::self.world]
-
-
-@contextmanager
-def _session(classifier: Classifier, device: str) -> Iterator[tuple[_Ranks, torch.device]]:
-    """Resolve the device, join a ``torchrun`` process group if launched by one (and leave it after),
-    and keep ``classifier`` on the device for the block (moved back afterwards)."""
-    dev = resolve_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dev.type == "cuda" and dev.index is None and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    created = world > 1 and not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    ranks = _Ranks(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else _Ranks()
-    home = classifier.mean.device
-    classifier.to(dev)
-    try:
-        yield ranks, dev
-    finally:
-        classifier.to(home)
-        if created:
-            dist.destroy_process_group()
-
-
-def _permutation(n: int, *key: int) -> torch.Tensor:
-    """A fixed permutation of ``range(n)`` for a key such as ``(seed, epoch)``."""
-    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
 
 def _record(classifier: Classifier, names: list[str], x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """No-grad pass: logits ``(N, K)`` and a copy of every gate point's output."""

@@ -58,6 +58,7 @@ class EvalConfig:
     multipass_baselines: Sequence[str] = ()
     odds_samples: int = 256
     maha_noise: Sequence[float] = ()
+    encoder: str | None = None  # a fitted NND encoder's directory: its features become the column "nnd-encoder"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}

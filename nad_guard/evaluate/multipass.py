@@ -67,6 +67,12 @@ def image_columns(d: "EvalData") -> ImageColumns:
             cols[name] = lambda x, det=det: squeeze_distances(clf, x, det.squeezers_)
         else:
             cols[name] = lambda x, det=det: det.columns(clf, x, batch_size=len(x))
+    if d.cfg.encoder is not None:  # NND's gate vector against the class masks and mean encodings (docs/encoder.md)
+        from nad_guard.encoder import ArchitectureEncoder, encoder_features
+        from nad_guard.hooks import device_of
+
+        enc = ArchitectureEncoder.load(d.cfg.encoder, d.paths.classifier).to(device_of(d.paths.classifier))
+        cols["nnd-encoder"] = lambda x: encoder_features(enc, d.paths, x)[0].numpy()
     return cols
 
 
