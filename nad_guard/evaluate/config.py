@@ -4,7 +4,10 @@ detector it knows, and the baselines' names."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from nad_guard.probes import ProbeSpec
 
 SELECT = ("fixed", "cv")
 PROTOCOLS = ("seen", "unseen", "fgsm-only", "clean-only", "mispredictions", "adaptive")
@@ -24,6 +27,10 @@ class EvalConfig:
     :func:`nad_guard.detectors.select_by_cv`). Neither ever looks at the evaluation part.
     ``clean_methods``: nad-guard's clean-only detectors, each ``method`` or ``method:encoding``
     (``primary``'s encoding when omitted); the first is nad-guard in the clean-only protocol.
+    ``probes``: with ``k > 0``, the deep check (:mod:`nad_guard.probes`): every protocol but ``adaptive``
+    also reports ``nad-guard[deep k=K]``, nad-guard's detector (same method, encoding and training data)
+    on its row plus the probe columns of :meth:`probe_spec` (``probe_transforms``, ``probe_sigma``,
+    ``probe_bits``, ``probe_seed``).
     """
 
     suite: str = "mnist"
@@ -46,9 +53,21 @@ class EvalConfig:
     adaptive_lambdas: Sequence[float] = (1.0, 10.0)
     device: str = "cpu"
     progress: bool = True
+    probes: int = 0
+    probe_transforms: Sequence[str] = ("noise", "bits", "smooth", "shift")
+    probe_sigma: float = 0.02
+    probe_bits: int = 5
+    probe_seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}
+
+    def probe_spec(self) -> "ProbeSpec":
+        """The deep check's :class:`~nad_guard.probes.ProbeSpec` (``k = probes``)."""
+        from nad_guard.probes import ProbeSpec
+
+        return ProbeSpec(k=self.probes, transforms=tuple(self.probe_transforms), sigma=self.probe_sigma,
+                         bits=self.probe_bits, seed=self.probe_seed)
 
     def clean_specs(self) -> list[tuple[str, str]]:
         """``(method, encoding)`` of each of ``clean_methods``, checked."""

@@ -88,19 +88,18 @@ def compute_features(paths: PathModel, images: torch.Tensor | ImageSet, labels: 
     acts: dict[str, list[np.ndarray]] = {n: [] for n in layers}
     logits = []
     extra: dict[str, list[np.ndarray]] = {n: [] for n in (image_columns or {})}
-    with capture(clf, layers) as store:
-        for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-            store.clear()
-            x = images.float(s, s + batch_size) if isinstance(images, ImageSet) else images[s:s + batch_size]
+    for s in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+        x = images.float(s, s + batch_size) if isinstance(images, ImageSet) else images[s:s + batch_size]
+        with capture(clf, layers) as store:  # the predicting pass only (the columns' passes run outside)
             f, pooled = features_with_pooled(paths, x.to(device), batch_size=batch_size)
-            for e in encodings:
-                enc[e].append(encode(f, e, pooled))
-            for n in layers:
-                acts[n].append(store[n].cpu().numpy())
-            logits.append(f.logits.float().numpy())
-            for n, fn in (image_columns or {}).items():
-                col = np.asarray(fn(x.to(device)), dtype=np.float64)
-                extra[n].append(col.reshape(len(x), -1))
+        for e in encodings:
+            enc[e].append(encode(f, e, pooled))
+        for n in layers:
+            acts[n].append(store[n].cpu().numpy())
+        logits.append(f.logits.float().numpy())
+        for n, fn in (image_columns or {}).items():
+            col = np.asarray(fn(x.to(device)), dtype=np.float64)
+            extra[n].append(col.reshape(len(x), -1))
     if not logits:
         raise ValueError(f"{desc}: no images")
     return FeatureSet({e: np.concatenate(v) for e, v in enc.items()},

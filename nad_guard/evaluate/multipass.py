@@ -19,7 +19,21 @@ if TYPE_CHECKING:
 ImageColumns = dict[str, Callable[[torch.Tensor], np.ndarray]]
 
 
+PROBES = "probes"  # the deep check's columns (nad_guard.probes), with EvalConfig.probes > 0
+
+
+def deep_name(k: int) -> str:
+    """The row name of nad-guard's deep check with ``k`` probes."""
+    return f"nad-guard[deep k={k}]"
+
+
 def image_columns(d: "EvalData") -> ImageColumns:
-    """The per-image columns the run's configuration asks for (none by default)."""
+    """The per-image columns the run's configuration asks for (none by default): ``"probes"``, the deep
+    check's probe columns, when ``d.cfg.probes > 0``."""
     cols: ImageColumns = {}
+    if d.cfg.probes > 0:
+        from nad_guard.probes import probe_columns, rows_per_pass
+
+        spec = d.cfg.probe_spec()
+        cols[PROBES] = lambda x: probe_columns(d.paths, x, spec, batch_size=rows_per_pass(spec))
     return cols
