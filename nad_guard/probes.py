@@ -35,7 +35,8 @@ sub-architecture (``argmax_k s_k``) changes. Global: ``kl`` ``KL(p_o || p_j)``; 
 ``msp_drop`` ``p_o[y_o] - p_j[y_o]`` (``y_o`` the original prediction); ``pred`` 1 when the prediction
 changes. Columns (:func:`probe_column_names`): the mean and the max over the probes of each continuous
 quantity and the share of probes for each 0/1 one, over all probes and, with ``per_transform``, also over
-each transform's probes.
+each transform's probes; with ``per_layer=False`` the per-gate-point quantities are first averaged over the
+gate points.
 
 Differentiable counterpart for adaptive attacks: :func:`probe_columns_torch` (autograd through the
 forward pass; the 0/1 changes carry the gradient of a smooth surrogate, straight-through). The numpy
@@ -67,15 +68,17 @@ class ProbeSpec:
     """The deep check's probes (see the module docstring). ``k`` probes; ``transforms`` cycled over
     them; ``sigma`` the noise added to every probe; ``bits`` the depth of ``bits``; ``shift`` the
     largest translation of ``shift`` in pixels; ``seed`` fixes the noise patterns and shifts;
-    ``per_transform``: also summarise each transform's probes on their own."""
+    ``per_transform``: also summarise each transform's probes on their own; ``per_layer=False``: the
+    per-gate-point quantities averaged over gate points first (one column each, named ``layers``)."""
 
-    k: int = 8
+    k: int = 4
     transforms: tuple[str, ...] = ("noise", "bits", "smooth", "shift")
-    sigma: float = 0.02
+    sigma: float = 0.01
     bits: int = 5
     shift: int = 1
     seed: int = 0
     per_transform: bool = False
+    per_layer: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transforms", tuple(self.transforms))
@@ -210,6 +213,8 @@ def shift_columns_torch(shifts: dict[str, torch.Tensor], spec: ProbeSpec) -> tor
             t = shifts[name]
             if t.ndim == 2:
                 t = t[..., None]
+            elif not spec.per_layer:
+                t = t.mean(2, keepdim=True)
             t = t[:, idx]  # (B, k_g, L or 1)
             if not idx:
                 t = t.new_zeros(b, 1, t.shape[2])
@@ -229,7 +234,7 @@ def probe_column_names(layers: Sequence[str], spec: ProbeSpec) -> list[str]:
             stats = ("share",) if name in BINARY else ("mean", "max")
             for st in stats:
                 if name in LAYER_SHIFTS:
-                    names += [f"probe[{g}]:{layer}:{name}_{st}" for layer in layers]
+                    names += [f"probe[{g}]:{layer}:{name}_{st}" for layer in (layers if spec.per_layer else ["layers"])]
                 else:
                     names.append(f"probe[{g}]:{name}_{st}")
     return names

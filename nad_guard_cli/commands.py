@@ -382,8 +382,10 @@ def build_default_cmd(out: str | None, device: str) -> None:
                    "'nad-guard[deep k=K]', nad-guard's detector on its row plus what moves under K probes.")
 @click.option("--probe-transforms", default="noise,bits,smooth,shift", show_default=True,
               help="The probes' transforms, cycled over the K probes (noise, bits, smooth, shift).")
-@click.option("--probe-sigma", type=float, default=0.02, show_default=True,
+@click.option("--probe-sigma", type=float, default=0.01, show_default=True,
               help="Standard deviation of the Gaussian noise added to every probe (pixels in [0, 1]).")
+@click.option("--probe-per-layer/--probe-layer-mean", default=True, show_default=True,
+              help="Probe columns per gate point, or the per-gate-point shifts averaged over gate points first.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for results.md, results.json and roc_*.png.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -400,7 +402,8 @@ def build_default_cmd(out: str | None, device: str) -> None:
 def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
                  std: tuple[float, ...] | None, data: str, data_root: str | None, suite: str, attacks: str | None,
                  protocols: str, methods: str, encodings: str, select: str, cv_folds: int,
-                 clean_methods: str, probes: int, probe_transforms: str, probe_sigma: float, out: str,
+                 clean_methods: str, probes: int, probe_transforms: str, probe_sigma: float,
+                 probe_per_layer: bool, out: str,
                  device: str, max_images: int | None, train_images: int, adaptive_images: int, batch_size: int,
                  bootstrap: int, seed: int, cache_dir: str | None, quiet: bool) -> None:
     """Judge nad-guard against MSP, Energy, Mahalanobis, LID and deep kNN under the honest protocols
@@ -418,7 +421,7 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
     cfg = EvalConfig(suite=suite, attacks=split(attacks) if attacks else None, protocols=split(protocols),
                      methods=m, encodings=e, primary=(m[0], e[0]), select=select, cv_folds=cv_folds,
                      clean_methods=split(clean_methods), probes=probes,
-                     probe_transforms=split(probe_transforms), probe_sigma=probe_sigma,
+                     probe_transforms=split(probe_transforms), probe_sigma=probe_sigma, probe_per_layer=probe_per_layer,
                      batch_size=batch_size, n_resamples=bootstrap, seed=seed, max_images=max_images,
                      train_images=train_images, adaptive_images=adaptive_images,
                      device=str(resolve_device(device)), progress=not quiet)

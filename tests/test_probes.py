@@ -50,6 +50,8 @@ def test_columns_shape_names_and_identity_probes(paths, x):
     np.testing.assert_allclose(cols, probe_columns(paths, x, SPEC, batch_size=24), rtol=1e-5, atol=1e-6)
     per = replace(SPEC, per_transform=True)
     assert probe_columns(paths, x, per).shape[1] == len(probe_column_names(paths.layer_names_, per)) == 5 * (7 * L + 7)
+    flat = replace(SPEC, per_layer=False)
+    assert probe_columns(paths, x, flat).shape[1] == len(probe_column_names(paths.layer_names_, flat)) == 14
     # identity probes (noise only, sigma 0) and k = 0: nothing moves
     ident = probe_columns(paths, x, ProbeSpec(k=3, transforms=("noise",), sigma=0.0))
     np.testing.assert_allclose(ident, 0, atol=1e-5)

@@ -30,7 +30,7 @@ class EvalConfig:
     ``probes``: with ``k > 0``, the deep check (:mod:`nad_guard.probes`): every protocol but ``adaptive``
     also reports ``nad-guard[deep k=K]``, nad-guard's detector (same method, encoding and training data)
     on its row plus the probe columns of :meth:`probe_spec` (``probe_transforms``, ``probe_sigma``,
-    ``probe_bits``, ``probe_seed``).
+    ``probe_bits``, ``probe_seed``, ``probe_per_layer``, ``probe_per_transform``).
     """
 
     suite: str = "mnist"
@@ -55,9 +55,11 @@ class EvalConfig:
     progress: bool = True
     probes: int = 0
     probe_transforms: Sequence[str] = ("noise", "bits", "smooth", "shift")
-    probe_sigma: float = 0.02
+    probe_sigma: float = 0.01
     probe_bits: int = 5
     probe_seed: int = 0
+    probe_per_layer: bool = True
+    probe_per_transform: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}
@@ -67,7 +69,8 @@ class EvalConfig:
         from nad_guard.probes import ProbeSpec
 
         return ProbeSpec(k=self.probes, transforms=tuple(self.probe_transforms), sigma=self.probe_sigma,
-                         bits=self.probe_bits, seed=self.probe_seed)
+                         bits=self.probe_bits, seed=self.probe_seed, per_layer=self.probe_per_layer,
+                         per_transform=self.probe_per_transform)
 
     def clean_specs(self) -> list[tuple[str, str]]:
         """``(method, encoding)`` of each of ``clean_methods``, checked."""

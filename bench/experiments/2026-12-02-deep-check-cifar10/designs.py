@@ -5,7 +5,7 @@ design, k = 16 probes each (k = 4 and 8 are their first probes: the probes are p
     python bench/experiments/2026-12-02-deep-check-cifar10/designs.py runs/deep_designs [DESIGN ...]
 
 Writes OUT/base.npz (rich/full encodings, labels, source-image groups, set names) and OUT/<design>.npz
-(per-probe shifts), read by select.py. Nothing here looks at the calibration or evaluation parts."""
+(per-probe shifts), read by choose_design.py. Nothing here looks at the calibration or evaluation parts."""
 
 from __future__ import annotations
 
