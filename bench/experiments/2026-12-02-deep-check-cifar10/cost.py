@@ -6,7 +6,8 @@ reference CIFAR-10 ResNet-20 on CPU (one torch thread), at batch 1 and 64, media
 
 Timed: ``classifier(x)`` (plain forward), ``PathModel.features`` (the single-pass guard's features) and
 ``probe_features`` (the deep check: the input and its k probes in one pass, the input's own features
-included) for k = 4, 8, 16 with the chosen design's transforms. Target (issue 21): deep <= (k + 1.2) x plain."""
+included) for k = 4, 8, 16 with the chosen design's transforms: the whole batch in one pass of (k + 1) * B
+rows, and (batch 64) in passes of at most 256 rows. Target (issue 21): deep <= (k + 1.2) x plain."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from nad_guard.data import load_dataset
 from nad_guard.guard import artifact_classifier
 from nad_guard.paths import PathModel
-from nad_guard.probes import ProbeSpec, probe_features
+from nad_guard.probes import ProbeSpec, probe_features, rows_per_pass
 from nad_guard.runinfo import load_snapshot, machine_info
 
 ARTIFACT = "bench/results/guard_cifar10-resnet20"
@@ -56,6 +57,10 @@ def main(out: Path, spec: ProbeSpec) -> None:
             s = ProbeSpec(**{**spec.to_dict(), "k": k})
             deep = median_seconds(lambda: probe_features(paths, x, s, batch_size=batch), max(3, repeats // 2))
             row |= {f"deep_k{k}_s": deep, f"deep_k{k}_x": deep / plain, f"deep_k{k}_target_x": k + 1.2}
+            if batch > 1:  # the same in passes of at most 256 rows (rows_per_pass)
+                chunk = rows_per_pass(s, 256)
+                deep = median_seconds(lambda: probe_features(paths, x, s, batch_size=chunk), max(3, repeats // 2))
+                row |= {f"deep_k{k}_passes256_s": deep, f"deep_k{k}_passes256_x": deep / plain}
         rows.append(row)
         print(json.dumps(row), flush=True)
     out.write_text(json.dumps({"spec": spec.to_dict(), "rows": rows, "machine": {"start": start, "end": machine_info(),
