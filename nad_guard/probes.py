@@ -244,12 +244,17 @@ def probe_column_names(layers: Sequence[str], spec: ProbeSpec) -> list[str]:
 class ProbeResult:
     """One deep pass: the original inputs' :class:`PathFeatures` and pooled gate-point activations (as
     :func:`nad_guard.encoding.features_with_pooled` gives them), the probe ``columns`` ``(N, F)`` float64,
-    and, with ``keep_shifts``, the per-probe quantities (name -> ``(N, k)`` or ``(N, k, L)``)."""
+    and, with ``keep_shifts``, the per-probe quantities (name -> ``(N, k)`` or ``(N, k, L)``). Unpacks as
+    ``(features, pooled, columns)``."""
 
     features: PathFeatures
     pooled: list[torch.Tensor]
     columns: np.ndarray
     shifts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __iter__(self):
+        """``f, pooled, columns = probe_features(...)``."""
+        return iter((self.features, self.pooled, self.columns))
 
 
 def _basis(paths: PathModel, device: torch.device) -> list[LayerBasis]:

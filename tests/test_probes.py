@@ -71,6 +71,8 @@ def test_one_batched_pass_gives_the_plain_features_too(paths, x):
     finally:
         h.remove()
     assert calls == [5 * len(x)]
+    f0, pooled0, cols0 = r
+    assert f0 is r.features and cols0.shape == (len(x), len(probe_column_names(paths.layer_names_, SPEC)))
     f, pooled = features_with_pooled(paths, x)
     np.testing.assert_allclose(r.features.X.numpy(), f.X.numpy(), rtol=1e-5, atol=1e-5)
     assert torch.equal(r.features.pred, f.pred) and r.features.names == f.names
