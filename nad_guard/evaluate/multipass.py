@@ -32,8 +32,8 @@ def image_columns(d: "EvalData") -> ImageColumns:
     check's probe columns, when ``d.cfg.probes > 0``."""
     cols: ImageColumns = {}
     if d.cfg.probes > 0:
-        from nad_guard.probes import probe_columns, rows_per_pass
+        from nad_guard.probes import probe_columns
 
         spec = d.cfg.probe_spec()
-        cols[PROBES] = lambda x: probe_columns(d.paths, x, spec, batch_size=rows_per_pass(spec))
+        cols[PROBES] = lambda x: probe_columns(d.paths, x, spec)
     return cols
