@@ -39,8 +39,8 @@ def main() -> None:
     seen_rows = [x for x in rows if x["protocol"] == "seen" and x["detector"] == DEEP]
     print("| target (deep check) | measured | met |")
     print("| --- | --- | --- |")
-    print(f"| seen >= 0.97 on every attack | min {s[1]:.3f} (mean {s[0]:.3f}; below: "
-          f"{', '.join(f'{x['attack']} {x['auroc']:.3f}' for x in seen_rows if x['auroc'] < 0.97) or 'none'}) | "
+    below = ", ".join(f"{x['attack']} {x['auroc']:.3f}" for x in seen_rows if x["auroc"] < 0.97) or "none"
+    print(f"| seen >= 0.97 on every attack | min {s[1]:.3f} (mean {s[0]:.3f}; below: {below}) | "
           f"{'yes' if s[1] >= 0.97 else 'no'} |")
     print(f"| leave-one-out mean >= 0.95, none < 0.90 | mean {u[0]:.3f}, min {u[1]:.3f} | "
           f"{'yes' if u[0] >= 0.95 and u[1] >= 0.90 else 'no'} |")
@@ -56,10 +56,11 @@ def main() -> None:
               "k=4 / 8 / 16 in passes <= 256 rows | target k+1.2 |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
         for row in cj["rows"]:
-            chunk = " / ".join(f"{row[f'deep_k{k}_passes256_x']:.2f}x" for k in (4, 8, 16)
+            chunk = " / ".join("%.2fx" % row[f"deep_k{k}_passes256_x"] for k in (4, 8, 16)
                                if f"deep_k{k}_passes256_x" in row) or "-"
-            print(f"| {row['batch']} | {row['plain_forward_s']:.4f} | {row['single_pass_x']:.2f}x | "
-                  + " | ".join(f"{row[f'deep_k{k}_x']:.2f}x" for k in (4, 8, 16)) + f" | {chunk} | 5.2 / 9.2 / 17.2 |")
+            deep = " | ".join("%.2fx" % row[f"deep_k{k}_x"] for k in (4, 8, 16))
+            print(f"| {row['batch']} | {row['plain_forward_s']:.4f} | {row['single_pass_x']:.2f}x | {deep} | {chunk} "
+                  "| 5.2 / 9.2 / 17.2 |")
         print(f"\nload average: start {cj['machine']['start'].get('load_average')}, end "
               f"{cj['machine']['end'].get('load_average')}")
 
