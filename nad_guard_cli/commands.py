@@ -445,6 +445,15 @@ def build_default_cmd(out: str | None, device: str) -> None:
                    "or 'lee' for theirs (0,0.01,0.005,0.002,0.0014,0.001,0.0005): adds the row "
                    "mahalanobis-lr[pre] to seen/unseen/fgsm-only (magnitude chosen by CV on the fit part; costs "
                    "per image and layer one forward-backward pass plus one forward pass per magnitude). Empty: off.")
+@click.option("--probes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The deep check (nad_guard.probes): with K > 0 every protocol but adaptive also reports "
+                   "'nad-guard[deep k=K]', nad-guard's detector on its row plus what moves under K probes.")
+@click.option("--probe-transforms", default="noise,bits,smooth,shift", show_default=True,
+              help="The probes' transforms, cycled over the K probes (noise, bits, smooth, shift).")
+@click.option("--probe-sigma", type=float, default=0.01, show_default=True,
+              help="Standard deviation of the Gaussian noise added to every probe (pixels in [0, 1]).")
+@click.option("--probe-per-layer/--probe-layer-mean", default=True, show_default=True,
+              help="Probe columns per gate point, or the per-gate-point shifts averaged over gate points first.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for results.md, results.json and roc_*.png.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -461,7 +470,8 @@ def build_default_cmd(out: str | None, device: str) -> None:
 def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
                  std: tuple[float, ...] | None, data: str, data_root: str | None, suite: str, attacks: str | None,
                  protocols: str, methods: str, encodings: str, select: str, cv_folds: int,
-                 clean_methods: str, multipass_baselines: str, odds_samples: int, maha_noise: str, out: str,
+                 clean_methods: str, multipass_baselines: str, odds_samples: int, maha_noise: str, probes: int,
+                 probe_transforms: str, probe_sigma: float, probe_per_layer: bool, out: str,
                  device: str, max_images: int | None, train_images: int, adaptive_images: int, batch_size: int,
                  bootstrap: int, seed: int, cache_dir: str | None, quiet: bool) -> None:
     """Judge nad-guard against MSP, Energy, Mahalanobis, LID and deep kNN (and, on request, feature squeezing
@@ -482,6 +492,8 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
                      clean_methods=split(clean_methods),
                      multipass_baselines=split(multipass_baselines), odds_samples=odds_samples,
                      maha_noise=_maha_noise(maha_noise),
+                     probes=probes, probe_transforms=split(probe_transforms), probe_sigma=probe_sigma,
+                     probe_per_layer=probe_per_layer,
                      batch_size=batch_size, n_resamples=bootstrap, seed=seed, max_images=max_images,
                      train_images=train_images, adaptive_images=adaptive_images,
                      device=str(resolve_device(device)), progress=not quiet)

@@ -4,7 +4,10 @@ detector it knows, and the baselines' names."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from nad_guard.probes import ProbeSpec
 
 SELECT = ("fixed", "cv")
 PROTOCOLS = ("seen", "unseen", "fgsm-only", "clean-only", "mispredictions", "deployed", "adaptive")
@@ -33,6 +36,10 @@ class EvalConfig:
     ``maha_noise``: noise magnitudes of Lee et al.'s input pre-processing (e.g.
     :data:`nad_guard.baselines.mahalanobis_pre.LEE_NOISE`); non-empty adds the row ``mahalanobis-lr[pre]``
     to the supervised protocols (:mod:`nad_guard.evaluate.maha_pre`); empty (the default): off.
+    ``probes``: with ``k > 0``, the deep check (:mod:`nad_guard.probes`): every protocol but ``adaptive``
+    also reports ``nad-guard[deep k=K]``, nad-guard's detector (same method, encoding and training data)
+    on its row plus the probe columns of :meth:`probe_spec` (``probe_transforms``, ``probe_sigma``,
+    ``probe_bits``, ``probe_seed``, ``probe_per_layer``, ``probe_per_transform``).
     """
 
     suite: str = "mnist"
@@ -59,9 +66,24 @@ class EvalConfig:
     odds_samples: int = 256
     maha_noise: Sequence[float] = ()
     encoder: str | None = None  # a fitted NND encoder's directory: its features become the column "nnd-encoder"
+    probes: int = 0
+    probe_transforms: Sequence[str] = ("noise", "bits", "smooth", "shift")
+    probe_sigma: float = 0.01
+    probe_bits: int = 5
+    probe_seed: int = 0
+    probe_per_layer: bool = True
+    probe_per_transform: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}
+
+    def probe_spec(self) -> "ProbeSpec":
+        """The deep check's :class:`~nad_guard.probes.ProbeSpec` (``k = probes``)."""
+        from nad_guard.probes import ProbeSpec
+
+        return ProbeSpec(k=self.probes, transforms=tuple(self.probe_transforms), sigma=self.probe_sigma,
+                         bits=self.probe_bits, seed=self.probe_seed, per_layer=self.probe_per_layer,
+                         per_transform=self.probe_per_transform)
 
     def clean_specs(self) -> list[tuple[str, str]]:
         """``(method, encoding)`` of each of ``clean_methods``, checked."""

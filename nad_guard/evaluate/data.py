@@ -53,7 +53,8 @@ class EvalData:
         self.train_base = compute_features(paths, train, train.labels, enc[:1], self.layers, cfg.batch_size,
                                            cfg.progress, "train").base
         self.train_labels = train.labels.numpy()
-        self.image_columns = image_columns(self)
+        self.column_seconds: dict[str, float] = {}
+        self.image_columns = {n: self._timed(n, fn) for n, fn in image_columns(self).items()}
 
         def feats(images: torch.Tensor, labels: Any, desc: str) -> FeatureSet:
             return compute_features(paths, images, labels, enc, self.layers, cfg.batch_size, cfg.progress, desc,
@@ -102,6 +103,18 @@ class EvalData:
         self.usable = [a for a in self.attacks
                        if all(FeatureKey.attack(part, a) in self.features for part in ("fit", "evaluation"))]
         self._choices: dict[tuple[FeatureKey, ...], tuple[tuple[str, str], dict[str, float]]] = {}
+
+    def _timed(self, name: str, fn: Callable[[torch.Tensor], np.ndarray]) -> Callable[[torch.Tensor], np.ndarray]:
+        """``fn``, adding the seconds it takes to ``column_seconds[name]``."""
+        self.column_seconds[name] = 0.0
+
+        def run(x: torch.Tensor) -> np.ndarray:
+            t0 = time.time()
+            out = fn(x)
+            self.column_seconds[name] += time.time() - t0
+            return out
+
+        return run
 
     def training_set(self, train_keys: Sequence[FeatureKey]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Labels (0 for ``FIT_CLEAN``, 1 for the rest) of ``train_keys``'s rows, and each suspicious

@@ -38,6 +38,14 @@ if TYPE_CHECKING:
 ImageColumns = dict[str, Callable[[torch.Tensor], np.ndarray]]
 
 
+PROBES = "probes"  # the deep check's columns (nad_guard.probes), with EvalConfig.probes > 0
+
+
+def deep_name(k: int) -> str:
+    """The row name of nad-guard's deep check with ``k`` probes."""
+    return f"nad-guard[deep k={k}]"
+
+
 def _detectors(d: "EvalData") -> dict[str, Any]:
     """The configured multi-pass detectors, built once per run (kept on ``d``)."""
     if not hasattr(d, "multipass_detectors"):
@@ -73,6 +81,11 @@ def image_columns(d: "EvalData") -> ImageColumns:
 
         enc = ArchitectureEncoder.load(d.cfg.encoder, d.paths.classifier).to(device_of(d.paths.classifier))
         cols["nnd-encoder"] = lambda x: encoder_features(enc, d.paths, x)[0].numpy()
+    if d.cfg.probes > 0:  # the deep check's probe columns
+        from nad_guard.probes import probe_columns
+
+        spec = d.cfg.probe_spec()
+        cols[PROBES] = lambda x: probe_columns(d.paths, x, spec)
     return cols
 
 

@@ -51,6 +51,10 @@ def run_evaluation(paths: PathModel, train: ImageSet, test: ImageSet, cfg: EvalC
     deployed = None
     scores: dict[str, Any] = {}
     timings: dict[str, float] = {"attacks": round(d.attack_seconds, 1), "features": round(d.feature_seconds, 1)}
+    if d.column_seconds:  # multi-pass columns: part of "features"; "single_pass_features" is the rest
+        timings |= {("probe_columns" if n == "probes" else f"columns:{n}"): round(v, 1)
+                    for n, v in d.column_seconds.items()}
+        timings["single_pass_features"] = round(d.feature_seconds - sum(d.column_seconds.values()), 1)
     atk = d.usable
     for protocol in cfg.protocols:
         t0 = time.time()
