@@ -99,14 +99,23 @@ def test_path_detector_beats_chance_clearly(result):
     assert result["summary"]["clean-only"]["nad_guard_mean_auroc"] > 0.75
 
 
-def test_adaptive_attack_is_reported_for_both_detectors(result):
+def test_adaptive_attack_is_reported_for_every_defence(result):
     a = result["adaptive"]
     assert a["images"] == 40 and a["eps"] == pytest.approx(0.3)
-    for det in ("nad-guard", "mahalanobis-lr"):
-        v = a["detectors"][det]
-        assert 0 <= v["plain_pgd_evades"] <= 1 and 0 <= v["adaptive_evades"] <= 1
-        assert set(v["per_lambda"]) == {"0.0", "1.0", "10.0"}
-        assert v["adaptive_evades"] >= max(v["per_lambda"].values())  # the best lambda per image, 0 included
+    assert a["eps_grid"] == pytest.approx([0.0375, 0.075, 0.15, 0.3, 0.6])
+    assert set(a["detectors"]) == {"nad-guard", "mahalanobis-lr", "msp"}
+    for det, v in a["detectors"].items():
+        curve = list(v["curve"].values())
+        assert all(0 <= c <= 1 for c in curve) and curve == sorted(curve)  # monotone in eps
+        assert v["adaptive_evades"] == curve[3] and 0 <= v["plain_pgd_evades"] <= 1
+        assert set(v["first_evaded_by"]["0.3"]) == set(a["objectives"])
+        if v["budget_50"] is None:
+            assert v["budget_50_bound"] == "above" and curve[-1] < 0.5
+        else:
+            assert 0 < v["budget_50"] <= 0.6 and curve[-1] >= 0.5
+    assert "two detectors" in a["detectors"]["nad-guard"]["surrogate"]  # the deployed guard, as fit-detector ships
+    # the sanity reference: an attack that only wants a confident wrong class passes the MSP threshold
+    assert a["detectors"]["msp"]["adaptive_evades"] > 0.5
 
 
 @pytest.mark.parametrize("encoding", ["rich", "full"])
@@ -156,7 +165,7 @@ def test_outputs_and_cli(paths, tiny_model, digits, result, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(summary["summary"]) == {"seen", "clean-only"} and set(summary["adaptive"]) == {"nad-guard",
-                                                                                              "mahalanobis-lr"}
+                                                                                              "mahalanobis-lr", "msp"}
     md = (out / "results.md").read_text()
     assert "## seen: AUROC" in md and "## Adaptive white-box attack" in md and "nad-guard evaluate" in md
     js = json.loads((out / "results.json").read_text())

@@ -30,6 +30,14 @@ class EvalConfig:
     default: they run the classifier again on every image of the run, feature squeezing 3-4 more passes,
     the Odds ``1 + 9 * odds_samples``; see :mod:`nad_guard.evaluate.multipass`); ``odds_samples``: noise draws per
     noise setting of the Odds (the paper's 256).
+
+    The adaptive protocol (:mod:`nad_guard.evaluate.adaptive`): ``adaptive_images`` correctly classified
+    evaluation images, attacked by ``adaptive_steps`` PGD steps (the suite's ``pgd`` steps when ``None``)
+    with each of ``adaptive_objectives`` (:mod:`nad_guard.attacks.adaptive`) at each budget of
+    ``adaptive_eps_scales`` times the suite's ``pgd`` ``eps`` (which is always on the grid), with
+    ``adaptive_eot`` draws per step for random defences, against each of ``adaptive_targets``
+    (:data:`nad_guard.evaluate.adaptive.TARGETS`). Its cost grows with images x steps x objectives x grid
+    points, less the images already evaded.
     """
 
     suite: str = "mnist"
@@ -49,7 +57,10 @@ class EvalConfig:
     train_images: int = 5000
     adaptive_images: int = 200
     adaptive_steps: int | None = None
-    adaptive_lambdas: Sequence[float] = (1.0, 10.0)
+    adaptive_objectives: Sequence[str] = ("margin", "sum:1", "sum:10", "hinge:10", "selective")
+    adaptive_eps_scales: Sequence[float] = (0.125, 0.25, 0.5, 1.0, 2.0)
+    adaptive_eot: int = 4
+    adaptive_targets: Sequence[str] = ("nad-guard", "mahalanobis-lr", "msp")
     device: str = "cpu"
     progress: bool = True
     multipass_baselines: Sequence[str] = ()
