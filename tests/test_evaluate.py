@@ -270,3 +270,26 @@ def test_deployed_protocol_scores_the_shipped_guard_at_its_thresholds(result):
     assert len(fprs) == 1
     # the attack detector learned the attacks, not chance
     assert min(r["auroc"] for r in rows if r["detector"] == DEPLOYED_ATTACK and r["attack"] != "mispredictions") > 0.7
+
+
+def test_the_adaptive_nad_guard_target_decides_as_the_deployed_guard(paths, digits, tmp_path):
+    """The adaptive attack judges evasion by the shipped guard's real decision: on the evaluation part's
+    correct images it flags what the deployed protocol's guard flags (its observed clean FPR)."""
+    from nad_guard.evaluate import EvalData, FittedBaselines
+    from nad_guard.evaluate.adaptive import TARGETS
+    from nad_guard.evaluate.deployed import DEPLOYED, deployed_protocol
+
+    cfg = EvalConfig(**{**FAST, "protocols": ["deployed"]})
+    d = EvalData(paths, digits[0], with_errors(digits[1]), cfg, tmp_path, lambda _m: None)
+    b = FittedBaselines(d, cfg.seed)
+    with pytest.warns(CalibrationWarning):
+        rows, _ = deployed_protocol(d, b, cfg, {})
+    target = TARGETS["nad-guard"](d, b, cfg)
+    clean = d.clean["evaluation"]
+    with torch.no_grad():
+        pred, flagged = target.decide(clean.float())
+    assert (pred == clean.labels).all()
+    fpr = next(r["test_fpr"] for r in rows if r["detector"] == DEPLOYED)
+    assert abs(float(flagged.float().mean()) - fpr) <= 1 / len(clean) + 1e-9
+    logits, score = target.loss_terms(clean.float()[:16].requires_grad_(True), torch.Generator())
+    assert logits.shape == (16, 10) and score.shape == (16,) and score.requires_grad

@@ -156,7 +156,6 @@ def render_markdown(r: dict[str, Any]) -> str:
                          "kept": s["n_kept"], "mean L-inf": s["mean_linf"], "mean L2": s["mean_l2"],
                          "seconds": s["seconds"]})
     lines += [markdown_table(rows), ""]
-    lines += ["## Summary: mean AUROC per protocol", ""]
     srows = []
     for p, s in r["summary"].items():
         nad = s["detectors"].get("nad-guard", {})
@@ -164,7 +163,8 @@ def render_markdown(r: dict[str, Any]) -> str:
                       "nad-guard min AUROC": nad.get("min_auroc"), "nad-guard mean TPR@5%": nad.get("mean_tpr"),
                       "best baseline": s["best_baseline"], "its mean AUROC": s["best_baseline_mean_auroc"],
                       "its mean TPR@5%": s["detectors"].get(s["best_baseline"], {}).get("mean_tpr")})
-    lines += [markdown_table(srows), ""]
+    if srows:  # none when only the adaptive protocol ran
+        lines += ["## Summary: mean AUROC per protocol", "", markdown_table(srows), ""]
     chosen = [{"protocol": x["protocol"], "attack": x["attack"], "trained on": x["trained_on"],
                "folds by": x["cv"]["folds_by"], "selected": x["selected"],
                **{f"CV {k}": v for k, v in x["cv"]["auroc"].items()}}
@@ -199,10 +199,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += _deployed_section(r)
     if r.get("adaptive"):
         lines += _adaptive_section(r["adaptive"])
-    lines += ["## All rows (with 95% bootstrap intervals)", ""]
-    cols = ["protocol", "detector", "attack", "trained_on", "auroc", "auroc_ci", "aupr", "aupr_ci", "tpr", "tpr_ci",
-            "test_fpr", "n_clean", "n_suspicious"]
-    lines += [markdown_table(r["rows"], cols)]
+    if r["rows"]:
+        lines += ["## All rows (with 95% bootstrap intervals)", ""]
+        cols = ["protocol", "detector", "attack", "trained_on", "auroc", "auroc_ci", "aupr", "aupr_ci", "tpr", "tpr_ci",
+                "test_fpr", "n_clean", "n_suspicious"]
+        lines += [markdown_table(r["rows"], cols)]
     return "\n".join(lines)
 
 
