@@ -43,13 +43,20 @@ budget evades at every larger one: the same perturbation lies in the larger ball
 by linear interpolation between the grid points that bracket it.
 
 Plugging in a defence, e.g. the deep check (``nad_guard.probes``; ~20 lines): it needs (1) its probes as
-a torch function of ``x`` and ``gen`` (noise drawn from ``gen``; bit-depth reduction and smoothing of a
-median kind wrapped in :func:`straight_through`), (2) its extra detector columns as a differentiable
-function of the probes' logits and pooled activations (``PathModel.pooled_forward`` of the
-``k`` probes in one batch), concatenated after :func:`nad_guard.evaluate.surrogate.soft_encode`'s
-columns, (3) its real decision::
+a torch function of ``x`` and ``gen``, drawn exactly as deployed (same ``k``, same transforms and
+magnitudes; noise from ``gen``; bit-depth reduction and median filtering wrapped in
+:func:`straight_through`, Gaussian smoothing as it is, it has a gradient), (2) its extra detector columns
+as a differentiable function of the probes' logits and pooled activations (``PathModel.pooled_forward``
+of the input and its ``k`` probes in one batch), in the order the detector reads them after
+:func:`nad_guard.evaluate.surrogate.soft_encode`'s columns, (3) its real decision. Then a function
+``(EvalData, FittedBaselines, EvalConfig) -> AdaptiveTarget`` in
+:data:`nad_guard.evaluate.adaptive.TARGETS`, named in ``EvalConfig.adaptive_targets``::
 
-    def deep_target(paths, det, enc, k, thr_sur, scale, lin) -> AdaptiveTarget:
+    def deep_target(paths, deep_guard, det, enc, k, fpr, X_cal) -> AdaptiveTarget:
+        # det: the deep detector's logistic pipeline (or a logistic surrogate fitted on its rows);
+        # X_cal: its rows (base + probe columns) of the calibration part's correct images
+        lin = torch_linear(det, torch.float64, device)       # nad_guard.evaluate.surrogate
+        thr_sur, scale = centred(det.decision_function(X_cal), fpr)
         masks, stats = ...                                   # as nad_guard.evaluate.adaptive does
         def loss_terms(x, gen):
             probes = probe_batch(x, k, gen)                  # (k*N, C, H, W); rounding via straight_through
@@ -59,7 +66,7 @@ columns, (3) its real decision::
             return logits[:len(x)], (lin(torch.cat([base, extra], 1)) - thr_sur) / scale
         def decide(x):
             r = deep_guard.run(x)                            # the deployed deep mode, its own random probes
-            return torch.as_tensor(r.pred), torch.as_tensor(r.suspicious)
+            return r.features.pred, torch.as_tensor(r.flag)  # a Guard's GuardResult
         return AdaptiveTarget("nad-guard deep", loss_terms, decide, randomized=True, note="EOT over the probes")
 
 and feature squeezing (Xu et al. 2018): ``loss_terms`` returns ``(logits(x), (max_j ||softmax(f(x)) -

@@ -18,6 +18,8 @@ data (fit and calibration parts only), as the defence is deployed:
 ``msp``
     the max-softmax threshold at ``fpr`` (a sanity reference: an attacker who wants a confident wrong
     class passes it).
+``undefended``
+    no detector at all (not attacked by default): the classifier's own robustness curve, the ceiling.
 
 A new defence (the deep check, feature squeezing) is one more function ``(EvalData, FittedBaselines,
 EvalConfig) -> AdaptiveTarget`` added to :data:`TARGETS` and named in ``EvalConfig.adaptive_targets``; see
@@ -159,8 +161,24 @@ def msp_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarg
     return AdaptiveTarget("msp", loss_terms, decide, note="the score itself")
 
 
+def undefended_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
+    """No detector: nothing is flagged, so evading is being misclassified (the classifier's own robustness,
+    the ceiling every detector's curve is measured against)."""
+    clf = d.paths.classifier
+
+    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = clf(x)
+        return logits, torch.zeros(len(x), dtype=logits.dtype, device=x.device)
+
+    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return clf(x).argmax(1), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+
+    return AdaptiveTarget("undefended", loss_terms, decide, note="no detector (misclassification only)")
+
+
 TARGETS: dict[str, Callable[[EvalData, FittedBaselines, EvalConfig], AdaptiveTarget]] = {
-    "nad-guard": nad_guard_target, "mahalanobis-lr": mahalanobis_target, "msp": msp_target}
+    "nad-guard": nad_guard_target, "mahalanobis-lr": mahalanobis_target, "msp": msp_target,
+    "undefended": undefended_target}
 
 
 def eps_grid(eps: float, scales: Any) -> list[float]:
