@@ -398,7 +398,7 @@ def build_default_cmd(out: str | None, device: str) -> None:
               help="Draws of a random defence's randomness averaged per adaptive step (EOT).")
 @click.option("--adaptive-eps-scales", default="0.125,0.25,0.5,1,2", show_default=True,
               help="The adaptive attack's budget grid, as multiples of the suite's pgd eps (which is always on it).")
-@click.option("--adaptive-targets", default="nad-guard,mahalanobis-lr,msp", show_default=True,
+@click.option("--adaptive-targets", default="nad-guard,mahalanobis-lr,msp,feature-squeezing", show_default=True,
               help="Defences the adaptive protocol attacks (nad_guard.evaluate.adaptive.TARGETS).")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Bounds memory; part of the attack cache key.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the intervals.")

@@ -103,7 +103,7 @@ def test_adaptive_attack_is_reported_for_every_defence(result):
     a = result["adaptive"]
     assert a["images"] == 40 and a["eps"] == pytest.approx(0.3)
     assert a["eps_grid"] == pytest.approx([0.0375, 0.075, 0.15, 0.3, 0.6])
-    assert set(a["detectors"]) == {"nad-guard", "mahalanobis-lr", "msp"}
+    assert set(a["detectors"]) == {"nad-guard", "mahalanobis-lr", "msp", "feature-squeezing"}
     for det, v in a["detectors"].items():
         curve = list(v["curve"].values())
         assert all(0 <= c <= 1 for c in curve) and curve == sorted(curve)  # monotone in eps
@@ -114,6 +114,7 @@ def test_adaptive_attack_is_reported_for_every_defence(result):
         else:
             assert 0 < v["budget_50"] <= 0.6 and curve[-1] >= 0.5
     assert "two detectors" in a["detectors"]["nad-guard"]["surrogate"]  # the deployed guard, as fit-detector ships
+    assert "BPDA" in a["detectors"]["feature-squeezing"]["surrogate"]
     # the sanity reference: an attack that only wants a confident wrong class passes the MSP threshold
     assert a["detectors"]["msp"]["adaptive_evades"] > 0.5
 
@@ -165,7 +166,8 @@ def test_outputs_and_cli(paths, tiny_model, digits, result, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(summary["summary"]) == {"seen", "clean-only"} and set(summary["adaptive"]) == {"nad-guard",
-                                                                                              "mahalanobis-lr", "msp"}
+                                                                                              "mahalanobis-lr", "msp",
+                                                                                              "feature-squeezing"}
     md = (out / "results.md").read_text()
     assert "## seen: AUROC" in md and "## Adaptive white-box attack" in md and "nad-guard evaluate" in md
     js = json.loads((out / "results.json").read_text())
@@ -293,3 +295,13 @@ def test_the_adaptive_nad_guard_target_decides_as_the_deployed_guard(paths, digi
     assert abs(float(flagged.float().mean()) - fpr) <= 1 / len(clean) + 1e-9
     logits, score = target.loss_terms(clean.float()[:16].requires_grad_(True), torch.Generator())
     assert logits.shape == (16, 10) and score.shape == (16,) and score.requires_grad
+    # feature squeezing: its real decision is the calibrated threshold on its own score, and BPDA gives the
+    # attack a gradient through the squeezers (bit depth, median), which have none
+    squeezing = TARGETS["feature-squeezing"](d, b, cfg)
+    cal = d.clean["calibration"].float()
+    with torch.no_grad():
+        pred, flagged = squeezing.decide(cal)
+    assert (pred == d.clean["calibration"].labels).all() and float(flagged.float().mean()) <= cfg.fpr
+    x = cal[:16].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(squeezing.loss_terms(x, torch.Generator())[1].sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

@@ -18,10 +18,15 @@ data (fit and calibration parts only), as the defence is deployed:
 ``msp``
     the max-softmax threshold at ``fpr`` (a sanity reference: an attacker who wants a confident wrong
     class passes it).
+``feature-squeezing``
+    Xu et al.'s detector with the paper's squeezers for the images' channels
+    (:class:`~nad_guard.baselines.FeatureSqueezing`), threshold at ``fpr`` on the calibration part's correct
+    images; none of its squeezers has a useful gradient (rounding, median, non-local means), so the
+    attack goes through each by BPDA (:func:`~nad_guard.attacks.adaptive.straight_through`).
 ``undefended``
     no detector at all (not attacked by default): the classifier's own robustness curve, the ceiling.
 
-A new defence (the deep check, feature squeezing) is one more function ``(EvalData, FittedBaselines,
+A new defence (the deep check) is one more function ``(EvalData, FittedBaselines,
 EvalConfig) -> AdaptiveTarget`` added to :data:`TARGETS` and named in ``EvalConfig.adaptive_targets``; see
 :mod:`nad_guard.attacks.adaptive` for what it must provide.
 """
@@ -34,8 +39,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nad_guard.attacks.adaptive import AdaptiveTarget, centred, evasion_curve
-from nad_guard.baselines import combiner
+from nad_guard.attacks.adaptive import AdaptiveTarget, centred, evasion_curve, straight_through
+from nad_guard.baselines import FeatureSqueezing, combiner
+from nad_guard.baselines.squeezing import squeeze
 from nad_guard.calibration import CalibrationWarning
 from nad_guard.detectors import PathDetector
 from nad_guard.encoding import detector_input
@@ -161,6 +167,31 @@ def msp_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarg
     return AdaptiveTarget("msp", loss_terms, decide, note="the score itself")
 
 
+def feature_squeezing_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
+    """Feature squeezing (module docstring), attacked through BPDA: each squeezer forward, the identity backward."""
+    clf = d.paths.classifier
+    fs = FeatureSqueezing().fit(channels=clf.spec.channels)
+    thr, scale = centred(fs.score(clf, d.clean["calibration"].float(), batch_size=cfg.batch_size), cfg.fpr)
+    squeezers = [straight_through(lambda x, s=s: squeeze(x, s)) for s in fs.squeezers_]
+
+    def score(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = clf(x)
+        p = torch.softmax(logits.double(), 1)
+        dist = [(p - torch.softmax(clf(sq(x)).double(), 1)).abs().sum(1) for sq in squeezers]
+        return logits, torch.stack(dist, 1).amax(1)
+
+    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, s = score(x)
+        return logits, (s - thr) / scale
+
+    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, s = score(x)
+        return logits.argmax(1), s > thr
+
+    return AdaptiveTarget("feature-squeezing", loss_terms, decide,
+                          note=f"the score itself, BPDA through the squeezers ({', '.join(fs.squeezers_)})")
+
+
 def undefended_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
     """No detector: nothing is flagged, so evading is being misclassified (the classifier's own robustness,
     the ceiling every detector's curve is measured against)."""
@@ -178,7 +209,7 @@ def undefended_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> Adapt
 
 TARGETS: dict[str, Callable[[EvalData, FittedBaselines, EvalConfig], AdaptiveTarget]] = {
     "nad-guard": nad_guard_target, "mahalanobis-lr": mahalanobis_target, "msp": msp_target,
-    "undefended": undefended_target}
+    "feature-squeezing": feature_squeezing_target, "undefended": undefended_target}
 
 
 def eps_grid(eps: float, scales: Any) -> list[float]:

@@ -60,7 +60,7 @@ class EvalConfig:
     adaptive_objectives: Sequence[str] = ("margin", "sum:1", "sum:10", "hinge:10", "selective")
     adaptive_eps_scales: Sequence[float] = (0.125, 0.25, 0.5, 1.0, 2.0)
     adaptive_eot: int = 4
-    adaptive_targets: Sequence[str] = ("nad-guard", "mahalanobis-lr", "msp")
+    adaptive_targets: Sequence[str] = ("nad-guard", "mahalanobis-lr", "msp", "feature-squeezing")
     device: str = "cpu"
     progress: bool = True
     multipass_baselines: Sequence[str] = ()
