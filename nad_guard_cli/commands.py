@@ -460,7 +460,16 @@ def build_default_cmd(out: str | None, device: str) -> None:
 @click.option("--max-images", type=int, default=None, help="Use a seeded stratified sample of this many test images.")
 @click.option("--train-images", type=int, default=5000, show_default=True,
               help="Training images for the baselines' unsupervised parts (Gaussians, kNN, LID reference).")
-@click.option("--adaptive-images", type=int, default=200, show_default=True)
+@click.option("--adaptive-images", type=int, default=200, show_default=True,
+              help="Correctly classified evaluation images the adaptive protocol attacks.")
+@click.option("--adaptive-steps", type=int, default=None,
+              help="PGD steps of the adaptive attack (default: the suite's pgd steps).")
+@click.option("--adaptive-eot", type=int, default=4, show_default=True,
+              help="Draws of a random defence's randomness averaged per adaptive step (EOT).")
+@click.option("--adaptive-eps-scales", default="0.125,0.25,0.5,1,2", show_default=True,
+              help="The adaptive attack's budget grid, as multiples of the suite's pgd eps (which is always on it).")
+@click.option("--adaptive-targets", default="nad-guard,mahalanobis-lr,msp,feature-squeezing", show_default=True,
+              help="Defences the adaptive protocol attacks (nad_guard.evaluate.adaptive.TARGETS).")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Bounds memory; part of the attack cache key.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the intervals.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -472,8 +481,9 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
                  protocols: str, methods: str, encodings: str, select: str, cv_folds: int,
                  clean_methods: str, multipass_baselines: str, odds_samples: int, maha_noise: str, probes: int,
                  probe_transforms: str, probe_sigma: float, probe_per_layer: bool, out: str,
-                 device: str, max_images: int | None, train_images: int, adaptive_images: int, batch_size: int,
-                 bootstrap: int, seed: int, cache_dir: str | None, quiet: bool) -> None:
+                 device: str, max_images: int | None, train_images: int, adaptive_images: int,
+                 adaptive_steps: int | None, adaptive_eot: int, adaptive_eps_scales: str, adaptive_targets: str,
+                 batch_size: int, bootstrap: int, seed: int, cache_dir: str | None, quiet: bool) -> None:
     """Judge nad-guard against MSP, Energy, Mahalanobis, LID and deep kNN (and, on request, feature squeezing
     and the Odds) under the honest protocols
     (seen, unseen, fgsm-only, clean-only, mispredictions, adaptive) on the test split's held-out parts,
@@ -495,7 +505,9 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
                      probes=probes, probe_transforms=split(probe_transforms), probe_sigma=probe_sigma,
                      probe_per_layer=probe_per_layer,
                      batch_size=batch_size, n_resamples=bootstrap, seed=seed, max_images=max_images,
-                     train_images=train_images, adaptive_images=adaptive_images,
+                     train_images=train_images, adaptive_images=adaptive_images, adaptive_steps=adaptive_steps,
+                     adaptive_eot=adaptive_eot, adaptive_eps_scales=[float(v) for v in split(adaptive_eps_scales)],
+                     adaptive_targets=split(adaptive_targets),
                      device=str(resolve_device(device)), progress=not quiet)
     train, test = load_dataset(data, data_root)
     paths = PathModel.load(artifact, artifact_classifier(artifact, model, weights, mean=mean, std=std,
@@ -512,6 +524,7 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
         p: {"nad_guard": s["nad_guard_mean_auroc"], "best_baseline": s["best_baseline"],
             "best_baseline_auroc": s["best_baseline_mean_auroc"]} for p, s in result["summary"].items()},
         "adaptive": {k: v["adaptive_evades"] for k, v in (result["adaptive"] or {}).get("detectors", {}).items()},
+        "adaptive_budget_50": {k: v["budget_50"] for k, v in (result["adaptive"] or {}).get("detectors", {}).items()},
         "files": sorted(str(f) for f in files.values())}))
 
 

@@ -99,14 +99,24 @@ def test_path_detector_beats_chance_clearly(result):
     assert result["summary"]["clean-only"]["nad_guard_mean_auroc"] > 0.75
 
 
-def test_adaptive_attack_is_reported_for_both_detectors(result):
+def test_adaptive_attack_is_reported_for_every_defence(result):
     a = result["adaptive"]
     assert a["images"] == 40 and a["eps"] == pytest.approx(0.3)
-    for det in ("nad-guard", "mahalanobis-lr"):
-        v = a["detectors"][det]
-        assert 0 <= v["plain_pgd_evades"] <= 1 and 0 <= v["adaptive_evades"] <= 1
-        assert set(v["per_lambda"]) == {"0.0", "1.0", "10.0"}
-        assert v["adaptive_evades"] >= max(v["per_lambda"].values())  # the best lambda per image, 0 included
+    assert a["eps_grid"] == pytest.approx([0.0375, 0.075, 0.15, 0.3, 0.6])
+    assert set(a["detectors"]) == {"nad-guard", "mahalanobis-lr", "msp", "feature-squeezing"}
+    for det, v in a["detectors"].items():
+        curve = list(v["curve"].values())
+        assert all(0 <= c <= 1 for c in curve) and curve == sorted(curve)  # monotone in eps
+        assert v["adaptive_evades"] == curve[3] and 0 <= v["plain_pgd_evades"] <= 1
+        assert set(v["first_evaded_by"]["0.3"]) == set(a["objectives"])
+        if v["budget_50"] is None:
+            assert v["budget_50_bound"] == "above" and curve[-1] < 0.5
+        else:
+            assert 0 < v["budget_50"] <= 0.6 and curve[-1] >= 0.5
+    assert "two detectors" in a["detectors"]["nad-guard"]["surrogate"]  # the deployed guard, as fit-detector ships
+    assert "BPDA" in a["detectors"]["feature-squeezing"]["surrogate"]
+    # the sanity reference: an attack that only wants a confident wrong class passes the MSP threshold
+    assert a["detectors"]["msp"]["adaptive_evades"] > 0.5
 
 
 @pytest.mark.parametrize("encoding", ["rich", "full"])
@@ -156,7 +166,8 @@ def test_outputs_and_cli(paths, tiny_model, digits, result, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(summary["summary"]) == {"seen", "clean-only"} and set(summary["adaptive"]) == {"nad-guard",
-                                                                                              "mahalanobis-lr"}
+                                                                                              "mahalanobis-lr", "msp",
+                                                                                              "feature-squeezing"}
     md = (out / "results.md").read_text()
     assert "## seen: AUROC" in md and "## Adaptive white-box attack" in md and "nad-guard evaluate" in md
     js = json.loads((out / "results.json").read_text())
@@ -261,3 +272,36 @@ def test_deployed_protocol_scores_the_shipped_guard_at_its_thresholds(result):
     assert len(fprs) == 1
     # the attack detector learned the attacks, not chance
     assert min(r["auroc"] for r in rows if r["detector"] == DEPLOYED_ATTACK and r["attack"] != "mispredictions") > 0.7
+
+
+def test_the_adaptive_nad_guard_target_decides_as_the_deployed_guard(paths, digits, tmp_path):
+    """The adaptive attack judges evasion by the shipped guard's real decision: on the evaluation part's
+    correct images it flags what the deployed protocol's guard flags (its observed clean FPR)."""
+    from nad_guard.evaluate import EvalData, FittedBaselines
+    from nad_guard.evaluate.adaptive import TARGETS
+    from nad_guard.evaluate.deployed import DEPLOYED, deployed_protocol
+
+    cfg = EvalConfig(**{**FAST, "protocols": ["deployed"]})
+    d = EvalData(paths, digits[0], with_errors(digits[1]), cfg, tmp_path, lambda _m: None)
+    b = FittedBaselines(d, cfg.seed)
+    with pytest.warns(CalibrationWarning):
+        rows, _ = deployed_protocol(d, b, cfg, {})
+    target = TARGETS["nad-guard"](d, b, cfg)
+    clean = d.clean["evaluation"]
+    with torch.no_grad():
+        pred, flagged = target.decide(clean.float())
+    assert (pred == clean.labels).all()
+    fpr = next(r["test_fpr"] for r in rows if r["detector"] == DEPLOYED)
+    assert abs(float(flagged.float().mean()) - fpr) <= 1 / len(clean) + 1e-9
+    logits, score = target.loss_terms(clean.float()[:16].requires_grad_(True), torch.Generator())
+    assert logits.shape == (16, 10) and score.shape == (16,) and score.requires_grad
+    # feature squeezing: its real decision is the calibrated threshold on its own score, and BPDA gives the
+    # attack a gradient through the squeezers (bit depth, median), which have none
+    squeezing = TARGETS["feature-squeezing"](d, b, cfg)
+    cal = d.clean["calibration"].float()
+    with torch.no_grad():
+        pred, flagged = squeezing.decide(cal)
+    assert (pred == d.clean["calibration"].labels).all() and float(flagged.float().mean()) <= cfg.fpr
+    x = cal[:16].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(squeezing.loss_terms(x, torch.Generator())[1].sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

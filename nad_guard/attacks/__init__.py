@@ -40,9 +40,13 @@ The package's modules, one idea each (import the names from ``nad_guard.attacks`
 :func:`get_suite`), :mod:`~nad_guard.attacks.implementations` (the attack classes written here and
 :func:`build_attack`), :mod:`~nad_guard.attacks.cache` (cache keys and the cache directory),
 :mod:`~nad_guard.attacks.results` (:class:`AttackResult`, its cache entry, :func:`stats_table`) and
-:mod:`~nad_guard.attacks.generation` (:func:`generate`, :func:`generate_suite`).
+:mod:`~nad_guard.attacks.generation` (:func:`generate`, :func:`generate_suite`); and
+:mod:`~nad_guard.attacks.adaptive`, the adaptive attack on a whole defence (:class:`AdaptiveTarget`,
+:func:`evasion_curve`: PGD with EOT and BPDA through the detector).
 """
 
+from nad_guard.attacks.adaptive import (OBJECTIVES, AdaptiveTarget, EvasionCurve, adaptive_pgd, budget_at, centred,
+                                        eot_gradient, evasion_curve, straight_through)
 from nad_guard.attacks.cache import CACHE_FORMAT, cache_key, data_hash, default_cache_dir, model_hash
 from nad_guard.attacks.generation import PROJECTION_TOL, generate, generate_suite
 from nad_guard.attacks.implementations import CWL2, KINDS, DeepFool, GaussianNoise, build_attack
@@ -50,7 +54,8 @@ from nad_guard.attacks.results import AttackResult, AttackStats, stats_table
 from nad_guard.attacks.suites import NOISE_ATTACKS, SUITES, AttackSpec, AttackSuite, get_suite
 
 __all__ = [
-    "CACHE_FORMAT", "CWL2", "KINDS", "NOISE_ATTACKS", "PROJECTION_TOL", "SUITES",
+    "CACHE_FORMAT", "CWL2", "OBJECTIVES", "AdaptiveTarget", "EvasionCurve", "adaptive_pgd", "budget_at", "centred",
+    "eot_gradient", "evasion_curve", "straight_through", "KINDS", "NOISE_ATTACKS", "PROJECTION_TOL", "SUITES",
     "AttackResult", "AttackSpec", "AttackStats", "AttackSuite", "DeepFool", "GaussianNoise",
     "build_attack", "cache_key", "data_hash", "default_cache_dir", "generate", "generate_suite", "get_suite",
     "model_hash", "stats_table",

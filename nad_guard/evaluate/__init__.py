@@ -35,15 +35,14 @@ Protocols (``PROTOCOLS``):
     same trained on the attacks only, its clean-only detector, and one trained on the fit part's own
     mispredictions only when it holds at least ``MIN_MISPREDICTIONS`` of them.
 ``adaptive``
-    a white-box L-inf PGD (the suite's ``pgd`` budget) that lowers the classifier's margin and the
-    detector's score at once, through differentiable path features
-    (:meth:`PathModel.pooled_forward` and :func:`soft_encode`, a smooth surrogate of the
-    detector input) and a differentiable stand-in for the detector (the logistic detector itself,
-    or a logistic detector fitted on the same data for a gradient-boosting one). Reported: the share
-    of attacked images for which, for some lambda (0, plain PGD, included) and some iterate, the image
-    is misclassified *and* not flagged by the real detector at its calibrated threshold, next to the
-    same figure for Mahalanobis-LR (attacked through its exact, differentiable distance) and for plain
-    PGD alone.
+    white-box L-inf PGD against whole defences (:mod:`nad_guard.evaluate.adaptive`, the attack in
+    :mod:`nad_guard.attacks.adaptive`): the classifier's margin and the defence's detector together,
+    through differentiable surrogates (:func:`soft_encode` into the deployed guard's detectors;
+    Mahalanobis-LR's exact distances; MSP), with EOT for random defences and BPDA for transforms without
+    a gradient, several objectives, over a grid of budgets around the suite's ``pgd`` ``eps``. Reported
+    per defence: the share of attacked images that some objective and iterate makes misclassified *and*
+    not flagged by the defence's real decision at its calibrated threshold, at the suite's ``eps`` and
+    over the grid, the budget at which half the images evade, and plain PGD's share.
 
 Which supervised detector is "nad-guard" (``EvalConfig.select``): ``fixed``, the configured primary
 method and encoding; ``cv``, per training task (each seen attack, each left-out attack, the deployed

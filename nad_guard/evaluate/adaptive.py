@@ -1,132 +1,255 @@
-"""The ``adaptive`` protocol: a white-box L-inf PGD that lowers the classifier's margin and a detector's
-score at once (:func:`adaptive_protocol`), against the deployed nad-guard detector (through
-:func:`~nad_guard.evaluate.surrogate.soft_encode`) and Mahalanobis-LR."""
+"""The ``adaptive`` protocol: the white-box attack of :mod:`nad_guard.attacks.adaptive` (PGD on the classifier's
+margin and a detector's centred score, with EOT and BPDA where a defence needs them) against each defence of
+:data:`TARGETS`, over a grid of L-inf budgets (:func:`adaptive_protocol`).
+
+Each entry of :data:`TARGETS` builds one :class:`~nad_guard.attacks.adaptive.AdaptiveTarget` from a run's
+data (fit and calibration parts only), as the defence is deployed:
+
+``nad-guard``
+    the guard ``fit-detector`` would ship (:func:`nad_guard.evaluate.deployed.fit_deployed`): its attack
+    detector and, when it has one, its error detector, each at its share of the rate; flagged when either
+    flags. Surrogate: :func:`~nad_guard.evaluate.surrogate.soft_encode` (smooth step columns) into the
+    logistic attack detector (a logistic detector fitted on the same rows when the shipped one is another
+    method) and the error detector's own score of the softmax columns and those rows; the surrogate
+    detector term is the larger of the two centred scores.
+``mahalanobis-lr``
+    Lee et al.'s layer distances (exact and differentiable) into the logistic combiner trained on the
+    same data as the guard's detector, threshold at ``fpr`` on the calibration part.
+``msp``
+    the max-softmax threshold at ``fpr`` (a sanity reference: an attacker who wants a confident wrong
+    class passes it).
+``feature-squeezing``
+    Xu et al.'s detector with the paper's squeezers for the images' channels
+    (:class:`~nad_guard.baselines.FeatureSqueezing`), threshold at ``fpr`` on the calibration part's correct
+    images; none of its squeezers has a useful gradient (rounding, median, non-local means), so the
+    attack goes through each by BPDA (:func:`~nad_guard.attacks.adaptive.straight_through`).
+``undefended``
+    no detector at all (not attacked by default): the classifier's own robustness curve, the ceiling.
+
+A new defence (the deep check) is one more function ``(EvalData, FittedBaselines,
+EvalConfig) -> AdaptiveTarget`` added to :data:`TARGETS` and named in ``EvalConfig.adaptive_targets``; see
+:mod:`nad_guard.attacks.adaptive` for what it must provide.
+"""
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from nad_guard.baselines import combiner
+from nad_guard.attacks.adaptive import AdaptiveTarget, centred, evasion_curve, straight_through
+from nad_guard.baselines import FeatureSqueezing, combiner
+from nad_guard.baselines.squeezing import squeeze
 from nad_guard.calibration import CalibrationWarning
 from nad_guard.detectors import PathDetector
+from nad_guard.encoding import detector_input
+from nad_guard.errors import SCORE_METHODS, SOFTMAX_COLUMNS, error_rows
 from nad_guard.evaluate.config import EvalConfig
 from nad_guard.evaluate.data import EvalData
+from nad_guard.evaluate.deployed import fit_deployed
 from nad_guard.evaluate.features import CALIBRATION_CLEAN
 from nad_guard.evaluate.protocols import FittedBaselines, deployed_training_keys
 from nad_guard.evaluate.surrogate import soft_encode, torch_linear
-from nad_guard.encoding import detector_input
 from nad_guard.hooks import capture
-from nad_guard.metrics import threshold_at_fpr
+
+BUDGET_RULE = ("the smallest L-inf budget at which half the images evade: linear interpolation between the two grid "
+               "points that bracket 50% on the evasion curve, which starts at (0, 0); 'above' = not reached on the grid")
 
 
-def _adaptive_pgd(clf: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, surrogate: Callable, real_flag: Callable,
-                  eps: float, alpha: float, steps: int, lam: float, kappa: float, seed: int) -> torch.Tensor:
-    """L-inf PGD minimising ``clamp(z_y - max_{k!=y} z_k, -kappa) + lam * surrogate(x)``; returns, per
-    image, whether some iterate (after projection) is misclassified and not flagged by ``real_flag``."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = (x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1).to(x0) * eps).clamp(0, 1)
-    success = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
-    for step in range(steps + 1):
-        x.requires_grad_(True)
-        with torch.enable_grad():
-            logits, det = surrogate(x)
-            zy = logits.gather(1, y[:, None]).squeeze(1)
-            other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
-            loss = (zy - other).clamp_min(-kappa) + lam * det
-            (grad,) = torch.autograd.grad(loss.sum(), x)
-        x = x.detach()
-        with torch.no_grad():
-            wrong = logits.detach().argmax(1) != y
-            if wrong.any():
-                idx = wrong.nonzero().flatten()
-                ok = ~real_flag(x[idx])
-                success[idx[ok]] = True
-        if step == steps:
-            break
-        x = torch.min(torch.max(x - alpha * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)
-    return success
+def softmax_columns_torch(logits: torch.Tensor) -> torch.Tensor:
+    """:func:`nad_guard.errors.softmax_columns` as a differentiable torch function ``(N, 3)``."""
+    p = torch.softmax(logits, 1)
+    return torch.stack([1 - p.amax(1), 1 - (p * p).sum(1), -torch.logsumexp(logits, 1)], 1)
 
 
-def adaptive_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    """Adaptive white-box attack on the deployed nad-guard detector and on Mahalanobis-LR."""
-    paths, clf = d.paths, d.paths.classifier
-    dev = next(iter(clf.buffers())).device
-    spec = d.suite["pgd"]
-    if spec.norm != "Linf":
-        raise ValueError("the adaptive attack uses the suite's L-inf pgd budget")
-    eps, alpha = float(spec.eps), float(spec.params["alpha"])
-    steps = int(cfg.adaptive_steps or spec.params["steps"])
-    # the detector as deployed: all attacks and the natural mispredictions of the fit part
-    train_keys = deployed_training_keys(d)
-    (method, enc), _ = d.choose(train_keys)
-    y = d.training_set(train_keys)[0]
-    X = np.vstack([d.features[k].path[enc] for k in train_keys])
-    real = PathDetector(method, random_state=cfg.seed).fit(X, y)
-    with warnings.catch_warnings():  # the calibration's bounds are in the results' "calibration"
+def _device(d: EvalData) -> torch.device:
+    return next(iter(d.paths.classifier.buffers())).device
+
+
+def nad_guard_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
+    """The deployed single-pass guard (module docstring)."""
+    paths, dev = d.paths, _device(d)
+    with warnings.catch_warnings():  # the calibration's bounds are in the deployed protocol's record
         warnings.simplefilter("ignore", CalibrationWarning)
-        thr = real.infer_threshold(d.features[CALIBRATION_CLEAN].path[enc], cfg.fpr).threshold_  # the guard's own rule
-    surrogate_det = real if method == "logistic" else PathDetector("logistic", random_state=cfg.seed).fit(X, y)
-    lin = torch_linear(surrogate_det.estimator_, torch.float64, dev)
+        g = fit_deployed(d, cfg)
+    det, enc, err = g.det, g.enc, g.err
+    cal = d.features[CALIBRATION_CLEAN]
+    if det.method == "logistic":
+        sur, how = det, "the attack detector itself"
+    else:
+        X = np.vstack([d.features[k].path[enc] for k in g.train_keys])
+        sur = PathDetector("logistic", random_state=cfg.seed).fit(X, d.training_set(g.train_keys)[0])
+        how = f"a logistic detector on the same rows ({enc}) for the {det.method} attack detector"
+    lin = torch_linear(sur.estimator_, torch.float64, dev)
+    ta, sa = centred(sur.estimator_.decision_function(cal.path[enc]), cfg.fpr * g.share)
     masks = [paths.masks_[n].to(dev) for n in paths.layer_names_]
     stats = [paths.stats_[n].to(dev) for n in paths.layer_names_]
+    err_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    if err is not None:
+        rows = error_rows(cal.base.logits, cal.path[enc])
+        n_soft = len(SOFTMAX_COLUMNS)
+        if err.method in SCORE_METHODS:
+            j = SOFTMAX_COLUMNS.index(err.method)
+            cal_e = rows[:, j]
+            err_fn = lambda r: r[:, j]  # noqa: E731
+        else:
+            cols = {"logistic": slice(None), "logistic-softmax": slice(0, n_soft), "logistic-path": slice(n_soft, None)}
+            c = cols[err.method]
+            cal_e = err.estimator_.decision_function(rows[:, c])
+            e_lin = torch_linear(err.estimator_, torch.float64, dev)
+            err_fn = lambda r: e_lin(r[:, c])  # noqa: E731
+        te, se = centred(cal_e, cfg.fpr * (1 - g.share))
+        how += f"; the error detector ({err.method}) on the smooth rows, the larger centred score of the two"
 
-    def nad_surrogate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         logits, pooled = paths.pooled_forward(x)
-        feats = soft_encode([p.double() for p in pooled], logits.double(), masks, stats, enc)
-        return logits, lin(feats)
+        z = logits.double()
+        feats = soft_encode([p.double() for p in pooled], z, masks, stats, enc)
+        score = (lin(feats) - ta) / sa
+        if err_fn is not None:
+            score = torch.maximum(score, (err_fn(torch.cat([softmax_columns_torch(z), feats], 1)) - te) / se)
+        return logits, score
 
-    def nad_flag(x: torch.Tensor) -> torch.Tensor:
-        s = real.score_samples(detector_input(paths, x, enc, batch_size=len(x))[1])
-        return torch.as_tensor(s > thr, device=x.device)
+    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, X = detector_input(paths, x, enc, batch_size=len(x))
+        flag = det.score_samples(X) > det.threshold_
+        if err is not None:
+            flag |= err.score_samples(error_rows(f.logits, X)) > err.threshold_
+        return f.pred, torch.as_tensor(flag)
 
-    # Mahalanobis-LR trained on the same data; its distance is differentiable
-    L = np.vstack([b.layer_scores("mahalanobis", k) for k in train_keys])
-    comb = combiner(1.0).fit(L, y)
-    m_thr = threshold_at_fpr(comb.decision_function(b.layer_scores("mahalanobis", CALIBRATION_CLEAN)), cfg.fpr)
-    m_lin = torch_linear(comb, torch.float64, dev)
-    maha = b.maha
+    kind = "two detectors (attack, error)" if err is not None else "one detector"
+    return AdaptiveTarget("nad-guard", loss_terms, decide, note=f"deployed guard, {kind}; surrogate: {how}")
 
-    def maha_decision(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def mahalanobis_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
+    """Mahalanobis-LR (module docstring)."""
+    clf, dev, maha = d.paths.classifier, _device(d), b.maha
+    keys = deployed_training_keys(d)
+    comb = combiner(1.0).fit(np.vstack([b.layer_scores("mahalanobis", k) for k in keys]), d.training_set(keys)[0])
+    thr, scale = centred(comb.decision_function(b.layer_scores("mahalanobis", CALIBRATION_CLEAN)), cfg.fpr)
+    lin = torch_linear(comb, torch.float64, dev)
+
+    def score(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with capture(clf, maha.layers_, detach=False) as store:
             logits = clf(x)
             dist = torch.stack([maha.min_distance(store[n].double(), n) for n in maha.layers_], 1)
-        return logits, m_lin(dist)
+        return logits, lin(dist)
 
-    def maha_flag(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return maha_decision(x)[1] > m_thr
+    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, s = score(x)
+        return logits, (s - thr) / scale
 
+    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, s = score(x)
+        return logits.argmax(1), s > thr
+
+    return AdaptiveTarget("mahalanobis-lr", loss_terms, decide, note="the detector itself (exact distances)")
+
+
+def msp_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
+    """The max-softmax threshold (module docstring)."""
+    clf = d.paths.classifier
+    thr, scale = centred(b.score("msp", CALIBRATION_CLEAN), cfg.fpr)
+
+    def msp(logits: torch.Tensor) -> torch.Tensor:
+        return 1 - torch.softmax(logits.double(), 1).amax(1)
+
+    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = clf(x)
+        return logits, (msp(logits) - thr) / scale
+
+    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = clf(x)
+        return logits.argmax(1), msp(logits) > thr
+
+    return AdaptiveTarget("msp", loss_terms, decide, note="the score itself")
+
+
+def feature_squeezing_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
+    """Feature squeezing (module docstring), attacked through BPDA: each squeezer forward, the identity backward."""
+    clf = d.paths.classifier
+    fs = FeatureSqueezing().fit(channels=clf.spec.channels)
+    thr, scale = centred(fs.score(clf, d.clean["calibration"].float(), batch_size=cfg.batch_size), cfg.fpr)
+    squeezers = [straight_through(lambda x, s=s: squeeze(x, s)) for s in fs.squeezers_]
+
+    def score(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = clf(x)
+        p = torch.softmax(logits.double(), 1)
+        dist = [(p - torch.softmax(clf(sq(x)).double(), 1)).abs().sum(1) for sq in squeezers]
+        return logits, torch.stack(dist, 1).amax(1)
+
+    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, s = score(x)
+        return logits, (s - thr) / scale
+
+    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, s = score(x)
+        return logits.argmax(1), s > thr
+
+    return AdaptiveTarget("feature-squeezing", loss_terms, decide,
+                          note=f"the score itself, BPDA through the squeezers ({', '.join(fs.squeezers_)})")
+
+
+def undefended_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
+    """No detector: nothing is flagged, so evading is being misclassified (the classifier's own robustness,
+    the ceiling every detector's curve is measured against)."""
+    clf = d.paths.classifier
+
+    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = clf(x)
+        return logits, torch.zeros(len(x), dtype=logits.dtype, device=x.device)
+
+    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return clf(x).argmax(1), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+
+    return AdaptiveTarget("undefended", loss_terms, decide, note="no detector (misclassification only)")
+
+
+TARGETS: dict[str, Callable[[EvalData, FittedBaselines, EvalConfig], AdaptiveTarget]] = {
+    "nad-guard": nad_guard_target, "mahalanobis-lr": mahalanobis_target, "msp": msp_target,
+    "feature-squeezing": feature_squeezing_target, "undefended": undefended_target}
+
+
+def eps_grid(eps: float, scales: Any) -> list[float]:
+    """``eps`` times each of ``scales``, with ``eps`` itself, ascending and without repeats."""
+    return sorted({round(float(eps) * float(s), 12) for s in scales} | {round(float(eps), 12)})
+
+
+def adaptive_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """The evasion curve of every defence of ``cfg.adaptive_targets`` and plain PGD's figure at the suite's
+    ``eps``; JSON-ready."""
+    unknown = set(cfg.adaptive_targets) - set(TARGETS)
+    if unknown:
+        raise ValueError(f"unknown adaptive targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    spec = d.suite["pgd"]
+    if spec.norm != "Linf":
+        raise ValueError("the adaptive attack uses the suite's L-inf pgd budget")
+    eps = float(spec.eps)
+    steps = int(cfg.adaptive_steps or spec.params["steps"])
+    grid = eps_grid(eps, cfg.adaptive_eps_scales)
+    dev = _device(d)
     clean = d.clean["evaluation"]
     n = min(cfg.adaptive_images, len(clean))
     pick = np.sort(np.random.default_rng(cfg.seed).choice(len(clean), n, replace=False))
     x_all, y_all = clean.float()[pick], clean.labels[pick]
-    out: dict[str, Any] = {"images": n, "detector": f"{method},{enc}", "eps": eps, "alpha": alpha, "steps": steps, "norm": "Linf",
-                           "lambdas": list(cfg.adaptive_lambdas), "kappa": 1.0, "detectors": {}}
-    for name, surrogate, flag, threshold in (("nad-guard", nad_surrogate, nad_flag, thr),
-                                             ("mahalanobis-lr", maha_decision, maha_flag, m_thr)):
-        t0 = time.time()
-        per_lam, any_success = {}, torch.zeros(n, dtype=torch.bool)
-        for lam in (0.0, *cfg.adaptive_lambdas):
-            succ = []
-            for s in range(0, n, cfg.batch_size):
-                xb, yb = x_all[s:s + cfg.batch_size].to(dev), y_all[s:s + cfg.batch_size].to(dev)
-                succ.append(_adaptive_pgd(clf, xb, yb, surrogate, flag, eps, alpha, steps, lam, 1.0,
-                                          cfg.seed + s).cpu())
-            succ = torch.cat(succ)
-            per_lam[str(lam)] = float(succ.float().mean())
-            any_success |= succ  # the attacker may pick any lambda per image, plain PGD (0) included
+    kw = dict(steps=steps, eot=cfg.adaptive_eot, batch_size=cfg.batch_size, seed=cfg.seed, device=dev)
+    out: dict[str, Any] = {"images": n, "eps": eps, "eps_grid": grid, "steps": steps, "step_rule": "2.5 eps / steps",
+                           "norm": "Linf", "objectives": list(cfg.adaptive_objectives), "eot": cfg.adaptive_eot,
+                           "kappa": 1.0, "slack": 0.5, "budget_rule": BUDGET_RULE, "detectors": {}}
+    for name in cfg.adaptive_targets:
+        target = TARGETS[name](d, b, cfg)
+        curve = evasion_curve(target, x_all, y_all, grid, cfg.adaptive_objectives, log=log, **kw)
+        plain = evasion_curve(target, x_all, y_all, [eps], ["margin"], **kw)
+        c = curve.to_dict()
         out["detectors"][name] = {
-            "threshold": threshold,
-            "plain_pgd_evades": per_lam["0.0"],  # lam 0: the classifier-only attack, same budget
-            "adaptive_evades": float(any_success.float().mean()),
-            "per_lambda": per_lam, "seconds": round(time.time() - t0, 1),
-            "surrogate": ("the detector itself" if name == "mahalanobis-lr" or method == "logistic"
-                          else f"logistic detector on the same data and encoding ({enc})")}
-        log(f"adaptive {name}: evades {out['detectors'][name]['adaptive_evades']:.3f} "
-            f"(plain PGD {per_lam['0.0']:.3f})")
+            "adaptive_evades": curve.at(eps), "plain_pgd_evades": plain.evades[0],
+            "budget_50": c["budget_50"], "budget_50_bound": c["budget_50_bound"],
+            "curve": {f"{e:.6g}": r for e, r in zip(c["eps"], c["evades"])},
+            "first_evaded_by": {f"{e:.6g}": f for e, f in zip(c["eps"], c["first_evaded_by"])},
+            "randomized": target.randomized, "surrogate": target.note,
+            "seconds": round(curve.seconds + plain.seconds, 1)}
+        log(f"adaptive {name}: evades {curve.at(eps):.3f} at eps {eps:.4g} (plain PGD {plain.evades[0]:.3f}), "
+            f"50% budget {c['budget_50'] if c['budget_50'] is not None else c['budget_50_bound']}")
     return out

@@ -40,6 +40,14 @@ class EvalConfig:
     also reports ``nad-guard[deep k=K]``, nad-guard's detector (same method, encoding and training data)
     on its row plus the probe columns of :meth:`probe_spec` (``probe_transforms``, ``probe_sigma``,
     ``probe_bits``, ``probe_seed``, ``probe_per_layer``, ``probe_per_transform``).
+
+    The adaptive protocol (:mod:`nad_guard.evaluate.adaptive`): ``adaptive_images`` correctly classified
+    evaluation images, attacked by ``adaptive_steps`` PGD steps (the suite's ``pgd`` steps when ``None``)
+    with each of ``adaptive_objectives`` (:mod:`nad_guard.attacks.adaptive`) at each budget of
+    ``adaptive_eps_scales`` times the suite's ``pgd`` ``eps`` (which is always on the grid), with
+    ``adaptive_eot`` draws per step for random defences, against each of ``adaptive_targets``
+    (:data:`nad_guard.evaluate.adaptive.TARGETS`). Its cost grows with images x steps x objectives x grid
+    points, less the images already evaded.
     """
 
     suite: str = "mnist"
@@ -59,7 +67,10 @@ class EvalConfig:
     train_images: int = 5000
     adaptive_images: int = 200
     adaptive_steps: int | None = None
-    adaptive_lambdas: Sequence[float] = (1.0, 10.0)
+    adaptive_objectives: Sequence[str] = ("margin", "sum:1", "sum:10", "hinge:10", "selective")
+    adaptive_eps_scales: Sequence[float] = (0.125, 0.25, 0.5, 1.0, 2.0)
+    adaptive_eot: int = 4
+    adaptive_targets: Sequence[str] = ("nad-guard", "mahalanobis-lr", "msp", "feature-squeezing")
     device: str = "cpu"
     progress: bool = True
     multipass_baselines: Sequence[str] = ()

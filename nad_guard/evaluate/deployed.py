@@ -27,6 +27,7 @@ Next to them, the softmax baselines with a threshold at ``fpr`` on the calibrati
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -69,9 +70,23 @@ def decision_row(detector: str, attack: str, clean: tuple[np.ndarray, np.ndarray
             "target_fpr": cfg.fpr, "n_clean": len(clean[0]), "n_suspicious": len(susp[0])}
 
 
-def deployed_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
-                      keep_scores: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rows of the module docstring, and what the guard is (methods, thresholds, shares)."""
+@dataclass
+class DeployedGuard:
+    """The guard ``fit-detector`` would ship, fitted from a run's features: the attack detector ``det`` on
+    encoding ``enc`` at ``share`` of the rate (trained on ``train_keys``), and, with enough mispredictions,
+    the error detector ``err`` (rows: :func:`nad_guard.errors.error_rows`) at the rest; ``info``: what it is
+    (methods, thresholds)."""
+
+    det: PathDetector
+    enc: str
+    err: Any
+    share: float
+    info: dict[str, Any]
+    train_keys: list[FeatureKey]
+
+
+def fit_deployed(d: EvalData, cfg: EvalConfig) -> DeployedGuard:
+    """Fit and calibrate the shipped guard as the module docstring says (the fit and calibration parts only)."""
     n_wrong = len(d.features[FIT_WRONG]) if FIT_WRONG in d.features else 0
     two = n_wrong >= max(ERR_MIN, cfg.cv_folds)
     share = DEFAULT_ATTACK_SHARE if two else 1.0
@@ -83,17 +98,27 @@ def deployed_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
     info: dict[str, Any] = {"two_detectors": two, "attack_share": share if two else None,
                             "attack_detector": {"method": method, "encoding": enc, "trained_on": [str(k) for k in train_keys],
                                                 "fpr": cfg.fpr * share, "threshold": det.threshold_, **({"cv": cv} if cv else {})}}
-
-    def err_rows(k: FeatureKey) -> np.ndarray:
-        return error_rows(d.features[k].base.logits, d.features[k].path[enc])
-
     err = None
     if two:
+        def err_rows(k: FeatureKey) -> np.ndarray:
+            return error_rows(d.features[k].base.logits, d.features[k].path[enc])
+
         Xe = np.vstack([err_rows(FIT_CLEAN), err_rows(FIT_WRONG)])
         ye = np.r_[np.zeros(len(d.features[FIT_CLEAN])), np.ones(n_wrong)]
         err, err_info = fit_error_detector(Xe, ye, err_rows(CALIBRATION_CLEAN), cfg.fpr * (1 - share),
                                            folds=cfg.cv_folds, seed=cfg.seed)
         info["error_detector"] = {k: err_info[k] for k in ("method", "fpr", "threshold", "selection")}
+    return DeployedGuard(det, enc, err, share, info, train_keys)
+
+
+def deployed_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
+                      keep_scores: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of the module docstring, and what the guard is (methods, thresholds, shares)."""
+    g = fit_deployed(d, cfg)
+    det, enc, err, share, info = g.det, g.enc, g.err, g.share, g.info
+
+    def err_rows(k: FeatureKey) -> np.ndarray:
+        return error_rows(d.features[k].base.logits, d.features[k].path[enc])
 
     def decide(k: FeatureKey) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         s = det.score_samples(d.features[k].path[enc])

@@ -156,7 +156,6 @@ def render_markdown(r: dict[str, Any]) -> str:
                          "kept": s["n_kept"], "mean L-inf": s["mean_linf"], "mean L2": s["mean_l2"],
                          "seconds": s["seconds"]})
     lines += [markdown_table(rows), ""]
-    lines += ["## Summary: mean AUROC per protocol", ""]
     srows = []
     for p, s in r["summary"].items():
         nad = s["detectors"].get("nad-guard", {})
@@ -164,7 +163,8 @@ def render_markdown(r: dict[str, Any]) -> str:
                       "nad-guard min AUROC": nad.get("min_auroc"), "nad-guard mean TPR@5%": nad.get("mean_tpr"),
                       "best baseline": s["best_baseline"], "its mean AUROC": s["best_baseline_mean_auroc"],
                       "its mean TPR@5%": s["detectors"].get(s["best_baseline"], {}).get("mean_tpr")})
-    lines += [markdown_table(srows), ""]
+    if srows:  # none when only the adaptive protocol ran
+        lines += ["## Summary: mean AUROC per protocol", "", markdown_table(srows), ""]
     chosen = [{"protocol": x["protocol"], "attack": x["attack"], "trained on": x["trained_on"],
                "folds by": x["cv"]["folds_by"], "selected": x["selected"],
                **{f"CV {k}": v for k, v in x["cv"]["auroc"].items()}}
@@ -198,21 +198,12 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r.get("deployed"):
         lines += _deployed_section(r)
     if r.get("adaptive"):
-        a = r["adaptive"]
-        lines += ["## Adaptive white-box attack", "",
-                  f"L-inf PGD, eps {a['eps']:.4g}, step {a['alpha']:.4g}, {a['steps']} steps, random start, on "
-                  f"{a['images']} correctly classified evaluation images; loss = clamp(classifier margin, "
-                  f"-{a['kappa']}) + lambda x detector surrogate, lambdas {a['lambdas']}. 'Evades' = some iterate "
-                  "is misclassified and not flagged at the calibrated threshold (the share of attacked images; "
-                  "lower is better for the defender).", ""]
-        arows = [{"detector": k, "plain PGD evades": v["plain_pgd_evades"], "adaptive evades": v["adaptive_evades"],
-                  **{f"lambda {lam}": v["per_lambda"][lam] for lam in v["per_lambda"] if lam != "0.0"},
-                  "surrogate": v["surrogate"], "seconds": v["seconds"]} for k, v in a["detectors"].items()]
-        lines += [markdown_table(arows), ""]
-    lines += ["## All rows (with 95% bootstrap intervals)", ""]
-    cols = ["protocol", "detector", "attack", "trained_on", "auroc", "auroc_ci", "aupr", "aupr_ci", "tpr", "tpr_ci",
-            "test_fpr", "n_clean", "n_suspicious"]
-    lines += [markdown_table(r["rows"], cols)]
+        lines += _adaptive_section(r["adaptive"])
+    if r["rows"]:
+        lines += ["## All rows (with 95% bootstrap intervals)", ""]
+        cols = ["protocol", "detector", "attack", "trained_on", "auroc", "auroc_ci", "aupr", "aupr_ci", "tpr", "tpr_ci",
+                "test_fpr", "n_clean", "n_suspicious"]
+        lines += [markdown_table(r["rows"], cols)]
     return "\n".join(lines)
 
 
@@ -247,3 +238,28 @@ def _deployed_section(r: dict[str, Any]) -> list[str]:
                 row[f"{short} flagged"] = x["tpr"]
         table.append(row)
     return lines + [markdown_table(table), ""]
+
+
+def _adaptive_section(a: dict[str, Any]) -> list[str]:
+    """The adaptive attack's table: per defence, the share that evades at the suite's budget, plain PGD's
+    share, the budget for 50% evasion and the evasion curve over the grid."""
+    grid = ", ".join(f"{e * 255:.3g}/255" for e in a["eps_grid"])
+    lines = ["## Adaptive white-box attack", "",
+             f"L-inf PGD with a random start, {a['steps']} steps of {a['step_rule']}, on {a['images']} correctly "
+             f"classified evaluation images, at each budget of the grid ({grid}); objectives {a['objectives']} "
+             f"(classifier margin clamped at -{a['kappa']}, plus lambda x the detector's surrogate score centred at "
+             f"its threshold, `nad_guard.attacks.adaptive`), EOT over {a['eot']} draws per step for random "
+             "defences. 'Evades' = some iterate is misclassified and not flagged by the defence's real decision at "
+             "its calibrated threshold, for some objective (the share of attacked images; lower is better for the "
+             f"defender). 50% budget: {a['budget_rule']}.", ""]
+    rows = []
+    for k, v in a["detectors"].items():
+        b50 = v["budget_50"]
+        rows.append({"defence": k, f"evades at {a['eps'] * 255:.3g}/255": v["adaptive_evades"],
+                     "plain PGD evades": v["plain_pgd_evades"],
+                     "50% budget (/255)": f"{b50 * 255:.2f}" if b50 is not None else f"> {a['eps_grid'][-1] * 255:.3g}",
+                     **{f"{float(e) * 255:.3g}/255": x for e, x in v["curve"].items()},
+                     "seconds": v["seconds"]})
+    lines += [markdown_table(rows), ""]
+    lines += ["Surrogates: " + "; ".join(f"{k}: {v['surrogate']}" for k, v in a["detectors"].items()) + ".", ""]
+    return lines
