@@ -12,6 +12,7 @@ from nad_guard.deep import DEEP_DETECTOR_FILE
 from nad_guard.encoding import encode
 from nad_guard.fitting import fit_guard
 from nad_guard.guard import Guard
+from nad_guard.health import format_report, static_report
 from nad_guard.holdout import holdout_splits
 from nad_guard.probes import ProbeSpec, probe_column_names, probe_features
 from training.paths import fit_paths
@@ -73,6 +74,9 @@ def test_deep_detector_round_trips_and_single_pass_guards_refuse_deep(deep_guard
     assert deep["threshold"] == deep_guard.deep_detector.threshold_ and deep["fpr"] == meta["detector"]["fpr"]
     assert deep["columns"] == probe_column_names(deep_guard.paths.layer_names_, ProbeSpec(k=K))
     assert deep["calibration"]["n"] == meta["detector"]["calibration"]["n"]
+    report = static_report(d)  # nad-guard check says it
+    assert report["deep"]["probes"] == K and report["deep"]["probe_columns"] == len(deep["columns"])
+    assert f"deep mode: {K} probes" in format_report(report)
     back = Guard.load(d, classifier=tiny_model)
     x = digits[1].float(0, 12)
     np.testing.assert_allclose(back.run(x, deep=True).score, deep_guard.run(x, deep=True).score, rtol=1e-6)
@@ -83,4 +87,5 @@ def test_deep_detector_round_trips_and_single_pass_guards_refuse_deep(deep_guard
         plain.run(x, deep=True)
     p = plain.save(tmp_path / "plain")
     assert "deep" not in json.loads((p / "meta.json").read_text()) and not (p / DEEP_DETECTOR_FILE).exists()
+    assert static_report(p)["deep"] is None
     np.testing.assert_array_equal(Guard.load(p, classifier=tiny_model).run(x).score, back.run(x).score)
