@@ -126,6 +126,18 @@ def markdown(res: dict) -> str:
         out.append(f"| {r['guard']} | {r['batch']} | {r['mode']} | {r['ms_per_image']:.3f} | {r['x_plain']:.2f} | "
                    f"{tgt} | {met} |")
     out += ["", res["note"], ""]
+    sv = res.get("serving")
+    if sv:
+        out += ["## Serving throughput (bench/deep_serve.py)", "",
+                f"`{sv['command']}`; {sv['date']}; the {sv['guard']} guard with the timing deep detector, default "
+                f"server settings, .npy requests from client threads on the same machine; median of {sv['rounds']} "
+                f"interleaved rounds; load average {sv['load_start']} at start, {sv['load_end']} at end (shared "
+                "cores: a floor).", "",
+                "| mode | images / request | concurrency | images / s | p50 ms | p95 ms | errors | other cores busy |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        out += [f"| {r['mode']} | {r['images_per_request']} | {r['concurrency']} | {r['images_per_s']} | "
+                f"{r['p50_ms']} | {r['p95_ms']} | {r['errors']} | {r['other_cores_busy']} |" for r in sv["rows"]]
+        out.append("")
     return "\n".join(out)
 
 

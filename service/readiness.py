@@ -39,7 +39,8 @@ def readiness_detail(detector: dict[str, t.Any], error_detector: dict[str, t.Any
     rate and calibration, and the ``decision`` (the requested rate and its split)."""
     out = {"method": detector.get("method"), "encoding": detector.get("encoding"),
            "threshold": detector.get("threshold"), "fpr": detector.get("fpr"),
-           "calibration": _calibration(int(detector["calibration_clean"]), float(detector["fpr"]))}
+           "calibration": _calibration(int((detector.get("calibration") or {}).get("n", detector.get(
+               "calibration_clean"))), float(detector["fpr"]))}  # a re-saved loaded guard keeps only the record
     if error_detector is not None:
         out["error_detector"] = {"method": error_detector.get("method"), "threshold": error_detector.get("threshold"),
                                  "fpr": error_detector.get("fpr"),
