@@ -6,9 +6,11 @@ For each guard (the committed CIFAR-10 ResNet-20 guard, bench/results/guard_cifa
 bundled MNIST guard), median wall time per image, at batch 1 and at batch 64, of:
 
 * ``plain``: the classifier's forward pass alone (no hooks, no padding);
-* ``single``: ``Guard.run`` (single pass: padded to a multiple of 8 rows, path features, detector);
-* ``deep k``: ``Guard.run(deep=True)`` with k = 4 and 8 probes (one pass of ``(k + 1)`` rows an input; the
-  padding to 8 inputs applies too, so a single image costs ``8 (k + 1)`` rows);
+* ``single``: ``Guard.run`` (single pass: padded to a multiple of 8 rows, path features, detector), in passes
+  of at most 128 rows (the service's ``NAD_GUARD_FORWARD_ROWS``);
+* ``deep k``: ``Guard.run(deep=True)`` with k = 4 and 8 probes (passes of ``(k + 1)`` rows an input, as many
+  inputs a pass as fit in 128 rows, rounded down to a multiple of 8: 8 inputs; the padding to 8 inputs applies
+  too, so a single image costs ``8 (k + 1)`` rows);
 * at batch 1 also ``deep k, pad 1``: the same without padding (``pad_multiple=1``), what one image costs
   when a row's result may depend on its batch.
 
@@ -44,6 +46,8 @@ from nad_guard.guard import DEFAULT_GUARD_DIR, Guard  # noqa: E402
 from nad_guard.probes import ProbeSpec  # noqa: E402
 from nad_guard.runinfo import load_average, machine_info, portable_command  # noqa: E402
 
+ROWS = 128  # rows per forward pass, the service's default (NAD_GUARD_FORWARD_ROWS): deep passes of 8 inputs
+# (k = 8: 72 rows). One pass of 576 rows (64 inputs, k = 8) took 2.6x as long as 8 passes of 72 on this machine.
 GUARDS = {"cifar10-resnet20": (ROOT / "bench/results/guard_cifar10-resnet20", "cifar10", "cifar10"),
           "mnist-cnn (bundled)": (DEFAULT_GUARD_DIR, "mnist5k", "mnist")}
 
@@ -86,12 +90,11 @@ def measure(name: str, guard_dir: Path, data: str, suite: str, ks: list[int], ro
             with torch.no_grad():
                 clf(x)
 
-        configs = {"plain": plain, "single": lambda: guard.run(x, batch_size=max(64, batch))}
+        configs = {"plain": plain, "single": lambda: guard.run(x, batch_size=ROWS)}
         for k in ks:
-            configs[f"deep k={k}"] = lambda k=k: deep[k].run(x, batch_size=64 * (k + 1), deep=True)
+            configs[f"deep k={k}"] = lambda k=k: deep[k].run(x, batch_size=ROWS, deep=True)
             if batch == 1:
-                configs[f"deep k={k}, pad 1"] = lambda k=k: deep[k].run(x, batch_size=64 * (k + 1), deep=True,
-                                                                       pad_multiple=1)
+                configs[f"deep k={k}, pad 1"] = lambda k=k: deep[k].run(x, batch_size=ROWS, deep=True, pad_multiple=1)
         per: dict[str, list[float]] = {c: [] for c in configs}
         for r in range(rounds):  # interleaved rounds, the order reversed every other round
             order = list(configs) if r % 2 == 0 else list(reversed(configs))
@@ -116,9 +119,10 @@ def markdown(res: dict) -> str:
            f"Machine: {m.get('cpu')}, {m.get('cores')} cores; torch threads 1; load average at start "
            f"{res['load_start']}, at end {res['load_end']} (the cores were shared with other jobs: the absolute "
            "times are inflated and noisy; the ratios, measured in interleaved rounds, are the figures to read).", "",
-           "Median wall time per image over the rounds' medians. `plain`: the classifier's forward pass alone; "
-           "`single`: `Guard.run` (padded to 8 rows); `deep k`: `Guard.run(deep=True)` (one pass of k + 1 rows an "
-           "input, padded to 8 inputs); `pad 1`: without padding. Target (issue 21): deep/plain <= k + 1.2.", "",
+           "Median wall time per image over the rounds' medians. `plain`: the classifier's forward pass alone (one "
+           "pass of the batch); `single`: `Guard.run` (padded to 8 rows, passes of at most 128 rows, the service's "
+           "default); `deep k`: `Guard.run(deep=True)` (k + 1 rows an input, padded to 8 inputs, passes of 8 inputs: "
+           "72 rows for k = 8); `pad 1`: without padding. Target (issue 21): deep/plain <= k + 1.2.", "",
            "| guard | batch | mode | ms / image | x plain | target | met |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["rows"]:
         tgt = f"<= {r['target_x']:.1f}" if r["target_x"] else ""
@@ -126,6 +130,8 @@ def markdown(res: dict) -> str:
         out.append(f"| {r['guard']} | {r['batch']} | {r['mode']} | {r['ms_per_image']:.3f} | {r['x_plain']:.2f} | "
                    f"{tgt} | {met} |")
     out += ["", res["note"], ""]
+    if res.get("findings"):
+        out += ["## Reading", ""] + [f"- {f}" for f in res["findings"]] + [""]
     sv = res.get("serving")
     if sv:
         out += ["## Serving throughput (bench/deep_serve.py)", "",
@@ -167,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(k + 1) rows, which is what the service pays for a lone one-image request; merged requests fill "
                    "the padding. The deep detectors were fitted here for timing only (see bench/deep_cost.py).")
     out.with_suffix(".partial.json").unlink(missing_ok=True)
+    if out.with_suffix(".json").is_file():  # keep bench/deep_serve.py's section
+        res["serving"] = json.loads(out.with_suffix(".json").read_text()).get("serving")
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))
