@@ -14,6 +14,7 @@ import torch
 from nad_guard.attacks import generate, get_suite
 from nad_guard.calibration import conformal_rank
 from nad_guard.data import ImageSet
+from nad_guard.deep import fit_deep_detector
 from nad_guard.detectors import CLEAN_ONLY, PathDetector, cross_val_auroc_per_block, cv_groups, select_by_cv
 from nad_guard.encoding import detector_input, detector_inputs
 from nad_guard.errors import DEFAULT_ATTACK_SHARE, MIN_MISPREDICTIONS, error_rows, fit_error_detector
@@ -21,6 +22,7 @@ from nad_guard.guard import Guard
 from nad_guard.holdout import correct_mask, partition_correct
 from nad_guard.models import resolve_device
 from nad_guard.paths import PathModel
+from nad_guard.probes import ProbeSpec
 from nad_guard.provenance import with_calibration_clean
 
 
@@ -32,7 +34,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
               select: str = "fixed", cv_folds: int = 3, mispredictions: bool = True, fpr: float = 0.05,
               device: str = "auto", batch_size: int = 128, cache_dir: str | Path | None = None, progress: bool = True,
               seed: int = 0, provenance: dict[str, Any] | None = None, error_detector: bool = False,
-              attack_share: float = DEFAULT_ATTACK_SHARE) -> Guard:
+              attack_share: float = DEFAULT_ATTACK_SHARE, probes: int | ProbeSpec = 0) -> Guard:
     """Train a detector on path features of ``fit_set`` and calibrate its threshold on the correctly
     classified images of ``calibration_set`` (held out, clean only).
 
@@ -60,7 +62,14 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     With fewer than :data:`~nad_guard.errors.MIN_MISPREDICTIONS` (or ``cv_folds``) mispredictions in the fit
     part there is no error detector: the guard is a one-detector guard at ``fpr`` and the metadata says why
     (``error_detector_skipped``).
+
+    ``probes`` (``k`` or a :class:`~nad_guard.probes.ProbeSpec`; 0: none): also fit the deep check's detector
+    (:mod:`nad_guard.deep`) on the same images and labels, calibrated on the same images at the attack
+    detector's rate.
     """
+    spec = probes if isinstance(probes, ProbeSpec) else ProbeSpec(k=int(probes)) if probes else None
+    if spec is not None and spec.k < 1:
+        spec = None
     if select not in ("fixed", "cv"):
         raise ValueError(f"select must be 'fixed' or 'cv', got {select!r}")
     conformal_rank(len(calibration_set), fpr)  # too few calibration images for fpr at all: say so before any attack
@@ -92,6 +101,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     X_clean = matrices(clean.float(), logits)
     n_clean = len(clean)
     blocks, ys, sources, per_attack = [X_clean], [np.zeros(n_clean)], [], {}
+    images = [clean.float()]  # the images of each block (the deep detector's training data)
     block_names: list[str] = []  # one per suspicious block, as sources
     suite_obj = get_suite(suite, seed=seed)
     n_wrong = 0
@@ -101,6 +111,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
                            device=dev, cache_dir=cache_dir, progress=progress)
             if len(res.adv_images):
                 blocks.append(matrices(res.adv_images))
+                images.append(res.adv_images)
                 ys.append(np.ones(len(res.adv_images)))
                 sources.append(res.indices.numpy())  # each adversarial's source image
                 block_names.append(name)
@@ -108,6 +119,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
                                 "seconds": res.stats.seconds}
         if mispredictions and len(wrong):
             blocks.append(matrices(wrong.float()))
+            images.append(wrong.float())
             ys.append(np.ones(len(wrong)))
             sources.append(n_clean + np.arange(len(wrong)))
             block_names.append("mispredictions")
@@ -134,6 +146,11 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
         provenance = with_calibration_clean(provenance, cal_positions[cal_ok.numpy()])
     f_cal, X_cal = detector_input(paths, calib.float(), encoding, batch_size)
     det.infer_threshold(X_cal, fpr=fpr * attack_share if two else fpr)
+    deep, deep_info = None, None
+    if spec is not None:
+        deep, deep_info = fit_deep_detector(paths, images, ys, calib.float(), method=method, encoding=encoding,
+                                            spec=spec, fpr=det.fpr_, seed=seed, rows=2 * batch_size,
+                                            progress=progress)
     err, err_info = None, None
     if two:
         X_wrong = matrices(wrong.float(), logits)[encoding]
@@ -152,8 +169,9 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
                             **({"provenance": provenance} if provenance is not None else {}),
                             **({"error_detector_skipped": skipped} if skipped else {})}
     paths.classifier.cpu()
-    return Guard(paths, det, encoding, {"detector_info": info, **({"error_detector_info": err_info} if two else {})},
-                 error_detector=err, attack_share=attack_share)
+    return Guard(paths, det, encoding, {"detector_info": info, **({"error_detector_info": err_info} if two else {}),
+                                        **({"deep_info": deep_info} if deep_info else {})},
+                 error_detector=err, attack_share=attack_share, deep_detector=deep, probes=spec)
 
 
 def _cv_per_block(method: str, encoding: str, X: np.ndarray, y: np.ndarray, n_clean: int,

@@ -23,7 +23,9 @@ for detectors fitted by ``fit-detector`` / ``build-default``, which images each 
 calibration) and ``meta["decision"]`` (the requested rate and its split between the two detectors); its
 records then carry ``attack_p_value``, ``error_p_value``, ``error_score`` and ``error_threshold``, and
 ``trust_score`` / ``is_suspicious`` are the combined ones. Guards without one answer as before, without
-those fields.
+those fields. A guard with a deep detector (:mod:`nad_guard.deep`: ``deep_detector.skops`` and
+``meta["deep"]``) also answers in deep mode (``run(..., deep=True)``); its records then say ``mode: "deep"``
+and ``probes: k``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from nad_guard.deep import DEEP_DETECTOR_FILE, deep_record, deep_rows, deep_step, load_deep, save_deep
 from nad_guard.detectors import PathDetector, load_detector, save_detector
 from nad_guard.errors import DEFAULT_ATTACK_SHARE, SOFTMAX_COLUMNS, ErrorDetector, combined_trust, error_rows
 from nad_guard.models import (REFERENCE_MODELS, Classifier, InputSpec, load_state_dict_file, resolve_device,
@@ -45,6 +48,7 @@ from nad_guard.models import (REFERENCE_MODELS, Classifier, InputSpec, load_stat
 from nad_guard.model_names import build_classifier, classifier_from_factory, file_sha256, load_torchscript
 from nad_guard.encoding import ENCODINGS, detector_input
 from nad_guard.paths import META_FILE, ArtifactError, PathFeatures, PathModel, read_meta
+from nad_guard.probes import ProbeSpec, probe_column_names
 
 DEFAULT_GUARD_DIR = Path(__file__).resolve().parent / "default_guard"
 PAD_MULTIPLE = 8  # rows: see pad_rows
@@ -275,6 +279,7 @@ class GuardResult:
     error_score: np.ndarray | None = None   # (N,) the error detector's score, higher = more likely wrong
     error_trust: np.ndarray | None = None   # (N,) the error detector's p-value
     error_threshold: float | None = None
+    probes: int | None = None  # deep mode only (nad_guard.deep): the probes per input; None in single-pass mode
 
     def records(self, class_names: list[str]) -> list[dict[str, Any]]:
         """One JSON-ready dict per input (the service's response items). Tensors are converted once per
@@ -300,6 +305,9 @@ class GuardResult:
             for r, pa, pe, se in zip(records, self.attack_trust.tolist(), self.error_trust.tolist(),
                                      self.error_score.tolist()):
                 r.update(attack_p_value=pa, error_p_value=pe, error_score=se, error_threshold=err_threshold)
+        if self.probes is not None:
+            for r in records:
+                r.update(mode="deep", probes=self.probes)
         return records
 
 
@@ -313,16 +321,20 @@ class Guard:
 
     def __init__(self, paths: PathModel, detector: PathDetector, encoding: str = "rich",
                  meta: dict[str, Any] | None = None, error_detector: ErrorDetector | None = None,
-                 attack_share: float = DEFAULT_ATTACK_SHARE):
+                 attack_share: float = DEFAULT_ATTACK_SHARE, deep_detector: PathDetector | None = None,
+                 probes: ProbeSpec | None = None):
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
-        for d in (detector, error_detector):
+        if (deep_detector is None) != (probes is None or probes.k < 1):
+            raise ValueError("a deep detector goes with its probes (a ProbeSpec with k >= 1), and they with it")
+        for d in (detector, error_detector, deep_detector):
             if d is not None and not hasattr(d, "threshold_"):
                 raise ValueError("a detector has no threshold: call infer_threshold on held-out clean features")
         if not 0 < attack_share < 1:
             raise ValueError(f"attack_share must be in (0, 1), got {attack_share}")
         self.paths, self.detector, self.encoding = paths, detector, encoding
         self.error_detector, self.attack_share = error_detector, float(attack_share)
+        self.deep_detector, self.probes = deep_detector, probes
         self.meta = dict(meta or {})
 
     @property
@@ -339,23 +351,41 @@ class Guard:
         self.classifier.to(resolve_device(str(device)) if isinstance(device, str) else device)
         return self
 
-    def run(self, x: torch.Tensor, batch_size: int = 256, pad_multiple: int = PAD_MULTIPLE) -> GuardResult:
+    @property
+    def deep_k(self) -> int:
+        """The probes per input of deep mode (:mod:`nad_guard.deep`); 0 when the guard has no deep detector."""
+        return self.probes.k if self.deep_detector is not None and self.probes is not None else 0
+
+    def run(self, x: torch.Tensor, batch_size: int = 256, pad_multiple: int = PAD_MULTIPLE, deep: bool = False
+            ) -> GuardResult:
         """Predict and score ``x`` float ``(N, C, H, W)`` in ``[0, 1]`` (one forward pass per batch of
         ``batch_size``, rounded to a multiple of ``pad_multiple``). Every pass is padded with zero images to
         a multiple of ``pad_multiple`` rows (:func:`pad_rows`), so a result does not depend on the batch
-        it came in; ``pad_multiple=1`` turns that off."""
+        it came in; ``pad_multiple=1`` turns that off. ``deep``: the deep check (:mod:`nad_guard.deep`; a
+        ``ValueError`` for a guard without a deep detector): one pass of the inputs and their ``k`` probes per
+        :func:`~nad_guard.deep.deep_step` inputs, and the deep detector's score in the attack detector's place."""
+        if deep and not self.deep_k:
+            raise ValueError("this guard has no deep detector (deep mode): fit one with `nad-guard fit-detector "
+                             "--probes K`, or run without deep")
         x, n = pad_rows(x, pad_multiple)
-        f, X = detector_input(self.paths, x, self.encoding, forward_step(batch_size, pad_multiple))
-        s = self.detector.score_samples(X)[:n]
-        trust, flag = self.detector.trust_of_scores(s), s > self.detector.threshold_
+        det = self.deep_detector if deep else self.detector
+        if deep:
+            f, X, rows = deep_rows(self.paths, x, self.encoding, self.probes,
+                                   deep_step(batch_size, self.deep_k, pad_multiple))
+        else:
+            f, X = detector_input(self.paths, x, self.encoding, forward_step(batch_size, pad_multiple))
+            rows = X
+        s = det.score_samples(rows)[:n]
+        trust, flag = det.trust_of_scores(s), s > det.threshold_
+        probes = self.deep_k if deep else None
         if self.error_detector is None:
-            return GuardResult(f.rows(slice(0, n)), s, trust, flag, self.detector.threshold_)
+            return GuardResult(f.rows(slice(0, n)), s, trust, flag, det.threshold_, probes=probes)
         e = self.error_detector.score_samples(error_rows(f.logits[:n], X[:n]))
         e_trust = self.error_detector.trust_of_scores(e)
         return GuardResult(f.rows(slice(0, n)), s, combined_trust(trust, e_trust, self.attack_share),
-                           flag | (e > self.error_detector.threshold_), self.detector.threshold_,
+                           flag | (e > self.error_detector.threshold_), det.threshold_,
                            attack_trust=trust, error_score=e, error_trust=e_trust,
-                           error_threshold=self.error_detector.threshold_)
+                           error_threshold=self.error_detector.threshold_, probes=probes)
 
     def probabilities(self, x: torch.Tensor, batch_size: int = 256, pad_multiple: int = PAD_MULTIPLE
                       ) -> torch.Tensor:
@@ -396,6 +426,12 @@ class Guard:
                                 "rule": "flagged if p_attack <= attack_share * fpr or p_error <= (1 - attack_share) "
                                         "* fpr (union bound: clean inputs flagged at most fpr); trust_score = "
                                         "min(1, p_attack / attack_share, p_error / (1 - attack_share))"}
+        meta.pop("deep", None)
+        (path / DEEP_DETECTOR_FILE).unlink(missing_ok=True)
+        if self.deep_k:
+            save_deep(self.deep_detector, path)
+            meta["deep"] = deep_record(self.deep_detector, self.probes, self.encoding, self.paths.layer_names_,
+                                       self.meta.get("deep_info"))
         (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
@@ -417,15 +453,21 @@ class Guard:
             if err is not None and not isinstance(err, ErrorDetector):
                 raise ValueError(f"{err_meta.get('file')} holds a {type(err).__name__}, not an ErrorDetector")
             share = float(meta.get("decision", {}).get("attack_share", DEFAULT_ATTACK_SHARE))
+            deep, probes = load_deep(path, meta.get("deep"))
         except ArtifactError:
             raise
         except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
             raise ArtifactError(f"cannot load guard {path}: {e}") from e
-        guard = cls(paths, det, det_meta.get("encoding", "rich"), meta, error_detector=err, attack_share=share)
+        guard = cls(paths, det, det_meta.get("encoding", "rich"), meta, error_detector=err, attack_share=share,
+                    deep_detector=deep, probes=probes)
         n = len(detector_input(paths, torch.zeros(1, *clf.spec.shape), guard.encoding)[1][0])
         if n != det.n_features_in_:
             raise ArtifactError(f"detector in {path} expects {det.n_features_in_} features, the paths give {n}")
         if err is not None and err.n_features_in_ != n + len(SOFTMAX_COLUMNS):
             raise ArtifactError(f"error detector in {path} expects {err.n_features_in_} features, the paths give "
                                 f"{n + len(SOFTMAX_COLUMNS)}")
+        n_deep = n + len(probe_column_names(paths.layer_names_, probes)) if probes is not None else 0
+        if deep is not None and deep.n_features_in_ != n_deep:
+            raise ArtifactError(f"deep detector in {path} expects {deep.n_features_in_} features, the paths and its "
+                                f"probes give {n_deep}")
         return guard.to(device)

@@ -192,6 +192,11 @@ def static_report(guard_dir: str | Path) -> dict[str, Any]:
     if isinstance(meta.get("decision"), dict):  # two detectors (nad_guard.errors): the flag's rate is the sum
         err = meta.get("error_detector") or {}
         report["decision"] = {**meta["decision"], "error_detector": err.get("method"), "error_fpr": err.get("fpr")}
+    deep = meta.get("deep")  # the deep check's detector (nad_guard.deep), if fitted
+    report["deep"] = None if not isinstance(deep, dict) else {
+        "probes": (deep.get("probes") or {}).get("k"), "spec": deep.get("probes"), "method": deep.get("method"),
+        "encoding": deep.get("encoding"), "fpr": deep.get("fpr"), "threshold": deep.get("threshold"),
+        "probe_columns": len(deep.get("columns") or ()), "calibration_n": (deep.get("calibration") or {}).get("n")}
     if isinstance(cv, dict) and isinstance(cv.get("auroc"), dict):
         weak = {a: v for a, v in cv["auroc"].items() if v is not None and v < WEAK_AUROC}
         for a, v in weak.items():
@@ -343,6 +348,14 @@ def format_report(report: dict[str, Any]) -> str:
         if dec:
             lines.append(f"two detectors: attack detector at {det.get('fpr')}, error detector {dec.get('error_detector')} "
                          f"at {dec.get('error_fpr')}; flagged if either p-value is within its share of {dec.get('fpr')}")
+        deep = report.get("deep")
+        if deep:
+            spec = deep.get("spec") or {}
+            lines.append(f"deep mode: {deep['probes']} probes ({', '.join(spec.get('transforms', []))}; noise sigma "
+                         f"{spec.get('sigma')}), {deep['method']} on {deep['encoding']} + {deep['probe_columns']} probe "
+                         f"columns, calibrated on {deep['calibration_n']} clean images at {deep['fpr']}; costs about "
+                         f"{deep['probes']} + 1 forward passes an image (Guard.run(deep=True), the service's "
+                         f"?probes={deep['probes']})")
         cv = det.get("cv_per_attack") or {}
         if isinstance(cv.get("auroc"), dict):
             lines.append(f"  cross-validated AUROC per training attack ({cv.get('folds')} folds by "

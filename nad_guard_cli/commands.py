@@ -310,6 +310,11 @@ def fit_encoder_cmd(artifact: str, data: str, data_root: str | None, out: str | 
 @click.option("--attack-share", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
               show_default=True, help="With two detectors: the attack detector's share of --fpr (the error "
                                       "detector gets the rest; flagged if either p-value is within its share).")
+@click.option("--probes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="K > 0: also fit the deep check's detector (nad_guard.deep): the same method and encoding on the "
+                   "path features plus how they move under K small random perturbations of the input (one batched "
+                   "pass of K + 1 rows an input), calibrated like the attack detector; the guard then also answers "
+                   "in deep mode (Guard.run(deep=True), the service's ?probes=K). 0: single-pass only.")
 @click.option("--max-images", type=int, default=None,
               help="Use a seeded stratified sample of this many test images (the same sample as evaluate's).")
 @click.option("--fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
@@ -320,7 +325,7 @@ def fit_encoder_cmd(artifact: str, data: str, data_root: str | None, out: str | 
 def fit_detector_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
                      std: tuple[float, ...] | None, data: str, data_root: str | None, suite: str, attacks: str | None,
                      method: str, encoding: str, select: str, mispredictions: bool, error_detector: bool,
-                     attack_share: float, max_images: int | None,
+                     attack_share: float, probes: int, max_images: int | None,
                      fpr: float, device: str, seed: int) -> None:
     """Generate the suite's attacks, fit the detector and calibrate its threshold, then write it into the
     artifact. The test split is divided (seeded, stratified) into detector-fit 40%, calibration 20%
@@ -334,7 +339,8 @@ def fit_detector_cmd(artifact: str, model: str | None, weights: str | None, mean
         info = build_guard(artifact, model, data, weights=weights, mean=mean, std=std, data_root=data_root, suite=suite,
                            attacks=attacks.split(",") if attacks else None, method=method, encoding=encoding,
                            select=select, mispredictions=mispredictions, fpr=fpr, max_images=max_images,
-                           device=device, seed=seed, error_detector=error_detector, attack_share=attack_share)
+                           device=device, seed=seed, error_detector=error_detector, attack_share=attack_share,
+                           probes=probes)
     _report_calibration(info["calibration"])
     _report_health(artifact)
     click.echo(json.dumps(info))

@@ -18,6 +18,12 @@ client can make the server do before it is refused is bounded, and refused in on
   that can take more than a few ms (a JSON or .npy body over ``INLINE_BYTES``, any image file) runs
   in a thread, one such request at a time per worker, so neither the event loop nor memory is held
   by more than one large body at once;
+* **deep mode** (``?probes=K`` on ``/predict_with_trust``; :mod:`nad_guard.deep`): ``K`` must be 0 or the
+  guard's fitted number of probes (else 400, before the body is read). A deep request costs ``K + 1``
+  forward rows an image, so it may hold at most ``NAD_GUARD_MAX_BATCH // (K + 1)`` images, and its body
+  limits are those of that many images: both checked before the work, like a single-pass request's. A deep
+  request is then handed to BentoML under the internal route of the deep endpoint (its own batches: deep
+  and single-pass requests are never merged), a route that is not served directly (404);
 * **answers**: every refusal is ``[{"error": "..."}]`` (the shape BentoML gives its 4xx answers) and
   one log line at WARNING (unknown routes at INFO); server errors of the prediction routes (500, the
   503 of an overloaded batch queue, the 504 of BentoML's request timeout) are rewritten to the same
@@ -28,12 +34,14 @@ client can make the server do before it is refused is bounded, and refused in on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
 import os
 import typing as t
 from http import HTTPStatus
+from urllib.parse import parse_qs
 
 import anyio
 import numpy as np
@@ -116,7 +124,8 @@ class Gate:
     ``openapi``: a function returning the OpenAPI document (``/docs.json``)."""
 
     def __init__(self, app: t.Any, *, settings: Settings, spec: InputSpec, predict_paths: t.Iterable[str],
-                 openapi: t.Callable[[], dict], timeouts: dict[int, str] | None = None) -> None:
+                 openapi: t.Callable[[], dict], timeouts: dict[int, str] | None = None, deep_probes: int = 0,
+                 deep_route: tuple[str, str] | None = None) -> None:
         self.app = app
         self.settings = settings
         self.spec = spec
@@ -132,6 +141,12 @@ class Gate:
                                    "ms (NAD_GUARD_MAX_LATENCY_MS) for the model; retry later",
                               **(timeouts or {})}
         self._heavy: anyio.CapacityLimiter | None = None
+        # deep mode: (public route, internal route of the deep endpoint) and its per-request bounds
+        self.deep_k, self.deep_route = (deep_probes, deep_route) if deep_route else (0, None)
+        if self.deep_route:
+            self.exact = self.exact - {self.deep_route[1]}  # reached only through ?probes=K
+        self.deep_max = settings.max_batch // (self.deep_k + 1)
+        self.deep_limits = dataclasses.replace(settings, max_batch=max(1, self.deep_max)).body_limits(spec)
 
     # ------------------------------------------------------------------------------------ ASGI
     async def __call__(self, scope: t.Any, receive: t.Any, send: t.Any) -> None:
@@ -159,7 +174,10 @@ class Gate:
             if method != "POST":
                 raise Refusal(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes POST, not {method}",
                               headers=[(b"allow", b"POST")], close=_has_body(scope))
-            scope[BATCH_KEY] = await self._batch(scope, receive)
+            k = self._probes(scope, path)
+            scope[BATCH_KEY] = await self._batch(scope, receive, k)
+            if k:  # the deep endpoint's own batches (service.service.NadGuard.predict_with_trust_deep)
+                scope["path"], scope["raw_path"] = self.deep_route[1], self.deep_route[1].encode()
         except Refusal as r:
             endpoint = path.strip("/") if path in self.predict_paths else "other"
             REFUSED.labels(endpoint=endpoint, status=str(int(r.status))).inc()
@@ -200,17 +218,45 @@ class Gate:
                 await answer(send, status, self.server_errors.get(status, self.server_errors[500]), headers=keep)
         return wrapped
 
+    def _probes(self, scope: t.Any, path: str) -> int:
+        """The request's ``probes`` query parameter: 0 (absent) or the guard's ``K``; else a 400, before the
+        body is read."""
+        values = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).get("probes")
+        if not values:
+            return 0
+        allowed = [0] + ([self.deep_k] if self.deep_k else [])
+        deep_route = self.deep_route[0] if self.deep_route else "/predict_with_trust"
+        given = values[0].strip()
+        if len(values) > 1 or not given.isdigit() or int(given) not in allowed or (int(given) and path != deep_route):
+            what = (f"probes is given {len(values)} times" if len(values) > 1 else
+                    f"probes is an option of {deep_route} only" if path != deep_route and given.isdigit()
+                    and int(given) in allowed else f"probes={_printable(given)[:20]!r} is not available")
+            raise Refusal(HTTPStatus.BAD_REQUEST, f"{what}: the allowed values are "
+                          f"{' or '.join(map(str, allowed))} (0: single pass"
+                          + (f"; {self.deep_k}: the deep check, {self.deep_k} probes an image, at most "
+                             f"{self.deep_max} images a request)" if self.deep_k else
+                             "; this guard has no deep detector: fit one with nad-guard fit-detector --probes K)"),
+                          close=_has_body(scope))
+        k = int(given)
+        if k and self.deep_max < 1:
+            raise Refusal(HTTPStatus.BAD_REQUEST, f"deep mode (probes={k}) costs {k + 1} rows an image, more than "
+                          f"the server's limit of {self.settings.max_batch} rows a request (NAD_GUARD_MAX_BATCH)",
+                          close=_has_body(scope))
+        return k
+
     # ------------------------------------------------------------------------------------ body
-    async def _batch(self, scope: t.Any, receive: t.Any) -> np.ndarray:
+    async def _batch(self, scope: t.Any, receive: t.Any, probes: int = 0) -> np.ndarray:
         headers = Headers(scope=scope)
         content_type = headers.get("content-type", "")
         media = content_type.split(";")[0].strip().lower()
         if media not in MEDIA_TYPES:
             raise Refusal(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"unsupported Content-Type "
                           f"{_printable(content_type) or '(none)'!r}; {USAGE}", close=_has_body(scope))
-        limit = self.limits[media]
-        too_large = (f"the request body is larger than the limit of {limit:,} bytes for {media} (the largest "
-                     f"valid request: {self.settings.max_batch} images of {self.spec.channels}x{self.spec.height}x"
+        limits, max_batch = (self.deep_limits, self.deep_max) if probes else (self.limits, self.settings.max_batch)
+        limit = limits[media]
+        deep = f" in deep mode (probes={probes}: {probes + 1} rows an image)" if probes else ""
+        too_large = (f"the request body is larger than the limit of {limit:,} bytes for {media}{deep} (the largest "
+                     f"valid request: {max_batch} images of {self.spec.channels}x{self.spec.height}x"
                      f"{self.spec.width}{', or one image file' if media == 'multipart/form-data' else ''}); "
                      "send fewer images per request (the server's limits: NAD_GUARD_MAX_BATCH, "
                      "NAD_GUARD_MAX_REQUEST_BYTES)")
@@ -224,13 +270,14 @@ class Gate:
         body = await self._read_body(receive, limit, too_large)
         try:
             if media == NPY:
-                return await self._run(read_npy, body, self.spec, self.settings.max_batch, heavy=len(body) > INLINE_BYTES)
+                return await self._run(read_npy, body, self.spec, max_batch, heavy=len(body) > INLINE_BYTES)
             if media == "application/json":
-                return await self._run(json_batch, body, self.spec, self.settings.max_batch,
-                                       heavy=len(body) > INLINE_BYTES)
-            return await self._form_batch(headers, body, multipart=media == "multipart/form-data")
+                return await self._run(json_batch, body, self.spec, max_batch, heavy=len(body) > INLINE_BYTES)
+            return await self._form_batch(headers, body, multipart=media == "multipart/form-data", limits=limits,
+                                          max_batch=max_batch)
         except InputError as e:
-            raise Refusal(HTTPStatus.BAD_REQUEST, str(e)) from None
+            raise Refusal(HTTPStatus.BAD_REQUEST, f"{e}{deep}" if probes and "more than the limit" in str(e)
+                          else str(e)) from None
 
     async def _read_body(self, receive: t.Any, limit: int, too_large: str) -> bytes:
         """The whole body, at most ``limit`` bytes, within the body timeout."""
@@ -264,17 +311,18 @@ class Gate:
             raise InputError(error)
         return result
 
-    async def _form_batch(self, headers: Headers, body: bytes, multipart: bool) -> np.ndarray:
+    async def _form_batch(self, headers: Headers, body: bytes, multipart: bool, limits: dict[str, int],
+                          max_batch: int) -> np.ndarray:
         data = await self._parse_form(headers, body, multipart)
         field, value = choose_field(data)
-        if len(value) > self.limits[field]:
+        if len(value) > limits[field]:
             raise InputError(f"the part {field!r} is {len(value):,} bytes, more than the limit of "
-                             f"{self.limits[field]:,} for it")
+                             f"{limits[field]:,} for it")
         if field == "image":
             return await self._run(decode_image, value, self.spec, self.settings.max_image_pixels, heavy=True)
         if field == "images_npy":
-            return await self._run(read_npy, value, self.spec, self.settings.max_batch, heavy=len(value) > INLINE_BYTES)
-        return await self._run(text_batch, value, self.spec, self.settings.max_batch, heavy=len(value) > INLINE_BYTES)
+            return await self._run(read_npy, value, self.spec, max_batch, heavy=len(value) > INLINE_BYTES)
+        return await self._run(text_batch, value, self.spec, max_batch, heavy=len(value) > INLINE_BYTES)
 
     async def _parse_form(self, headers: Headers, body: bytes, multipart: bool) -> dict[str, t.Any]:
         """Fields of a multipart or URL-encoded form (the BentoML client sends ``images`` alone

@@ -92,11 +92,27 @@ def request_body(settings: Settings, spec: InputSpec) -> dict[str, t.Any]:
         }}
 
 
+def probes_parameter(settings: Settings, deep_probes: int) -> dict[str, t.Any]:
+    """The ``probes`` query parameter of ``/predict_with_trust`` (deep mode, :mod:`nad_guard.deep`)."""
+    allowed = [0] + ([deep_probes] if deep_probes else [])
+    deep = (f" {deep_probes}: the deep check (one pass of each image and its {deep_probes} probes; the deep "
+            f"detector's score decides; records add mode 'deep' and probes); a deep request holds at most "
+            f"{settings.max_batch // (deep_probes + 1)} images (NAD_GUARD_MAX_BATCH // (K + 1))."
+            if deep_probes else " This guard has no deep detector (nad-guard fit-detector --probes K fits one).")
+    return {"name": "probes", "in": "query", "required": False, "schema": {"type": "integer", "enum": allowed},
+            "description": "0 (the default): single pass." + deep + " Any other value is a 400."}
+
+
 def document(base: dict[str, t.Any], settings: Settings, spec: InputSpec,
-             predict_paths: t.Iterable[str]) -> dict[str, t.Any]:
+             predict_paths: t.Iterable[str], deep_probes: int = 0,
+             deep_route: tuple[str, str] | None = None) -> dict[str, t.Any]:
     """BentoML's OpenAPI document ``base`` with the prediction routes, their errors, the
-    infrastructure routes and the authentication described as :mod:`service.gate` serves them."""
+    infrastructure routes and the authentication described as :mod:`service.gate` serves them; with
+    ``deep_route`` (public route, internal route), the public route's ``probes`` parameter, and the
+    internal route left out (the gate does not serve it directly)."""
     doc = copy.deepcopy(base)
+    if deep_route:
+        doc["paths"].pop(deep_route[1], None)
     doc["info"] = {**doc.get("info", {}), "title": "nad-guard", "description": (
         "Image-classifier predictions with a calibrated trust score. Errors are answered "
         "`[{\"error\": \"...\"}]`. Limits: "
@@ -120,6 +136,8 @@ def document(base: dict[str, t.Any], settings: Settings, spec: InputSpec,
             str(code): {"description": ERRORS[code], "content": {"application/json": {"schema": ERROR_LIST}}}
             for code in sorted(statuses)}}
         post["requestBody"] = body
+        if deep_route and path == deep_route[0]:
+            post["parameters"] = [probes_parameter(settings, deep_probes)]
         if secured:
             post["security"] = secured
     infra = {"/healthz": TEXT, "/livez": TEXT, "/metrics": TEXT,

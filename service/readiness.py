@@ -9,7 +9,9 @@ sees how far its false-positive rate can be trusted::
                      "summary": "..."}}}
 
 (:mod:`nad_guard.calibration`); a guard with two detectors adds ``error_detector`` (the same for the
-error detector) and ``decision`` (the rate and its split). Any other answer of BentoML's (503 while starting) passes unchanged.
+error detector) and ``decision`` (the rate and its split). ``deep`` says whether deep mode is available
+(``?probes=K`` on ``/predict_with_trust``, :mod:`nad_guard.deep`): ``{"available": false}``, or
+``{"available": true, "probes": K, "method", "threshold", "fpr", "calibration", "spec"}``. Any other answer of BentoML's (503 while starting) passes unchanged.
 The detail is read once from the guard's meta.json (a guard without a ``calibration`` record gets it
 computed from its calibration size and rate).
 """
@@ -31,19 +33,26 @@ def _calibration(n: int, fpr: float) -> dict[str, t.Any]:
 
 
 def readiness_detail(detector: dict[str, t.Any], error_detector: dict[str, t.Any] | None = None,
-                     decision: dict[str, t.Any] | None = None) -> dict[str, t.Any]:
+                     decision: dict[str, t.Any] | None = None, deep: dict[str, t.Any] | None = None) -> dict[str, t.Any]:
     """The ``guard`` part of the ``/readyz`` body, from the ``detector`` record of a guard's meta.json; for a
     guard with two detectors (:mod:`nad_guard.errors`) also the ``error_detector`` record's method, threshold,
     rate and calibration, and the ``decision`` (the requested rate and its split)."""
     out = {"method": detector.get("method"), "encoding": detector.get("encoding"),
            "threshold": detector.get("threshold"), "fpr": detector.get("fpr"),
-           "calibration": _calibration(int(detector["calibration_clean"]), float(detector["fpr"]))}
+           "calibration": _calibration(int((detector.get("calibration") or {}).get("n", detector.get(
+               "calibration_clean"))), float(detector["fpr"]))}  # a re-saved loaded guard keeps only the record
     if error_detector is not None:
         out["error_detector"] = {"method": error_detector.get("method"), "threshold": error_detector.get("threshold"),
                                  "fpr": error_detector.get("fpr"),
                                  "calibration": _calibration(int(error_detector["calibration"]["n"]),
                                                              float(error_detector["fpr"]))}
         out["decision"] = decision
+    out["deep"] = {"available": False}
+    if isinstance(deep, dict):
+        out["deep"] = {"available": True, "probes": int(deep["probes"]["k"]), "method": deep.get("method"),
+                       "threshold": deep.get("threshold"), "fpr": deep.get("fpr"),
+                       "calibration": _calibration(int(deep["calibration"]["n"]), float(deep["fpr"])),
+                       "spec": deep["probes"]}
     return out
 
 
@@ -55,7 +64,7 @@ def _body() -> bytes:
     try:
         meta = read_guard_meta(resolve_source().path)
         body = {"status": "ready", "guard": readiness_detail(meta["detector"], meta.get("error_detector"),
-                                                             meta.get("decision"))}
+                                                             meta.get("decision"), meta.get("deep"))}
     except Exception as e:  # the service is ready whatever the detail: say why it is missing
         body = {"status": "ready", "guard": None, "detail_error": f"{type(e).__name__}: {e}"}
     return json.dumps(body).encode()

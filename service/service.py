@@ -10,6 +10,13 @@ Endpoints (``POST``; each takes exactly one of the three inputs below):
     ``nearest_path_class`` (+ ``_name``) and ``per_layer`` divergences (:meth:`Guard.predict`); a guard
     with an error detector (:mod:`nad_guard.errors`) adds ``attack_p_value``, ``error_p_value``,
     ``error_score`` and ``error_threshold``, and its ``trust_score`` / ``is_suspicious`` are the combined ones.
+``/predict_with_trust?probes=K``
+    deep mode (:mod:`nad_guard.deep`), for a guard fitted with ``nad-guard fit-detector --probes K``: the
+    same records, scored by the deep detector from one pass of each image and its ``K`` probes, with
+    ``mode: "deep"`` and ``probes: K``. ``probes`` takes 0 (the default: single pass) or the guard's ``K``
+    (400 otherwise); a deep request holds at most ``NAD_GUARD_MAX_BATCH // (K + 1)`` images. The gate hands
+    deep requests to the endpoint ``predict_with_trust_deep``, whose batches hold deep requests only (its
+    own route is not served directly).
 ``/predict``
     plain classification, for comparison: ``label``, ``class_name``, ``confidence``.
 
@@ -78,6 +85,21 @@ bentoml_fixes.apply()  # BentoML 1.4 keeps every request alive for `timeout` sec
 SETTINGS = Settings.from_env()  # the batching parameters are fixed when the class is defined
 bentoml_fixes.cap_batching_wait(SETTINGS.batch_wait_ms / 1000)  # else a burst leaves lone requests held back
 TIMEOUT_S = 120  # BentoML's request timeout (504 after it)
+
+def _deep_k() -> int:
+    """The served guard's deep-mode probes (``meta["deep"]["probes"]["k"]``), 0 without a deep detector or
+    when the guard cannot be read here (start-up then stops with the loader's message)."""
+    try:
+        from nad_guard.guard import read_guard_meta
+
+        deep = read_guard_meta(resolve_source().path).get("deep")
+        return int(deep["probes"]["k"]) if isinstance(deep, dict) else 0
+    except Exception:  # noqa: BLE001 - reported by check_guard at start-up
+        return 0
+
+
+DEEP_K = _deep_k()  # fixed when the class is defined, like the batching parameters
+DEEP_ROUTE = ("/predict_with_trust", "/predict_with_trust_deep")  # public route + ?probes=K, internal route
 
 # ---------------------------------------------------------------------------------------- metrics
 PREDICTIONS = prometheus_client.Counter(
@@ -217,6 +239,8 @@ def _record_metrics(records: list[dict[str, t.Any]]) -> None:
 # of records (one per row) back into each request's share.
 BATCHING = dict(batchable=True, batch_dim=0, max_batch_size=max(2, SETTINGS.max_batch),
                 max_latency_ms=SETTINGS.max_latency_ms, input_spec=GuardInput)
+# deep requests (each image K + 1 rows): merged batches of at most NAD_GUARD_MAX_BATCH rows of work
+DEEP_BATCHING = {**BATCHING, "max_batch_size": max(2, SETTINGS.max_batch // (DEEP_K + 1))}
 
 
 WORKERS = SETTINGS.workers_for(usable_cores())
@@ -260,6 +284,17 @@ class NadGuard:
         _record_metrics(records)
         return records
 
+    @bentoml.api(**DEEP_BATCHING, output_spec=TrustPredictions)
+    def predict_with_trust_deep(self, x: np.ndarray) -> list[dict[str, t.Any]]:
+        """Deep mode (reached as ``/predict_with_trust?probes=K`` through the gate; one pass of the inputs
+        and their probes)."""
+        import torch
+
+        records = self.guard.run(torch.from_numpy(x), batch_size=self.settings.forward_rows,
+                                 pad_multiple=self.settings.pad_multiple, deep=True).records(self.class_names)
+        _record_metrics(records)
+        return records
+
     @bentoml.api(**BATCHING, output_spec=Predictions)
     def predict(self, x: np.ndarray) -> list[dict[str, t.Any]]:
         """Plain classification (no trust score), for comparison."""
@@ -272,15 +307,21 @@ class NadGuard:
                 for k, p in zip(labels, probs)]
 
 
+def _public_paths() -> list[str]:
+    return [f"/{name}" for name in NadGuard.apis if f"/{name}" != DEEP_ROUTE[1]]
+
+
 def _openapi_document() -> dict[str, t.Any]:
     """``/docs.json``: BentoML's document with the prediction routes described as the gate serves them."""
-    return openapi.document(NadGuard.openapi_spec.asdict(), SETTINGS, _spec(), [f"/{name}" for name in NadGuard.apis])
+    return openapi.document(NadGuard.openapi_spec.asdict(), SETTINGS, _spec(), _public_paths(),
+                            deep_probes=DEEP_K, deep_route=DEEP_ROUTE)
 
 
 def _gate(app: t.Any) -> Gate:
-    return Gate(app, settings=SETTINGS, spec=_spec(), predict_paths=[f"/{name}" for name in NadGuard.apis],
+    return Gate(app, settings=SETTINGS, spec=_spec(), predict_paths=_public_paths(),
                 openapi=functools.cache(_openapi_document),
-                timeouts={504: f"the request was not answered within {TIMEOUT_S} s (the server's request timeout)"})
+                timeouts={504: f"the request was not answered within {TIMEOUT_S} s (the server's request timeout)"},
+                deep_probes=DEEP_K, deep_route=DEEP_ROUTE)
 
 
 bentoml_fixes.wrap_asgi(NadGuard, _gate)  # the gate runs before BentoML's own middleware (service.gate)

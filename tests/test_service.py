@@ -642,6 +642,61 @@ def test_an_api_key_locks_all_but_the_probes(home, tmp_path, images):
         assert "security" not in requests.get(url + "/docs.json", headers=auth, timeout=30).json()["paths"]["/metrics"]["get"]
 
 
+def test_deep_mode_is_a_per_request_option(home, tmp_path, images):
+    """?probes=K on /predict_with_trust (nad_guard.deep): the deep detector's records with both p-values,
+    equal to the library's; other values, and deep requests over NAD_GUARD_MAX_BATCH // (K + 1) images, are
+    refused before any work; the deep endpoint's own route is not served; /readyz and /docs.json say K."""
+    from nad_guard.deep import deep_rows
+    from nad_guard.detectors import PathDetector
+    from nad_guard.probes import ProbeSpec
+
+    g = _two_detector_guard(tmp_path / "deep_guard", images)
+    spec = ProbeSpec(k=8)
+    rows = deep_rows(g.paths, load_dataset("mnist5k")[1].float(48, 448), g.encoding, spec, 16)[2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer than 240 calibration rows
+        g.deep_detector, g.probes = PathDetector("gaussian").fit(rows).infer_threshold(rows, fpr=0.05), spec
+    g.save(g.meta_dir)
+    x = images[:3]
+    with _serving(home, "server_deep.log", NAD_GUARD_DIR=str(g.meta_dir), NAD_GUARD_WORKERS="1",
+                  NAD_GUARD_MAX_BATCH="32") as (url, _, _):  # deep: at most 32 // 9 = 3 images a request
+        deep = requests.get(url + "/readyz", timeout=30).json()["guard"]["deep"]
+        assert deep["available"] is True and deep["probes"] == 8 and deep["spec"] == spec.to_dict()
+        got = _post(url, "/predict_with_trust?probes=8", json={"images": x.tolist()})
+        assert got.status_code == 200, got.text
+        want = g.run(torch.from_numpy(x), deep=True).records(g.classifier.class_names)
+        for r, w in zip(got.json(), want):
+            assert r["mode"] == "deep" and r["probes"] == 8 and set(r) == set(w)
+            for k in ("trust_score", "suspicion_score", "attack_p_value", "error_p_value", "threshold"):
+                assert r[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), k
+        npy = _post(url, "/predict_with_trust?probes=8", **_npy_body(_npy(x)))
+        assert [r["suspicion_score"] for r in npy.json()] == [r["suspicion_score"] for r in got.json()]
+        single = _post(url, "/predict_with_trust", json={"images": x.tolist()}).json()
+        assert "mode" not in single[0] and single[0]["threshold"] == g.detector.threshold_
+        assert _post(url, "/predict_with_trust?probes=0", json={"images": x.tolist()}).json() == single
+        for query, says in (("probes=3", "allowed values are 0 or 8"), ("probes=8&probes=8", "given 2 times"),
+                            ("probes=x", "allowed values are 0 or 8")):
+            r = _post(url, f"/predict_with_trust?{query}", json={"images": x.tolist()})
+            assert r.status_code == 400 and says in r.json()[0]["error"], (query, r.text)
+        r = _post(url, "/predict?probes=8", json={"images": x.tolist()})
+        assert r.status_code == 400 and "option of /predict_with_trust only" in r.json()[0]["error"]
+        four = images[:4]  # one image more than a deep request may hold: refused before the model
+        r = _post(url, "/predict_with_trust?probes=8", json={"images": four.tolist()})
+        assert r.status_code == 400 and "more than the limit of 3" in r.json()[0]["error"] \
+            and "deep mode" in r.json()[0]["error"]
+        r = _post(url, "/predict_with_trust?probes=8", **_npy_body(_npy(four)))
+        assert r.status_code == 400 and "more than the limit of 3" in r.json()[0]["error"]
+        ten = _npy(images[:10])  # over the deep body limit (3 images): 413 before the body is read
+        r = _post(url, "/predict_with_trust?probes=8", **_npy_body(ten))
+        assert r.status_code == 413 and "deep mode" in r.json()[0]["error"]
+        assert _post(url, "/predict_with_trust", **_npy_body(ten)).status_code == 200  # 10 rows single-pass: fine
+        assert _post(url, "/predict_with_trust_deep", json={"images": x.tolist()}).status_code == 404
+        doc = requests.get(url + "/docs.json", timeout=30).json()
+        assert "/predict_with_trust_deep" not in doc["paths"]
+        (param,) = doc["paths"]["/predict_with_trust"]["post"]["parameters"]
+        assert param["name"] == "probes" and param["schema"]["enum"] == [0, 8]
+
+
 def _two_detector_guard(out: Path, images: np.ndarray) -> Guard:
     """The bundled guard plus an error detector (DOCTOR's score, calibrated on mnist5k test images 48-447, at
     the default share: 0.05 for each detector), saved to ``out``; ``.meta_dir`` is ``out``."""

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from nad_guard.attacks import default_cache_dir
 from nad_guard.data import load_dataset
 from nad_guard.fitting import fit_guard
-from nad_guard.guard import artifact_classifier
+from nad_guard.guard import artifact_classifier, read_guard_meta
 from nad_guard.holdout import holdout_provenance
 from nad_guard.paths import PathModel
 from nad_guard.provenance import summary as provenance_summary
@@ -22,7 +22,8 @@ def build_guard(artifact: str | Path, model: str | None, data: str, *, weights: 
                 data_root: str | None = None, suite: str = "mnist", attacks: Sequence[str] | None = None,
                 method: str = "logistic", encoding: str = "rich", select: str = "fixed", mispredictions: bool = True,
                 fpr: float = 0.05, max_images: int | None = None, device: str = "auto", seed: int = 0,
-                progress: bool = True, error_detector: bool = True, attack_share: float = 0.5) -> dict[str, Any]:
+                progress: bool = True, error_detector: bool = True, attack_share: float = 0.5,
+                probes: int = 0) -> dict[str, Any]:
     """``nad-guard fit-detector``: load the path artifact, fit and calibrate a detector, save the guard.
     ``model=None``: the classifier the artifact records (:func:`nad_guard.guard.artifact_classifier`).
     ``max_images``: use a seeded stratified sample of the test split (:func:`nad_guard.holdout.sample_heldout`)."""
@@ -34,15 +35,16 @@ def build_guard(artifact: str | Path, model: str | None, data: str, *, weights: 
     guard = fit_guard(paths, fit, calibration, suite=suite, attacks=attacks,
                       method=method, encoding=encoding, select=select, mispredictions=mispredictions, fpr=fpr,
                       device=device, seed=seed, cache_dir=default_cache_dir(), progress=progress, provenance=record,
-                      error_detector=error_detector, attack_share=attack_share)
+                      error_detector=error_detector, attack_share=attack_share, probes=probes)
     guard.save(artifact)
     info = dict(guard.meta["detector_info"])
     info["provenance"] = provenance_summary(info.get("provenance"))
     err = guard.meta.get("error_detector_info")
+    deep = {k: v for k, v in read_guard_meta(artifact).get("deep", {}).items() if k != "columns"}
     return {"artifact": str(artifact), "method": guard.detector.method, "encoding": guard.encoding,
             "threshold": guard.detector.threshold_, **info,
             **({"error_detector": err, "decision": {"fpr": guard.fpr, "attack_share": guard.attack_share}}
-               if err else {})}
+               if err else {}), **({"deep": deep} if deep else {})}
 
 
 DEFAULT_RECIPE: dict[str, Any] = {"model": "mnist-cnn", "data": "mnist5k", "schedule": "joint", "target_keep": 0.25,
