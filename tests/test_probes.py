@@ -110,3 +110,29 @@ def test_evaluate_adds_deep_rows_and_keeps_single_pass_rows(paths, digits, tmp_p
         assert len(got) == 2 and all(0.5 < r["auroc"] <= 1 for r in got)
     assert not any(r["detector"] == name for r in plain["rows"])
     assert deep["timings"]["probe_columns"] > 0 and deep["config"]["probes"] == 4
+
+
+def test_deployed_and_adaptive_protocols_cover_deep_mode(paths, digits, tmp_path):
+    """With probes, the deployed protocol adds the deep guard at its thresholds, and the adaptive protocol
+    attacks it twice: through the deployed probes (attacker knows the seed) and by EOT over fresh seeds."""
+    from nad_guard.evaluate import EvalConfig, run_evaluation
+
+    cfg = EvalConfig(suite="fast", attacks=["fgsm", "pgd"], protocols=["deployed", "adaptive"], methods=["logistic"],
+                     encodings=["rich"], clean_methods=["gaussian:rich"], n_resamples=50, progress=False,
+                     max_images=240, train_images=300, probes=2, adaptive_images=8, adaptive_steps=3,
+                     adaptive_eot=2, adaptive_eps_scales=(0.5, 1.0), adaptive_objectives=("margin", "hinge:10"),
+                     adaptive_targets=("nad-guard-deep", "nad-guard-deep-eot"))
+    r = run_evaluation(paths, *digits, cfg, cache_dir=tmp_path)
+    deep = [x for x in r["rows"] if x["protocol"] == "deployed" and x["detector"] == "nad-guard[deployed deep k=2]"]
+    assert {x["attack"] for x in deep} >= {"fgsm", "pgd"}
+    assert len({x["test_fpr"] for x in deep}) == 1 and all(x["tpr_ci"][0] <= x["tpr"] <= x["tpr_ci"][1] for x in deep)
+    assert r["deployed"]["deep_detector"]["probes"]["k"] == 2
+    a = r["adaptive"]["detectors"]
+    assert set(a) == {"nad-guard-deep", "nad-guard-deep-eot"}
+    assert a["nad-guard-deep-eot"]["randomized"] and not a["nad-guard-deep"]["randomized"]
+    for v in a.values():
+        curve = list(v["curve"].values())
+        assert all(0 <= c <= 1 for c in curve) and curve == sorted(curve)  # monotone in the budget
+    with pytest.raises(ValueError, match="--probes"):
+        run_evaluation(paths, *digits, EvalConfig(**{**cfg.to_dict(), "probes": 0, "protocols": ["adaptive"]}),
+                       cache_dir=tmp_path)

@@ -68,6 +68,30 @@ def _device(d: EvalData) -> torch.device:
     return next(iter(d.paths.classifier.buffers())).device
 
 
+def _error_term(d: EvalData, g: Any, cfg: EvalConfig, dev: torch.device
+                ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, float, float, str]:
+    """The deployed guard's error detector as a differentiable function of its row (softmax columns, then the
+    smooth path rows), centred at its threshold: ``(fn, centre, scale, description)``; ``fn`` None without one."""
+    err, enc = g.err, g.enc
+    if err is None:
+        return None, 0.0, 1.0, ""
+    cal = d.features[CALIBRATION_CLEAN]
+    rows = error_rows(cal.base.logits, cal.path[enc])
+    n_soft = len(SOFTMAX_COLUMNS)
+    if err.method in SCORE_METHODS:
+        j = SOFTMAX_COLUMNS.index(err.method)
+        cal_e = rows[:, j]
+        err_fn = lambda r: r[:, j]  # noqa: E731
+    else:
+        cols = {"logistic": slice(None), "logistic-softmax": slice(0, n_soft), "logistic-path": slice(n_soft, None)}
+        c = cols[err.method]
+        cal_e = err.estimator_.decision_function(rows[:, c])
+        e_lin = torch_linear(err.estimator_, torch.float64, dev)
+        err_fn = lambda r: e_lin(r[:, c])  # noqa: E731
+    te, se = centred(cal_e, cfg.fpr * (1 - g.share))
+    return err_fn, te, se, f"; the error detector ({err.method}) on the smooth rows, the larger centred score of the two"
+
+
 def nad_guard_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
     """The deployed single-pass guard (module docstring)."""
     paths, dev = d.paths, _device(d)
@@ -86,22 +110,8 @@ def nad_guard_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> Adapti
     ta, sa = centred(sur.estimator_.decision_function(cal.path[enc]), cfg.fpr * g.share)
     masks = [paths.masks_[n].to(dev) for n in paths.layer_names_]
     stats = [paths.stats_[n].to(dev) for n in paths.layer_names_]
-    err_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-    if err is not None:
-        rows = error_rows(cal.base.logits, cal.path[enc])
-        n_soft = len(SOFTMAX_COLUMNS)
-        if err.method in SCORE_METHODS:
-            j = SOFTMAX_COLUMNS.index(err.method)
-            cal_e = rows[:, j]
-            err_fn = lambda r: r[:, j]  # noqa: E731
-        else:
-            cols = {"logistic": slice(None), "logistic-softmax": slice(0, n_soft), "logistic-path": slice(n_soft, None)}
-            c = cols[err.method]
-            cal_e = err.estimator_.decision_function(rows[:, c])
-            e_lin = torch_linear(err.estimator_, torch.float64, dev)
-            err_fn = lambda r: e_lin(r[:, c])  # noqa: E731
-        te, se = centred(cal_e, cfg.fpr * (1 - g.share))
-        how += f"; the error detector ({err.method}) on the smooth rows, the larger centred score of the two"
+    err_fn, te, se, err_how = _error_term(d, g, cfg, dev)
+    how += err_how
 
     def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         logits, pooled = paths.pooled_forward(x)
@@ -207,9 +217,75 @@ def undefended_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> Adapt
     return AdaptiveTarget("undefended", loss_terms, decide, note="no detector (misclassification only)")
 
 
+def _deep_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig, eot: bool) -> AdaptiveTarget:
+    """The deployed guard in deep mode (``fit-detector --probes K``, :mod:`nad_guard.deep`): its deep detector
+    (the attack detector's method on the encoding's rows + the probe columns) and its error detector. The
+    deployed probes are a fixed sequence (``ProbeSpec.seed``). ``eot=False``: the attacker knows that seed and
+    differentiates through the very probes the guard runs (bit-depth rounding and the 0/1 changes straight
+    through, :func:`nad_guard.probes.probe_columns_torch`); ``eot=True``: the attacker does not know it and
+    averages the gradient over probes drawn with fresh seeds (EOT); the real decision uses the deployed probes."""
+    from dataclasses import replace
+
+    from nad_guard.evaluate.deployed import fit_deployed_deep
+    from nad_guard.evaluate.protocols import deep_rows
+    from nad_guard.probes import probe_columns, probe_columns_torch
+
+    if cfg.probes <= 0:
+        raise ValueError("the deep adaptive targets attack the deep check: run evaluate with --probes K (K > 0)")
+    paths, dev, spec = d.paths, _device(d), cfg.probe_spec()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        g = fit_deployed(d, cfg)
+        deep = fit_deployed_deep(d, cfg, g)
+    enc = g.enc
+    if deep.method == "logistic":
+        sur, how = deep, "the deep detector itself"
+    else:
+        sur = PathDetector("logistic", random_state=cfg.seed).fit(deep_rows(d, g.train_keys, enc),
+                                                                  d.training_set(g.train_keys)[0])
+        how = f"a logistic detector on the same rows for the {deep.method} deep detector"
+    lin = torch_linear(sur.estimator_, torch.float64, dev)
+    ta, sa = centred(sur.estimator_.decision_function(deep_rows(d, CALIBRATION_CLEAN, enc)), cfg.fpr * g.share)
+    masks = [paths.masks_[n].to(dev) for n in paths.layer_names_]
+    stats = [paths.stats_[n].to(dev) for n in paths.layer_names_]
+    err_fn, te, se, err_how = _error_term(d, g, cfg, dev)
+
+    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        s = replace(spec, seed=int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen))) if eot else spec
+        logits, pooled = paths.pooled_forward(x)
+        z = logits.double()
+        feats = soft_encode([p.double() for p in pooled], z, masks, stats, enc)
+        score = (lin(torch.cat([feats, probe_columns_torch(paths, x, s).double()], 1)) - ta) / sa
+        if err_fn is not None:
+            score = torch.maximum(score, (err_fn(torch.cat([softmax_columns_torch(z), feats], 1)) - te) / se)
+        return logits, score
+
+    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, X = detector_input(paths, x, enc, batch_size=len(x))
+        flag = deep.score_samples(np.hstack([X, probe_columns(paths, x, spec)])) > deep.threshold_
+        if g.err is not None:
+            flag |= g.err.score_samples(error_rows(f.logits, X)) > g.err.threshold_
+        return f.pred, torch.as_tensor(flag)
+
+    kind = "EOT over freshly seeded probes" if eot else "the deployed probes, known to the attacker"
+    return AdaptiveTarget(f"nad-guard-deep{'-eot' if eot else ''}", loss_terms, decide, randomized=eot,
+                          note=f"deep mode (k={spec.k}), {kind}; surrogate: {how}{err_how}")
+
+
+def deep_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
+    """Deep mode, the attacker knowing the deployed probes (:func:`_deep_target`)."""
+    return _deep_target(d, b, cfg, eot=False)
+
+
+def deep_eot_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
+    """Deep mode, the attacker averaging over freshly seeded probes (EOT; :func:`_deep_target`)."""
+    return _deep_target(d, b, cfg, eot=True)
+
+
 TARGETS: dict[str, Callable[[EvalData, FittedBaselines, EvalConfig], AdaptiveTarget]] = {
     "nad-guard": nad_guard_target, "mahalanobis-lr": mahalanobis_target, "msp": msp_target,
-    "feature-squeezing": feature_squeezing_target, "undefended": undefended_target}
+    "feature-squeezing": feature_squeezing_target, "undefended": undefended_target,
+    "nad-guard-deep": deep_target, "nad-guard-deep-eot": deep_eot_target}
 
 
 def eps_grid(eps: float, scales: Any) -> list[float]:

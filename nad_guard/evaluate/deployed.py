@@ -40,12 +40,13 @@ from nad_guard.evaluate.config import EvalConfig
 from nad_guard.evaluate.data import EvalData
 from nad_guard.evaluate.features import (CALIBRATION_CLEAN, EVALUATION_CLEAN, EVALUATION_WRONG, FIT_CLEAN, FIT_WRONG,
                                          FeatureKey)
-from nad_guard.evaluate.protocols import FittedBaselines, deployed_training_keys, metrics_row
+from nad_guard.evaluate.protocols import FittedBaselines, deep_rows, deployed_training_keys, metrics_row
 from nad_guard.metrics import aupr, auroc, bootstrap_ci, labels_and_scores
 
 DEPLOYED = "nad-guard[deployed]"
 DEPLOYED_ATTACK = "nad-guard[deployed attack detector]"
 DEPLOYED_ERROR = "nad-guard[deployed error detector]"
+DEPLOYED_DEEP = "nad-guard[deployed deep k={}]"  # with EvalConfig.probes: the deep mode of the same guard
 BASELINES = ("msp", "doctor", "energy")
 
 
@@ -111,6 +112,15 @@ def fit_deployed(d: EvalData, cfg: EvalConfig) -> DeployedGuard:
     return DeployedGuard(det, enc, err, share, info, train_keys)
 
 
+def fit_deployed_deep(d: EvalData, cfg: EvalConfig, g: DeployedGuard) -> PathDetector:
+    """The deep detector ``fit-detector --probes K`` adds to ``g`` (:mod:`nad_guard.deep`): ``g``'s method on
+    its encoding's rows followed by the probe columns, the same training rows, calibrated on the same clean
+    images at the attack detector's share of the rate."""
+    deep = PathDetector(g.det.method, random_state=cfg.seed).fit(deep_rows(d, g.train_keys, g.enc),
+                                                                  d.training_set(g.train_keys)[0])
+    return deep.infer_threshold(deep_rows(d, CALIBRATION_CLEAN, g.enc), fpr=cfg.fpr * g.share)
+
+
 def deployed_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
                       keep_scores: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows of the module docstring, and what the guard is (methods, thresholds, shares)."""
@@ -120,21 +130,32 @@ def deployed_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
     def err_rows(k: FeatureKey) -> np.ndarray:
         return error_rows(d.features[k].base.logits, d.features[k].path[enc])
 
+    deep = fit_deployed_deep(d, cfg, g) if cfg.probes > 0 else None
+    deep_name = DEPLOYED_DEEP.format(cfg.probes)
+    if deep is not None:
+        info["deep_detector"] = {"probes": cfg.probe_spec().to_dict(), "fpr": cfg.fpr * share,
+                                 "threshold": deep.threshold_}
+
     def decide(k: FeatureKey) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        s = det.score_samples(d.features[k].path[enc])
-        ta, fa = det.trust_of_scores(s), s > det.threshold_
-        out = {DEPLOYED_ATTACK: (s, fa)}
-        if err is None:
-            out[DEPLOYED] = (1 - ta, fa)
-            return out
-        e = err.score_samples(err_rows(k))
-        fe = e > err.threshold_
-        out[DEPLOYED_ERROR] = (e, fe)
-        out[DEPLOYED] = (1 - combined_trust(ta, err.trust_of_scores(e), share), fa | fe)
+        e = err.score_samples(err_rows(k)) if err is not None else None
+        out = {}
+        for name, a_det, rows in ((DEPLOYED, det, d.features[k].path[enc]),
+                                  *(((deep_name, deep, deep_rows(d, k, enc)),) if deep is not None else ())):
+            s = a_det.score_samples(rows)
+            ta, fa = a_det.trust_of_scores(s), s > a_det.threshold_
+            if name == DEPLOYED:
+                out[DEPLOYED_ATTACK] = (s, fa)
+            if e is None:
+                out[name] = (1 - ta, fa)
+            else:
+                fe = e > err.threshold_
+                out[DEPLOYED_ERROR] = (e, fe)
+                out[name] = (1 - combined_trust(ta, err.trust_of_scores(e), share), fa | fe)
         return out
 
     clean = decide(EVALUATION_CLEAN)
-    thresholds = {DEPLOYED: None, DEPLOYED_ATTACK: det.threshold_, DEPLOYED_ERROR: err.threshold_ if err else None}
+    thresholds = {DEPLOYED: None, DEPLOYED_ATTACK: det.threshold_, DEPLOYED_ERROR: err.threshold_ if err else None,
+                  deep_name: None}
     targets = [(a, FeatureKey.attack("evaluation", a)) for a in d.usable]
     if EVALUATION_WRONG in d.features and len(d.features[EVALUATION_WRONG]):
         targets.append(("mispredictions", EVALUATION_WRONG))
@@ -143,7 +164,7 @@ def deployed_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
     for attack, key in targets:
         susp = decide(key)
         scores = {}
-        for name in (DEPLOYED, DEPLOYED_ATTACK, DEPLOYED_ERROR):
+        for name in (DEPLOYED, deep_name, DEPLOYED_ATTACK, DEPLOYED_ERROR):
             if name in susp:
                 rows.append({**decision_row(name, attack, clean[name], susp[name], cfg, thresholds[name]),
                              "trained_on": "the shipped guard (fit part: every attack; mispredictions)"})

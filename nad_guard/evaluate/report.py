@@ -210,7 +210,7 @@ def render_markdown(r: dict[str, Any]) -> str:
 def _deployed_section(r: dict[str, Any]) -> list[str]:
     """The shipped guard's table: per attack, AUROC, the share flagged at the deployed thresholds and the
     observed false-positive rate on the evaluation part's correct images."""
-    from nad_guard.evaluate.deployed import DEPLOYED, DEPLOYED_ATTACK
+    from nad_guard.evaluate.deployed import DEPLOYED, DEPLOYED_ATTACK, DEPLOYED_DEEP
 
     info = r["deployed"]
     a = info["attack_detector"]
@@ -228,12 +228,18 @@ def _deployed_section(r: dict[str, Any]) -> list[str]:
              f"**{fpr.get('test_fpr', float('nan')):.1%}** (95% CI {fpr.get('test_fpr_ci', [float('nan')] * 2)[0]:.1%}-"
              f"{fpr.get('test_fpr_ci', [float('nan')] * 2)[1]:.1%}; asked: {r['config']['fpr']:.0%}). Baselines: "
              f"threshold at {r['config']['fpr']:.0%} FPR on the calibration part.", ""]
+    deep = DEPLOYED_DEEP.format(r["config"].get("probes", 0)) if info.get("deep_detector") else None
+    if deep:
+        dr = next((x for x in rows if x["detector"] == deep), {})
+        lines[-2] += (f" Deep mode (`--probes {r['config']['probes']}`: the deep detector in the attack detector's "
+                      f"place, same error detector): observed false-positive rate **{dr.get('test_fpr', float('nan')):.1%}**.")
+    short_names = {DEPLOYED: "guard", DEPLOYED_ATTACK: "attack det.", **({deep: "deep guard"} if deep else {})}
     table = []
     for attack in dict.fromkeys(x["attack"] for x in rows):
         row: dict[str, Any] = {"attack": attack}
         for x in rows:
-            if x["attack"] == attack and x["detector"] in (DEPLOYED, DEPLOYED_ATTACK, "msp", "doctor"):
-                short = {DEPLOYED: "guard", DEPLOYED_ATTACK: "attack det."}.get(x["detector"], x["detector"])
+            if x["attack"] == attack and x["detector"] in (*short_names, "msp", "doctor"):
+                short = short_names.get(x["detector"], x["detector"])
                 row[f"{short} AUROC"] = x["auroc"]
                 row[f"{short} flagged"] = x["tpr"]
         table.append(row)
