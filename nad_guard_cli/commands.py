@@ -475,7 +475,9 @@ def build_default_cmd(out: str | None, device: str) -> None:
 @click.option("--adaptive-eps-scales", default="0.125,0.25,0.5,1,2", show_default=True,
               help="The adaptive attack's budget grid, as multiples of the suite's pgd eps (which is always on it).")
 @click.option("--adaptive-targets", default="nad-guard,mahalanobis-lr,msp,feature-squeezing", show_default=True,
-              help="Defences the adaptive protocol attacks (nad_guard.evaluate.adaptive.TARGETS).")
+              help="Defences the adaptive protocol attacks (nad_guard.evaluate.adaptive.TARGETS): nad-guard, "
+                   "mahalanobis-lr, msp, feature-squeezing, undefended, and with --probes K the deep mode: "
+                   "nad-guard-deep (the attacker knows the deployed probes), nad-guard-deep-eot (EOT over fresh ones).")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Bounds memory; part of the attack cache key.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the intervals.")
 @click.option("--seed", type=int, default=0, show_default=True)
