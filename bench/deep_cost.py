@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nad_guard.runinfo import median_seconds
 from nad_guard.attacks import generate  # noqa: E402
 from nad_guard.data import load_dataset  # noqa: E402
 from nad_guard.deep import fit_deep_detector  # noqa: E402
@@ -67,13 +68,7 @@ def with_deep(guard: Guard, test, suite: str, k: int, n: int = 128) -> Guard:
 
 def timed(fn, repeats: int) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(fn, repeats, warmup=1)
 
 
 def measure(name: str, guard_dir: Path, data: str, suite: str, ks: list[int], rounds: int) -> list[dict]:

@@ -13,7 +13,7 @@ import platform
 import shlex
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTSIDE = "<outside-repo>"
@@ -87,3 +87,15 @@ def portable_command(argv: Sequence[str], program: str | None = None) -> str:
     args = list(argv)
     head = [program] if program is not None else ([portable_arg(args[0])] if args else [])
     return " ".join(head + [shlex.quote(portable_arg(a)) for a in args[1:]])
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls (the bench scripts' timer)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

@@ -12,7 +12,8 @@ import hashlib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -64,3 +65,32 @@ def permutation(n: int, *key: int) -> torch.Tensor:
     """A fixed permutation of ``range(n)`` for a key such as ``(seed, epoch)``."""
     seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def load_checkpoint(directory: str | Path | None, name: str, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The training state saved as ``name`` in ``directory`` (None when there is none), refused with the
+    settings that differ when it was written with another ``config``."""
+    if directory is None or not (Path(directory) / name).is_file():
+        return None
+    path = Path(directory) / name
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    if state.get("config") != config:
+        old = state.get("config") or {}
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(diff)}); "
+                         "use another checkpoint directory or delete it")
+    return state
+
+
+def save_checkpoint(directory: str | Path | None, name: str, state: dict[str, Any], ranks: Ranks) -> None:
+    """Write ``state`` as ``name`` in ``directory`` atomically (a temporary file, then a rename), on rank 0 only."""
+    if directory is None or ranks.rank != 0:
+        return
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path / name)

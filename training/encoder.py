@@ -50,7 +50,7 @@ from nad_guard.encoder import ArchitectureEncoder
 from nad_guard.guard import artifact_classifier, resolve_guard_dir
 from nad_guard.models import Classifier
 from nad_guard.paths import read_meta
-from training.distributed import Ranks, permutation, session
+from training.distributed import Ranks, load_checkpoint, permutation, save_checkpoint, session
 from training.paths import sample_training_set
 
 CHECKPOINT_FILE = "encoder-checkpoint.pt"
@@ -80,25 +80,11 @@ def _loss(enc: ArchitectureEncoder, x: torch.Tensor, orig: torch.Tensor, mode: s
 
 
 def _load_checkpoint(directory: str | Path | None, config: dict[str, Any]) -> dict[str, Any] | None:
-    path = None if directory is None else Path(directory) / CHECKPOINT_FILE
-    if path is None or not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("config") != config:
-        old = state.get("config") or {}
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(diff)}); "
-                         "use another checkpoint directory or delete it")
-    return state
+    return load_checkpoint(directory, CHECKPOINT_FILE, config)
 
 
-def _save_checkpoint(directory: str | Path | None, state: dict[str, Any], ranks: Ranks) -> None:
-    if directory is None or ranks.rank != 0:
-        return
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    tmp = Path(directory) / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(Path(directory) / CHECKPOINT_FILE)
+def _save_checkpoint(directory: str | Path | None, state: dict[str, Any], ranks: Any) -> None:
+    save_checkpoint(directory, CHECKPOINT_FILE, state, ranks)
 
 
 @torch.no_grad()

@@ -81,7 +81,8 @@ from nad_guard.health import MIN_SUBNET_ACCURACY, MaskProblem, mask_problems
 from nad_guard.models import Classifier
 from nad_guard.model_names import build_classifier, graph_layers_problem
 from nad_guard.hooks import hooked
-from training.distributed import Ranks as _Ranks, permutation as _permutation, session as _session
+from training.distributed import Ranks as _Ranks, load_checkpoint, permutation as _permutation, save_checkpoint
+from training.distributed import session as _session
 from nad_guard.paths import GateCoverageWarning, GatePoint, PathModel, apply_gate, discover_gate_points
 
 CHECKPOINT_FILE = "paths-checkpoint.pt"
@@ -170,29 +171,11 @@ class _Originals:
 
 
 def _load_checkpoint(directory: str | Path | None, config: dict[str, Any]) -> dict[str, Any] | None:
-    if directory is None or not (Path(directory) / CHECKPOINT_FILE).is_file():
-        return None
-    path = Path(directory) / CHECKPOINT_FILE
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a damaged file
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
-    if state.get("config") != config:
-        old = state.get("config") or {}
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(diff)}); "
-                         "use another checkpoint directory or delete it")
-    return state
+    return load_checkpoint(directory, CHECKPOINT_FILE, config)
 
 
-def _save_checkpoint(directory: str | Path | None, state: dict[str, Any], ranks: _Ranks) -> None:
-    if directory is None or ranks.rank != 0:
-        return
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path / CHECKPOINT_FILE)
+def _save_checkpoint(directory: str | Path | None, state: dict[str, Any], ranks: Any) -> None:
+    save_checkpoint(directory, CHECKPOINT_FILE, state, ranks)
 
 
 def _class_indices(data: ImageSet, k: int) -> torch.Tensor:

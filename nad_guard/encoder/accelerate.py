@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nad_guard.runinfo import median_seconds
 from nad_guard.encoder.model import ArchitectureEncoder
 from nad_guard.hooks import pool
 from nad_guard.models import BasicBlock, CifarResNet
@@ -153,12 +154,5 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def wall_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` calls (:func:`nad_guard.runinfo.median_seconds`)."""
+    return median_seconds(fn, repeats, warmup)

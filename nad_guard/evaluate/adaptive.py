@@ -133,6 +133,22 @@ def nad_guard_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> Adapti
     return AdaptiveTarget("nad-guard", loss_terms, decide, note=f"deployed guard, {kind}; surrogate: {how}")
 
 
+def score_target(name: str, score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], thr: float,
+                 scale: float, note: str) -> AdaptiveTarget:
+    """A deterministic defence given by ``score(x) -> (logits, suspicion)`` (differentiable, the same function
+    deployed) and its threshold: the surrogate is the score itself, centred at ``thr`` in units of ``scale``."""
+
+    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, s = score(x)
+        return logits, (s - thr) / scale
+
+    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, s = score(x)
+        return logits.argmax(1), s > thr
+
+    return AdaptiveTarget(name, loss_terms, decide, note=note)
+
+
 def mahalanobis_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
     """Mahalanobis-LR (module docstring)."""
     clf, dev, maha = d.paths.classifier, _device(d), b.maha
@@ -147,15 +163,7 @@ def mahalanobis_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> Adap
             dist = torch.stack([maha.min_distance(store[n].double(), n) for n in maha.layers_], 1)
         return logits, lin(dist)
 
-    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, s = score(x)
-        return logits, (s - thr) / scale
-
-    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, s = score(x)
-        return logits.argmax(1), s > thr
-
-    return AdaptiveTarget("mahalanobis-lr", loss_terms, decide, note="the detector itself (exact distances)")
+    return score_target("mahalanobis-lr", score, thr, scale, "the detector itself (exact distances)")
 
 
 def msp_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
@@ -190,16 +198,8 @@ def feature_squeezing_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -
         dist = [(p - torch.softmax(clf(sq(x)).double(), 1)).abs().sum(1) for sq in squeezers]
         return logits, torch.stack(dist, 1).amax(1)
 
-    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, s = score(x)
-        return logits, (s - thr) / scale
-
-    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, s = score(x)
-        return logits.argmax(1), s > thr
-
-    return AdaptiveTarget("feature-squeezing", loss_terms, decide,
-                          note=f"the score itself, BPDA through the squeezers ({', '.join(fs.squeezers_)})")
+    return score_target("feature-squeezing", score, thr, scale,
+                        f"the score itself, BPDA through the squeezers ({', '.join(fs.squeezers_)})")
 
 
 def undefended_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
