@@ -228,7 +228,8 @@ def _deep_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig, eot: bool) ->
 
     from nad_guard.evaluate.deployed import fit_deployed_deep
     from nad_guard.evaluate.protocols import deep_rows
-    from nad_guard.probes import probe_columns, probe_columns_torch
+    from nad_guard.encoding import encode
+    from nad_guard.probes import probe_columns_torch, probe_features
 
     if cfg.probes <= 0:
         raise ValueError("the deep adaptive targets attack the deep check: run evaluate with --probes K (K > 0)")
@@ -261,8 +262,9 @@ def _deep_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig, eot: bool) ->
         return logits, score
 
     def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f, X = detector_input(paths, x, enc, batch_size=len(x))
-        flag = deep.score_samples(np.hstack([X, probe_columns(paths, x, spec)])) > deep.threshold_
+        f, pooled, cols = probe_features(paths, x, spec)  # one pass: the input's own features and its probes'
+        X = encode(f, enc, pooled)
+        flag = deep.score_samples(np.hstack([X, cols])) > deep.threshold_
         if g.err is not None:
             flag |= g.err.score_samples(error_rows(f.logits, X)) > g.err.threshold_
         return f.pred, torch.as_tensor(flag)
