@@ -454,6 +454,10 @@ def build_default_cmd(out: str | None, device: str) -> None:
 @click.option("--probes", type=click.IntRange(min=0), default=0, show_default=True,
               help="The deep check (nad_guard.probes): with K > 0 every protocol but adaptive also reports "
                    "'nad-guard[deep k=K]', nad-guard's detector on its row plus what moves under K probes.")
+@click.option("--encoder", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A fitted NND encoder's directory (nad-guard fit-encoder): every protocol but deployed and "
+                   "adaptive also reports 'nad-guard[+nnd-encoder]', nad-guard's detector on its row plus the "
+                   "encoder's columns (docs/encoder.md; about one more forward pass per image).")
 @click.option("--probe-transforms", default="noise,bits,smooth,shift", show_default=True,
               help="The probes' transforms, cycled over the K probes (noise, bits, smooth, shift).")
 @click.option("--probe-sigma", type=float, default=0.01, show_default=True,
@@ -488,7 +492,7 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
                  std: tuple[float, ...] | None, data: str, data_root: str | None, suite: str, attacks: str | None,
                  protocols: str, methods: str, encodings: str, select: str, cv_folds: int,
                  clean_methods: str, multipass_baselines: str, odds_samples: int, maha_noise: str, probes: int,
-                 probe_transforms: str, probe_sigma: float, probe_per_layer: bool, out: str,
+                 encoder: str | None, probe_transforms: str, probe_sigma: float, probe_per_layer: bool, out: str,
                  device: str, max_images: int | None, train_images: int, adaptive_images: int,
                  adaptive_steps: int | None, adaptive_eot: int, adaptive_eps_scales: str, adaptive_targets: str,
                  batch_size: int, bootstrap: int, seed: int, cache_dir: str | None, quiet: bool) -> None:
@@ -511,7 +515,7 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
                      multipass_baselines=split(multipass_baselines), odds_samples=odds_samples,
                      maha_noise=_maha_noise(maha_noise),
                      probes=probes, probe_transforms=split(probe_transforms), probe_sigma=probe_sigma,
-                     probe_per_layer=probe_per_layer,
+                     probe_per_layer=probe_per_layer, encoder=encoder,
                      batch_size=batch_size, n_resamples=bootstrap, seed=seed, max_images=max_images,
                      train_images=train_images, adaptive_images=adaptive_images, adaptive_steps=adaptive_steps,
                      adaptive_eot=adaptive_eot, adaptive_eps_scales=[float(v) for v in split(adaptive_eps_scales)],

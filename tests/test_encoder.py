@@ -218,3 +218,64 @@ def test_two_processes_fit_the_encoder_of_one(tiny_model: Classifier, digits, tm
     assert two["world"] == 2
     for k, v in one.state_dict().items():
         torch.testing.assert_close(two["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_evaluate_adds_the_encoder_row_in_every_protocol(tiny_model: Classifier, digits, tmp_path: Path) -> None:
+    """``--encoder DIR``: nad-guard's detector on its row plus the encoder's columns, in the supervised,
+    clean-only and mispredictions protocols, while every single-pass row stays as it was."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from nad_guard.evaluate import EvalConfig, run_evaluation
+    from nad_guard.paths import PathModel
+    from nad_guard_cli import main
+
+    enc = ArchitectureEncoder(tiny_model)
+    gen = torch.Generator().manual_seed(0)
+    pm = PathModel(tiny_model).set_gates({p.name: torch.rand(10, p.channels, generator=gen) for p in enc.gate_points})
+    pm.fit_stats(digits[0].float(0, 300), digits[0].labels[:300])
+    enc.save(tmp_path / "enc")
+    test = digits[1]
+    labels = test.labels.clone()
+    labels[::12] = (labels[::12] + 1) % 10  # mispredictions in every part of the split
+    test = type(test)(test.images, labels, test.classes, test.name + "[relabelled]")
+    base = dict(suite="fast", attacks=["fgsm", "pgd"], protocols=["seen", "unseen", "clean-only", "mispredictions"],
+                methods=["logistic"], encodings=["rich"], clean_methods=["gaussian:rich"], n_resamples=50,
+                progress=False, train_images=300)
+    plain = run_evaluation(pm, digits[0], test, EvalConfig(**base), cache_dir=tmp_path / "atk")
+    withenc = run_evaluation(pm, digits[0], test, EvalConfig(**base, encoder=str(tmp_path / "enc")),
+                             cache_dir=tmp_path / "atk")
+    key = lambda r: (r["protocol"], r["detector"], r["attack"])  # noqa: E731
+    rows = {key(r): r for r in withenc["rows"]}
+    for r in plain["rows"]:
+        np.testing.assert_allclose(rows[key(r)]["auroc"], r["auroc"], rtol=1e-9)
+    name = "nad-guard[+nnd-encoder]"
+    got = [r for r in withenc["rows"] if r["detector"] == name]
+    assert {(r["protocol"], r["attack"]) for r in got} == {
+        ("seen", "fgsm"), ("seen", "pgd"), ("unseen", "fgsm"), ("unseen", "pgd"), ("clean-only", "fgsm"),
+        ("clean-only", "pgd"), ("mispredictions", "mispredictions")}
+    assert all(0 <= r["auroc"] <= 1 and r["auroc_ci"][0] <= r["auroc"] <= r["auroc_ci"][1] for r in got)
+    assert all(0.5 < r["auroc"] for r in got if r["protocol"] == "seen")
+    assert {r["selected"] for r in got if r["protocol"] == "seen"} == {"logistic,rich+nnd-encoder"}
+    assert not any(r["detector"] == name for r in plain["rows"])
+    assert withenc["timings"]["columns:nnd-encoder"] > 0
+
+    weights, art = tmp_path / "tiny.safetensors", tmp_path / "artifact"
+    save_file({k: v.contiguous() for k, v in tiny_model.net.state_dict().items()}, str(weights))
+    pm.save(art)
+    res = CliRunner().invoke(main, [
+        "evaluate", "--artifact", str(art), "--model", "tiny_models:tiny_digits_cnn", "--weights", str(weights),
+        "--data", "digits", "--suite", "fast", "--attacks", "fgsm,pgd", "--protocols", "seen", "--method", "logistic",
+        "--encoding", "rich", "--encoder", str(tmp_path / "enc"), "--out", str(tmp_path / "cli"), "--device", "cpu",
+        "--bootstrap", "50", "--train-images", "300", "--cache-dir", str(tmp_path / "atk2"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    js = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert js["config"]["encoder"] == "<outside-repo>/enc" and str(tmp_path) not in json.dumps(js)
+    assert {r["detector"] for r in js["rows"]} >= {"nad-guard", name}
+    assert "nad-guard[+nnd-encoder]" in (tmp_path / "cli" / "results.md").read_text()
+    bad = CliRunner().invoke(main, ["evaluate", "--artifact", str(art), "--encoder", str(tmp_path / "missing"),
+                                    "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--encoder" in bad.output

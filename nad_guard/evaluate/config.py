@@ -86,7 +86,11 @@ class EvalConfig:
     probe_per_transform: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}
+        """The settings as a result file records them (the encoder's directory made portable)."""
+        from nad_guard.runinfo import portable_path
+
+        d = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(self).items()}
+        return d | ({"encoder": portable_path(self.encoder)} if self.encoder is not None else {})
 
     def probe_spec(self) -> "ProbeSpec":
         """The deep check's :class:`~nad_guard.probes.ProbeSpec` (``k = probes``)."""

@@ -39,6 +39,8 @@ ImageColumns = dict[str, Callable[[torch.Tensor], np.ndarray]]
 
 
 PROBES = "probes"  # the deep check's columns (nad_guard.probes), with EvalConfig.probes > 0
+ENCODER = "nnd-encoder"  # the NND encoder's columns (nad_guard.encoder.encoder_features), with EvalConfig.encoder
+ENCODER_ROW = "nad-guard[+nnd-encoder]"  # nad-guard's detector on its row plus the ENCODER columns
 
 
 def deep_name(k: int) -> str:
@@ -80,7 +82,7 @@ def image_columns(d: "EvalData") -> ImageColumns:
         from nad_guard.hooks import device_of
 
         enc = ArchitectureEncoder.load(d.cfg.encoder, d.paths.classifier).to(device_of(d.paths.classifier))
-        cols["nnd-encoder"] = lambda x: encoder_features(enc, d.paths, x)[0].numpy()
+        cols[ENCODER] = lambda x: encoder_features(enc, d.paths, x)[0].numpy()
     if d.cfg.probes > 0:  # the deep check's probe columns
         from nad_guard.probes import probe_columns
 

@@ -20,7 +20,7 @@ from nad_guard.evaluate.features import (CALIBRATION_CLEAN, EVALUATION_CLEAN, EV
 from nad_guard.evaluate.multipass import multipass_scores, rule_fields
 from nad_guard.evaluate.maha_pre import ROW as MAHA_PRE_ROW
 from nad_guard.evaluate.maha_pre import maha_pre_scores
-from nad_guard.evaluate.multipass import PROBES, deep_name
+from nad_guard.evaluate.multipass import ENCODER, ENCODER_ROW, PROBES, deep_name
 from nad_guard.metrics import aurc
 from nad_guard.metrics import evaluate as evaluate_scores
 
@@ -71,20 +71,29 @@ def _nad_name(method: str, encoding: str, cfg: EvalConfig) -> str:
     return f"nad-guard[{method},{encoding}]"
 
 
-def deep_rows(d: EvalData, keys: list[FeatureKey] | FeatureKey, encoding: str) -> np.ndarray:
-    """The deep check's detector input: ``encoding``'s rows of ``keys`` (stacked) with the probe columns."""
+def augmented_rows(cfg: EvalConfig) -> dict[str, str]:
+    """nad-guard's detector with more per-image columns: ``row name -> FeatureSet.extra key`` (the deep
+    check's probe columns with ``probes > 0``, the NND encoder's with ``encoder``; none by default)."""
+    return {**({deep_name(cfg.probes): PROBES} if cfg.probes > 0 else {}),
+            **({ENCODER_ROW: ENCODER} if cfg.encoder is not None else {})}
+
+
+def deep_rows(d: EvalData, keys: list[FeatureKey] | FeatureKey, encoding: str, extra: str = PROBES) -> np.ndarray:
+    """A detector input with more columns: ``encoding``'s rows of ``keys`` (stacked) with the ``extra``
+    columns (the deep check's probe columns by default)."""
     keys = [keys] if isinstance(keys, FeatureKey) else keys
-    return np.vstack([np.hstack([d.features[k].path[encoding], d.features[k].extra[PROBES]]) for k in keys])
+    return np.vstack([np.hstack([d.features[k].path[encoding], d.features[k].extra[extra]]) for k in keys])
 
 
 def deep_scores(d: EvalData, cfg: EvalConfig, method: str, encoding: str, train_keys: list[FeatureKey],
                 y: np.ndarray | None, test: dict[str, FeatureKey]) -> dict[str, dict[str, np.ndarray]]:
-    """``{deep_name(k): {role: scores}}`` of nad-guard's ``method`` on ``encoding`` + the probe columns, fitted
-    on ``train_keys`` (labels ``y``; ``None`` for a clean-only method); empty without probes."""
-    if cfg.probes <= 0:
-        return {}
-    det = PathDetector(method, random_state=cfg.seed).fit(deep_rows(d, train_keys, encoding), y)
-    return {deep_name(cfg.probes): {r: det.score_samples(deep_rows(d, k, encoding)) for r, k in test.items()}}
+    """``{row: {role: scores}}`` of nad-guard's ``method`` on ``encoding`` + each of :func:`augmented_rows`'
+    columns, fitted on ``train_keys`` (labels ``y``; ``None`` for a clean-only method); empty without any."""
+    out = {}
+    for row, extra in augmented_rows(cfg).items():
+        det = PathDetector(method, random_state=cfg.seed).fit(deep_rows(d, train_keys, encoding, extra), y)
+        out[row] = {r: det.score_samples(deep_rows(d, k, encoding, extra)) for r, k in test.items()}
+    return out
 
 
 def supervised_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, tasks: list[tuple[str, list[str]]],
@@ -93,7 +102,7 @@ def supervised_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, tasks:
     images + the train attacks' adversarials, score the evaluation part."""
     from tqdm.auto import tqdm
 
-    rows = []
+    rows, aug = [], augmented_rows(cfg)
     for test_attack, train_attacks in tqdm(tasks, desc=progress_desc, disable=not cfg.progress):
         train_keys = [FIT_CLEAN] + [FeatureKey.attack("fit", a) for a in train_attacks]
         y = d.training_set(train_keys)[0]
@@ -124,7 +133,7 @@ def supervised_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, tasks:
                          "trained_on": "+".join(train_attacks),
                          **({"selected": f"{cm},{ce}", "cv": cv} if det_name == "nad-guard" else {}),
                          **info.get(det_name, {}),
-                         **({"selected": f"{cm},{ce}+probes"} if det_name == deep_name(cfg.probes) else {})})
+                         **({"selected": f"{cm},{ce}+{aug[det_name]}"} if det_name in aug else {})})
         keep_scores[test_attack] = scores
     return rows
 
@@ -138,9 +147,9 @@ def clean_only_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
         det = PathDetector(method, random_state=cfg.seed).fit(d.features[FIT_CLEAN].path[enc])
         name = "nad-guard" if i == 0 else f"nad-guard[{method},{enc}]"
         dets[name] = lambda k, det=det, enc=enc: det.score_samples(d.features[k].path[enc])
-        if i == 0 and cfg.probes > 0:
-            deep = PathDetector(method, random_state=cfg.seed).fit(deep_rows(d, FIT_CLEAN, enc))
-            dets[deep_name(cfg.probes)] = lambda k, det=deep, enc=enc: det.score_samples(deep_rows(d, k, enc))
+        for row, extra in (augmented_rows(cfg).items() if i == 0 else ()):
+            deep = PathDetector(method, random_state=cfg.seed).fit(deep_rows(d, FIT_CLEAN, enc, extra))
+            dets[row] = lambda k, det=deep, enc=enc, extra=extra: det.score_samples(deep_rows(d, k, enc, extra))
     for name in (*UNSUPERVISED_BASELINES, *b.multipass):
         dets[name] = lambda k, name=name: b.score(name, k)
     for attack in d.usable:
@@ -175,9 +184,9 @@ def mispredictions_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
         y = d.training_set(train_keys)[0]
         det = PathDetector(method, random_state=cfg.seed).fit(X, y)
         dets[name] = lambda k, det=det: det.score_samples(d.features[k].path[enc])
-        if name == "nad-guard" and cfg.probes > 0:
-            deep = PathDetector(method, random_state=cfg.seed).fit(deep_rows(d, train_keys, enc), y)
-            dets[deep_name(cfg.probes)] = lambda k, det=deep: det.score_samples(deep_rows(d, k, enc))
+        for row, extra in (augmented_rows(cfg).items() if name == "nad-guard" else ()):
+            deep = PathDetector(method, random_state=cfg.seed).fit(deep_rows(d, train_keys, enc, extra), y)
+            dets[row] = lambda k, det=deep, extra=extra: det.score_samples(deep_rows(d, k, enc, extra))
     cm, ce = cfg.clean_specs()[0]
     clean_det = PathDetector(cm, random_state=cfg.seed).fit(d.features[FIT_CLEAN].path[ce])
     dets[f"nad-guard[{cm},{ce}]"] = lambda k: clean_det.score_samples(d.features[k].path[ce])
@@ -204,7 +213,7 @@ def mispredictions_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
         s = {r: fn(k) for r, k in keys.items()}
         scores[name] = s
         trained_on = {"nad-guard": "all attacks + fit mispredictions",
-                      deep_name(cfg.probes): "all attacks + fit mispredictions",
+                      **{row: "all attacks + fit mispredictions" for row in augmented_rows(cfg)},
                       ERROR_DETECTOR_ROW: "fit mispredictions (method by CV on the fit part)"}.get(
             name, "all attacks" if "attacks only" in name else "")
         rows.append({**metrics_row(name, "mispredictions", s["clean"], s["adv"], s["cal"], cfg),
