@@ -261,6 +261,9 @@ def test_evaluate_adds_the_encoder_row_in_every_protocol(tiny_model: Classifier,
     assert all(0.5 < r["auroc"] for r in got if r["protocol"] == "seen")
     assert {r["selected"] for r in got if r["protocol"] == "seen"} == {"logistic,rich+nnd-encoder"}
     assert not any(r["detector"] == name for r in plain["rows"])
+    err = [r for r in withenc["rows"] if r["detector"] == "nad-guard[error-detector+nnd-encoder]"]
+    assert len(err) == 1 and err[0]["selected"] in err[0]["cv"]["auroc"] and 0 <= err[0]["aurc"] <= 1
+    assert err[0]["trained_on"].startswith("fit mispredictions")
     assert withenc["timings"]["columns:nnd-encoder"] > 0
 
     weights, art = tmp_path / "tiny.safetensors", tmp_path / "artifact"

@@ -27,6 +27,11 @@ from nad_guard.metrics import evaluate as evaluate_scores
 ERROR_DETECTOR_ROW = "nad-guard[error-detector]"  # the mispredictions protocol's row of nad_guard.errors
 
 
+def error_row(extra: str) -> str:
+    """The error detector's row with ``extra``'s columns appended to its input (e.g. the deep check's)."""
+    return f"nad-guard[error-detector+{extra}]"
+
+
 class FittedBaselines:
     """Unsupervised baselines fitted once; per-set scores and layer scores cached."""
 
@@ -196,16 +201,21 @@ def mispredictions_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
         mis_det = PathDetector(method, random_state=cfg.seed).fit(Xm, ym)
         dets[f"nad-guard[{method},{enc},on-mispredictions]"] = lambda k: mis_det.score_samples(
             d.features[k].path[enc])
-    err_cv = None
+    err_cv: dict[str, dict[str, Any]] = {}  # error-detector row -> its method chosen by CV on the fit part
     if len(d.features[FIT_WRONG] if FIT_WRONG in d.features else ()) >= max(ERR_MIN, cfg.cv_folds):
         def err_rows(k: FeatureKey) -> np.ndarray:
             return error_rows(d.features[k].base.logits, d.features[k].path[enc])
 
         ye = np.r_[np.zeros(len(d.features[FIT_CLEAN])), np.ones(len(d.features[FIT_WRONG]))]
-        Xe = np.vstack([err_rows(FIT_CLEAN), err_rows(FIT_WRONG)])  # the fit part only
-        best, err_cv = select_error_method(Xe, ye, cfg.cv_folds, cfg.seed)
-        err_det = ErrorDetector(best, random_state=cfg.seed).fit(Xe, ye)
-        dets[ERROR_DETECTOR_ROW] = lambda k: err_det.score_samples(err_rows(k))
+        for row, extra in {ERROR_DETECTOR_ROW: None, **{error_row(x): x for x in augmented_rows(cfg).values()}}.items():
+            def rows_of(k: FeatureKey, extra: str | None = extra) -> np.ndarray:  # + the extra columns, if any
+                return err_rows(k) if extra is None else np.hstack([err_rows(k), d.features[k].extra[extra]])
+
+            X = np.vstack([rows_of(FIT_CLEAN), rows_of(FIT_WRONG)])  # the fit part only
+            best, cv_auroc = select_error_method(X, ye, cfg.cv_folds, cfg.seed)
+            det = ErrorDetector(best, random_state=cfg.seed).fit(X, ye)
+            dets[row] = lambda k, det=det, rows_of=rows_of: det.score_samples(rows_of(k))
+            err_cv[row] = {"selected": best, "cv": {"folds_by": "image", "auroc": cv_auroc}}
     for name in (*UNSUPERVISED_BASELINES, "doctor", *b.multipass):
         dets[name] = lambda k, name=name: b.score(name, k)
     rows, scores = [], {}
@@ -214,13 +224,12 @@ def mispredictions_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
         scores[name] = s
         trained_on = {"nad-guard": "all attacks + fit mispredictions",
                       **{row: "all attacks + fit mispredictions" for row in augmented_rows(cfg)},
-                      ERROR_DETECTOR_ROW: "fit mispredictions (method by CV on the fit part)"}.get(
+                      **dict.fromkeys(err_cv, "fit mispredictions (method by CV on the fit part)")}.get(
             name, "all attacks" if "attacks only" in name else "")
         rows.append({**metrics_row(name, "mispredictions", s["clean"], s["adv"], s["cal"], cfg),
                      "trained_on": trained_on,
                      "aurc": aurc(np.r_[s["clean"], s["adv"]], np.r_[np.zeros(len(s["clean"])), np.ones(len(s["adv"]))]),
                      **({"selected": f"{method},{enc}", "cv": cv} if name == "nad-guard" else {}),
-                     **({"selected": best, "cv": {"folds_by": "image", "auroc": err_cv}}
-                        if name == ERROR_DETECTOR_ROW else {})})
+                     **err_cv.get(name, {})})
     keep_scores["mispredictions"] = scores
     return rows
