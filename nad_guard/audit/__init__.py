@@ -64,7 +64,8 @@ from __future__ import annotations
 
 # The public API. Settings such as ATTACK_CHUNK or GALLERY_SIZE live in the file that uses them
 # (nad_guard.audit.run, .stats, ...); re-exported copies here would not change what the audit does.
-from nad_guard.audit.class_paths import ClassPaths, class_path_sources, class_paths_from_masks, k_similar_test
+from nad_guard.audit.class_paths import (ClassPaths, class_path_sources, class_paths_from_encoder,
+                                        class_paths_from_masks, k_similar_test)
 from nad_guard.audit.explain import explain_mispredictions
 from nad_guard.audit.inputs import AuditError, check_fits, guard_data, load_split
 from nad_guard.audit.records import AuditResult, GalleryItem, Samples
@@ -75,6 +76,6 @@ from nad_guard.audit.split_parts import holdout_parts
 from nad_guard.audit.stats import confusion_matrix, summarize, wilson
 
 __all__ = ["AuditError", "AuditResult", "ClassPaths", "GalleryItem", "Samples", "check_fits", "class_path_sources",
-           "class_paths_from_masks", "confusion_matrix", "deletion_auc", "deletion_curves", "explain_mispredictions",
-           "guard_data", "calibration_record", "holdout_parts", "k_similar_test", "load_split", "run_audit",
+           "class_paths_from_encoder", "class_paths_from_masks", "confusion_matrix", "deletion_auc", "deletion_curves",
+           "explain_mispredictions", "guard_data", "calibration_record", "holdout_parts", "k_similar_test", "load_split", "run_audit",
            "subnetwork_explanations", "summarize", "wilson", "write_report", "write_samples_csv"]
