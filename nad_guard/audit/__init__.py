@@ -77,5 +77,5 @@ from nad_guard.audit.stats import confusion_matrix, summarize, wilson
 
 __all__ = ["AuditError", "AuditResult", "ClassPaths", "GalleryItem", "Samples", "check_fits", "class_path_sources",
            "class_paths_from_encoder", "class_paths_from_masks", "confusion_matrix", "deletion_auc", "deletion_curves",
-           "explain_mispredictions", "guard_data", "calibration_record", "holdout_parts", "k_similar_test", "load_split", "run_audit",
-           "subnetwork_explanations", "summarize", "wilson", "write_report", "write_samples_csv"]
+           "explain_mispredictions", "guard_data", "calibration_record", "holdout_parts", "k_similar_test", "load_split",
+           "run_audit", "subnetwork_explanations", "summarize", "wilson", "write_report", "write_samples_csv"]

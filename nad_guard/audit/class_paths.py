@@ -4,9 +4,9 @@ A *class-path source* gives, at every gate point, one vector per class over the 
 binary NAD masks of the guard's :class:`~nad_guard.paths.PathModel` (:func:`class_paths_from_masks`) and,
 when the audit is given one, an NND architecture encoder's class-average soft gates (values in ``[0, 1]``,
 :func:`class_paths_from_encoder`); :func:`class_path_sources` lists them, the masks first. The similarity
-of two classes is the mean over gate points of the weighted Jaccard index ``sum_c min(u_c, v_c) / sum_c max(u_c, v_c)`` of their
-vectors, which for binary masks is the plain Jaccard index of
-:meth:`PathModel.similarity <nad_guard.paths.PathModel.similarity>`.
+of two classes is the mean over gate points of the weighted Jaccard index
+``sum_c min(u_c, v_c) / sum_c max(u_c, v_c)`` of their vectors, which for binary masks is the plain Jaccard
+index of :meth:`PathModel.similarity <nad_guard.paths.PathModel.similarity>`.
 
 NAD's test (:func:`k_similar_test`): for a misprediction of true class ``t`` as ``p``, rank the other
 ``K - 1`` classes by their similarity to ``t`` (1 = most similar); NAD claims ``p`` is among the ``k``
