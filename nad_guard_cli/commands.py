@@ -618,8 +618,7 @@ def audit_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple
     the subnetwork-explanation claim (deletion metric), how well the trust score separates errors, and the
     least trusted inputs."""
     from nad_guard.attacks import default_cache_dir
-    from nad_guard.audit import guard_data, load_split, run_audit, write_report
-    from nad_guard.encoder import ENCODER_TENSORS, ArchitectureEncoder
+    from nad_guard.audit import guard_data, load_audit_encoder, load_split, run_audit, write_report
     from nad_guard.guard import resolve_guard_dir
     from nad_guard.guard import Guard, artifact_classifier
     from nad_guard.models import resolve_device
@@ -637,11 +636,8 @@ def audit_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple
         if data is None:
             raise click.UsageError(f"the guard in {guard_dir} does not record its data set: pass --data")
     images = load_split(data, split, data_root, guard)
-    encoder = None
-    if encoder_dir is None and (guard_dir / ENCODER_TENSORS).is_file():
-        encoder_dir = str(guard_dir)
-    if encoder_dir is not None and encoder_dir.lower() != "none":
-        encoder = ArchitectureEncoder.load(encoder_dir, guard.classifier)
+    encoder, encoder_dir = load_audit_encoder(guard_dir, encoder_dir, guard)
+    if encoder is not None:
         log(f"encoder from {portable_path(encoder_dir)}: gate points {', '.join(encoder.names)}")
     load_s = time.perf_counter() - t0
     names = [a.strip() for a in attack_names.split(",") if a.strip()] if attack_names else None

@@ -15,7 +15,8 @@ import torch
 from scipy.stats import spearmanr
 
 import training.encoder as te
-from nad_guard.audit import class_paths_from_encoder, confusion_matrix, k_similar_test, run_audit, write_report
+from nad_guard.audit import (class_paths_from_encoder, confusion_matrix, k_similar_test, load_audit_encoder, run_audit,
+                             write_report)
 from nad_guard.audit.class_paths import ENCODER_SOURCE
 from nad_guard.audit.stats import pair_rates
 from nad_guard.calibration import CalibrationWarning
@@ -117,22 +118,21 @@ def test_the_audit_reports_both_sources_in_json_csv_and_html(guard, encoder, dig
     assert html.count(ENCODER_SOURCE) >= 3 and "correctly classified audited images" in html
 
 
-def test_the_cli_takes_the_guard_directorys_encoder_by_default(tmp_path):
-    """``nad-guard audit`` without ``--encoder``: the guard directory's encoder (the bundled MNIST guard with the
-    encoder committed for it); the recorded path is portable."""
-    from click.testing import CliRunner
+def test_the_audit_takes_the_guard_directorys_encoder_unless_told_otherwise(tmp_path):
+    """``nad-guard audit --encoder``'s rule (:func:`load_audit_encoder`), on the bundled MNIST guard and the
+    encoder committed for its classifier: none by default for a guard directory without one, the guard
+    directory's own when it has one, a given directory, and ``none``."""
+    from nad_guard.guard import DEFAULT_GUARD_DIR, Guard
 
-    from nad_guard.guard import DEFAULT_GUARD_DIR
-    from nad_guard_cli.commands import main
-
+    committed = REPO / "bench" / "results" / "encoder_mnist-cnn"
+    guard = Guard.load(DEFAULT_GUARD_DIR, device="cpu")
+    assert load_audit_encoder(DEFAULT_GUARD_DIR, None, guard) == (None, None)
+    enc, where = load_audit_encoder(DEFAULT_GUARD_DIR, committed, guard)
+    assert where == str(committed) and enc.names == guard.paths.layer_names_ and enc.classifier is guard.classifier
     guard_dir = tmp_path / "guard"
     shutil.copytree(DEFAULT_GUARD_DIR, guard_dir)
     for name in ("encoder.json", "encoder.safetensors"):
-        shutil.copy(REPO / "bench" / "results" / "encoder_mnist-cnn" / name, guard_dir)
-    args = ["audit", "--artifact", str(guard_dir), "--max-images", "100", "--saliency-images", "0", "--quiet"]
-    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])  # (one run: ~12 s on 2 busy cores)
-    assert res.exit_code == 0, res.output
-    printed = json.loads(res.output.strip().splitlines()[-1])
-    assert list(printed["class_path_sources"]) == ["masks", ENCODER_SOURCE]
-    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert summary["config"]["encoder"] == "<outside-repo>/guard" and str(tmp_path) not in json.dumps(summary)
+        shutil.copy(committed / name, guard_dir)
+    enc, where = load_audit_encoder(guard_dir, None, guard)
+    assert where == str(guard_dir) and enc.names == guard.paths.layer_names_
+    assert load_audit_encoder(guard_dir, "none", guard) == (None, None)

@@ -67,7 +67,7 @@ from __future__ import annotations
 from nad_guard.audit.class_paths import (ClassPaths, class_path_sources, class_paths_from_encoder,
                                         class_paths_from_masks, k_similar_test)
 from nad_guard.audit.explain import explain_mispredictions
-from nad_guard.audit.inputs import AuditError, check_fits, guard_data, load_split
+from nad_guard.audit.inputs import AuditError, check_fits, guard_data, load_audit_encoder, load_split
 from nad_guard.audit.records import AuditResult, GalleryItem, Samples
 from nad_guard.audit.report import write_report, write_samples_csv
 from nad_guard.audit.run import calibration_record, run_audit
@@ -77,5 +77,6 @@ from nad_guard.audit.stats import confusion_matrix, summarize, wilson
 
 __all__ = ["AuditError", "AuditResult", "ClassPaths", "GalleryItem", "Samples", "check_fits", "class_path_sources",
            "class_paths_from_encoder", "class_paths_from_masks", "confusion_matrix", "deletion_auc", "deletion_curves",
-           "explain_mispredictions", "guard_data", "calibration_record", "holdout_parts", "k_similar_test", "load_split",
-           "run_audit", "subnetwork_explanations", "summarize", "wilson", "write_report", "write_samples_csv"]
+           "explain_mispredictions", "guard_data", "calibration_record", "holdout_parts", "k_similar_test",
+           "load_audit_encoder", "load_split", "run_audit", "subnetwork_explanations", "summarize", "wilson",
+           "write_report", "write_samples_csv"]
