@@ -601,6 +601,10 @@ def _given_command(name: str) -> str:
               help="Correctly classified images of the subnetwork-explanation test (deletion metric); 0: skip it.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Attack cache (default: $NAD_GUARD_CACHE/attacks).")
+@click.option("--encoder", "encoder_dir", default=None,
+              help="Directory of an NND architecture encoder of the guard's classifier (from fit-encoder): its "
+                   "class-average gates are compared with the confusions next to the masks. Default: the guard "
+                   "directory's encoder, if it has one; 'none': no encoder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Report folder: index.html, summary.json, samples.csv, explanations.json and PNG figures.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
@@ -608,16 +612,17 @@ def audit_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple
               std: tuple[float, ...] | None, data: str | None, data_root: str | None, split: str,
               max_images: int | None,
               suite: str | None, attack_names: str | None, attack_images: int | None, gallery_size: int,
-              device: str, batch_size: int, seed: int, saliency_images: int, cache_dir: str | None, out: str,
-              quiet: bool) -> None:
+              device: str, batch_size: int, seed: int, saliency_images: int, cache_dir: str | None,
+              encoder_dir: str | None, out: str, quiet: bool) -> None:
     """Audit a guard's mispredictions on a labelled data split and write a report a person reads:
     accuracy and confusions, each error's nearest sub-architecture and the rank of its true class, each
     error's path layer by layer and the filters that decided it, NAD's claims against chance (the path's
     nearest sub-architecture; the wrong class among the true class's most similar), similarity against
-    confusion, per-layer divergence, the subnetwork-explanation claim (deletion metric), how well the
-    trust score separates errors, and the least trusted inputs."""
+    confusion (for the masks and, given one, an NND encoder's class-average gates), per-layer divergence,
+    the subnetwork-explanation claim (deletion metric), how well the trust score separates errors, and the
+    least trusted inputs."""
     from nad_guard.attacks import default_cache_dir
-    from nad_guard.audit import guard_data, load_split, run_audit, write_report
+    from nad_guard.audit import guard_data, load_audit_encoder, load_split, run_audit, write_report
     from nad_guard.guard import resolve_guard_dir
     from nad_guard.guard import Guard, artifact_classifier
     from nad_guard.models import resolve_device
@@ -635,6 +640,9 @@ def audit_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple
         if data is None:
             raise click.UsageError(f"the guard in {guard_dir} does not record its data set: pass --data")
     images = load_split(data, split, data_root, guard)
+    encoder, encoder_dir = load_audit_encoder(guard_dir, encoder_dir, guard)
+    if encoder is not None:
+        log(f"encoder from {portable_path(encoder_dir)}: gate points {', '.join(encoder.names)}")
     load_s = time.perf_counter() - t0
     names = [a.strip() for a in attack_names.split(",") if a.strip()] if attack_names else None
     if names and suite is None:
@@ -642,7 +650,8 @@ def audit_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple
     result = run_audit(guard, images, max_images=max_images, attacks=names, suite=suite, attack_images=attack_images,
                        batch_size=batch_size, gallery_size=gallery_size, device=dev,
                        cache_dir=cache_dir or default_cache_dir(), seed=seed, progress=not quiet,
-                       saliency_images=saliency_images,
+                       saliency_images=saliency_images, encoder=encoder,
+                       encoder_source=portable_path(encoder_dir) if encoder is not None else None,
                        source="default" if artifact == "default" else portable_path(guard_dir), log=log)
     files = write_report(result, out, command=_given_command("audit"), timings={"load_s": round(load_s, 3)})
     s = result.summary
@@ -656,6 +665,10 @@ def audit_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple
         "spearman_similarity_confusion": s["similarity_vs_confusion"]["errors"]["rho"],
         "nad_test_k1": (s["claims"]["sources"]["masks"]["nad_test"]["mispredictions"]["by_k"].get("1") or {}).get("share"),
         "nad_test_k3": (s["claims"]["sources"]["masks"]["nad_test"]["mispredictions"]["by_k"].get("3") or {}).get("share"),
+        "class_path_sources": {name: {**{f"nad_test_k{k}": (d["nad_test"]["mispredictions"]["by_k"].get(k) or {})
+                                         .get("share") for k in ("1", "3")},
+                                      "spearman_similarity_confusion": d["similarity_vs_confusion"]["rho"]}
+                               for name, d in s["claims"]["sources"].items()},
         "subnetwork_explanations": (s["claims"].get("subnetwork_explanations") or {}).get("verdict"),
         "detector_split": s["split"]["status"], "calibration": s["calibration"]["summary"],
         **({"calibration_warning": s["calibration"]["warning"]} if s["calibration"].get("warning") else {}),

@@ -64,9 +64,10 @@ from __future__ import annotations
 
 # The public API. Settings such as ATTACK_CHUNK or GALLERY_SIZE live in the file that uses them
 # (nad_guard.audit.run, .stats, ...); re-exported copies here would not change what the audit does.
-from nad_guard.audit.class_paths import ClassPaths, class_path_sources, class_paths_from_masks, k_similar_test
+from nad_guard.audit.class_paths import (ClassPaths, class_path_sources, class_paths_from_encoder,
+                                        class_paths_from_masks, k_similar_test)
 from nad_guard.audit.explain import explain_mispredictions
-from nad_guard.audit.inputs import AuditError, check_fits, guard_data, load_split
+from nad_guard.audit.inputs import AuditError, check_fits, guard_data, load_audit_encoder, load_split
 from nad_guard.audit.records import AuditResult, GalleryItem, Samples
 from nad_guard.audit.report import write_report, write_samples_csv
 from nad_guard.audit.run import calibration_record, run_audit
@@ -75,6 +76,7 @@ from nad_guard.audit.split_parts import holdout_parts
 from nad_guard.audit.stats import confusion_matrix, summarize, wilson
 
 __all__ = ["AuditError", "AuditResult", "ClassPaths", "GalleryItem", "Samples", "check_fits", "class_path_sources",
-           "class_paths_from_masks", "confusion_matrix", "deletion_auc", "deletion_curves", "explain_mispredictions",
-           "guard_data", "calibration_record", "holdout_parts", "k_similar_test", "load_split", "run_audit",
-           "subnetwork_explanations", "summarize", "wilson", "write_report", "write_samples_csv"]
+           "class_paths_from_encoder", "class_paths_from_masks", "confusion_matrix", "deletion_auc", "deletion_curves",
+           "explain_mispredictions", "guard_data", "calibration_record", "holdout_parts", "k_similar_test",
+           "load_audit_encoder", "load_split", "run_audit", "subnetwork_explanations", "summarize", "wilson",
+           "write_report", "write_samples_csv"]

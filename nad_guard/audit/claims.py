@@ -26,15 +26,25 @@ def _images(data: ImageSet, positions: np.ndarray) -> torch.Tensor:
 
 
 def claims_pass(guard: Any, data: ImageSet, clean: Samples, *, saliency_images: int = SALIENCY_IMAGES,
-                explain: bool = True, seed: int = 0, log: Any = None) -> dict[str, Any]:
+                explain: bool = True, seed: int = 0, encoder: Any = None, batch_size: int = 256,
+                log: Any = None) -> dict[str, Any]:
     """The parts of the claims that run the classifier again: ``explanations`` (every misprediction of
     ``clean``, :func:`explain_mispredictions`; ``None`` with ``explain=False``), ``saliency`` (a seeded
     sample of ``saliency_images`` correctly classified images, :func:`subnetwork_explanations`; ``None``
-    for 0) and ``class_paths`` (:func:`class_path_sources`), with their ``timings``."""
+    for 0) and ``class_paths`` (:func:`class_path_sources`: with an NND ``encoder``, its class averages over
+    the correctly classified images of ``clean``), with their ``timings``."""
     log = log or (lambda msg: None)
     paths = guard.paths
-    out: dict[str, Any] = {"class_paths": class_path_sources(guard), "explanations": None, "saliency": None,
-                           "timings": {}}
+    out: dict[str, Any] = {"explanations": None, "saliency": None, "timings": {}}
+    t0 = time.perf_counter()
+    ok = clean.position[clean.correct]
+    idx = torch.as_tensor(ok, dtype=torch.long)
+    out["class_paths"] = class_path_sources(guard, encoder, data.images[idx] if encoder is not None else None,
+                                            clean.label[clean.correct], batch_size)
+    if encoder is not None:
+        out["timings"]["encoder_class_paths_s"] = round(time.perf_counter() - t0, 3)
+        log(f"encoder class paths from {len(ok)} correctly classified images in "
+            f"{out['timings']['encoder_class_paths_s']:.1f} s")
     if explain:
         t0 = time.perf_counter()
         wrong = np.flatnonzero(~clean.correct)
@@ -71,8 +81,9 @@ def summarize_claims(result: AuditResult, spearman: Any, pair_rates: Any, confus
         groups = {"mispredictions": k_similar_test(sim, result.clean.label, result.clean.pred, names, KS, seed)}
         for a, s in result.adversarial.items():
             groups[f"adversarial: {a}"] = k_similar_test(sim, s.label, s.pred, names, KS, seed)
-        sources[src.name] = {"description": src.description, "similarity": sim, "nad_test": groups,
-                             "similarity_vs_confusion": spearman(sim[iu], rate)}
+        sources[src.name] = {"description": src.description, "layers": list(src.layers), "similarity": sim,
+                             "nad_test": groups, "similarity_vs_confusion": spearman(sim[iu], rate),
+                             **({"images_per_class": src.images_per_class} if src.images_per_class else {})}
     out: dict[str, Any] = {"ks": list(KS), "sources": sources}
     ex = result.explanations
     if ex is not None:  # the rows go to explanations.json (report.write_report): thousands of them

@@ -1,12 +1,12 @@
 """Class paths, the thing the audit's claims compare classes by, and NAD's own test of them.
 
-A *class-path source* gives, at every gate point, one vector per class over the layer's channels: today
-the binary NAD masks of the guard's :class:`~nad_guard.paths.PathModel` (:func:`class_paths_from_masks`);
-a per-input path encoder's class-average gates (values in ``[0, 1]``) fit the same :class:`ClassPaths`
-and are added as one more source in :func:`class_path_sources`. The similarity of two classes is the mean
-over gate points of the weighted Jaccard index ``sum_c min(u_c, v_c) / sum_c max(u_c, v_c)`` of their
-vectors, which for binary masks is the plain Jaccard index of
-:meth:`PathModel.similarity <nad_guard.paths.PathModel.similarity>`.
+A *class-path source* gives, at every gate point, one vector per class over the layer's channels: the
+binary NAD masks of the guard's :class:`~nad_guard.paths.PathModel` (:func:`class_paths_from_masks`) and,
+when the audit is given one, an NND architecture encoder's class-average soft gates (values in ``[0, 1]``,
+:func:`class_paths_from_encoder`); :func:`class_path_sources` lists them, the masks first. The similarity
+of two classes is the mean over gate points of the weighted Jaccard index
+``sum_c min(u_c, v_c) / sum_c max(u_c, v_c)`` of their vectors, which for binary masks is the plain Jaccard
+index of :meth:`PathModel.similarity <nad_guard.paths.PathModel.similarity>`.
 
 NAD's test (:func:`k_similar_test`): for a misprediction of true class ``t`` as ``p``, rank the other
 ``K - 1`` classes by their similarity to ``t`` (1 = most similar); NAD claims ``p`` is among the ``k``
@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 KS = (1, 3)  # the k of NAD's test: the predicted class among the true class's k most similar
+ENCODER_SOURCE = "nnd-encoder"  # the name of the encoder's class-path source
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ClassPaths:
     description: str
     layers: list[str]
     vectors: list[np.ndarray]
+    images_per_class: list[int] | None = None  # how many images each class's vector averages (None: not an average)
 
     def similarity(self) -> np.ndarray:
         """``(K, K)``: mean over gate points of the weighted Jaccard index of the classes' vectors (two
@@ -54,10 +57,51 @@ def class_paths_from_masks(paths: Any) -> ClassPaths:
                       [paths.masks_[n].numpy().astype(np.float64) for n in names])
 
 
-def class_path_sources(guard: Any) -> list[ClassPaths]:
-    """Every class-path source the guard holds, the masks first. A new source (e.g. an architecture
-    encoder's class-average gate vectors, issue 20) is one more :class:`ClassPaths` appended here."""
-    return [class_paths_from_masks(guard.paths)]
+@torch.no_grad()
+def class_paths_from_encoder(encoder: Any, images: torch.Tensor, labels: torch.Tensor | np.ndarray,
+                             guard_layers: Sequence[str] | None = None, batch_size: int = 256) -> ClassPaths:
+    """An NND architecture encoder's (:class:`~nad_guard.encoder.ArchitectureEncoder`) class paths: at each of
+    the *encoder's own* gate points, class ``k``'s vector is the mean of the encoder's soft gates (the encoding
+    :meth:`~nad_guard.encoder.ArchitectureEncoder.encode` gives, in ``(0, 1)``) over the images of ``images``
+    (``uint8`` ``(N, C, H, W)``, read in batches of ``batch_size``) whose label is ``k``. A class without
+    images gets the all-zero vector (weighted Jaccard 0 with any other class); ``images_per_class`` says how many
+    each class had.
+
+    Which images (the audit, :func:`nad_guard.audit.claims.claims_pass`): the audited images the classifier
+    predicts correctly, by their true class. The audit holds no training images (it loads only the audited
+    split), and correctly classified images hold none of the mispredictions that NAD's test and the confusion
+    matrix are then measured on, so the class similarity is not built from the errors it is tested against;
+    being the easier images of each class, if anything they make confused classes look less alike. (The
+    encoder file's own ``class_means``, over its training images by prediction, are not used: the audit's
+    figures should come from images it can name.) ``guard_layers``: the guard's gate points, only to say in
+    the description whether the encoder's are the same."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    k = encoder.classifier.num_classes
+    dev = encoder.class_means.device
+    sums = torch.zeros(k, sum(encoder.channels), dtype=torch.float64, device=dev)
+    for s in range(0, len(images), batch_size):
+        _, g = encoder.encode(images[s:s + batch_size].to(dev).float().div_(255.0), "soft", batch_size)
+        sums.index_add_(0, labels[s:s + batch_size].to(dev), g.double())
+    counts = torch.bincount(labels, minlength=k).to(dev)
+    means = (sums / counts.clamp_min(1)[:, None]).cpu()
+    where = ("the guard's gate points" if guard_layers is not None and list(guard_layers) == list(encoder.names)
+             else "the encoder's own gate points" + (" (not the guard's)" if guard_layers is not None else ""))
+    return ClassPaths(ENCODER_SOURCE, f"NND architecture encoder: each class's mean soft gate vector over the "
+                      f"correctly classified audited images of that class ({int(counts.sum())} images), at {where}",
+                      list(encoder.names), [v.numpy() for v in encoder.split(means)],
+                      [int(c) for c in counts.cpu()])
+
+
+def class_path_sources(guard: Any, encoder: Any = None, images: torch.Tensor | None = None,
+                       labels: torch.Tensor | np.ndarray | None = None, batch_size: int = 256) -> list[ClassPaths]:
+    """Every class-path source of the audit: the guard's masks first, then, with an ``encoder``, its class
+    averages over ``images`` of class ``labels`` (:func:`class_paths_from_encoder`)."""
+    sources = [class_paths_from_masks(guard.paths)]
+    if encoder is not None:
+        if images is None or labels is None:
+            raise ValueError("an encoder's class paths need the images and labels they average over")
+        sources.append(class_paths_from_encoder(encoder, images, labels, guard.paths.layer_names_, batch_size))
+    return sources
 
 
 def similar_ranks(similarity: np.ndarray, labels: np.ndarray, preds: np.ndarray, seed: int = 0) -> np.ndarray:

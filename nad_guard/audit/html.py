@@ -155,6 +155,11 @@ def _similarity_vs_confusion(result: AuditResult, s: dict[str, Any], figs: dict[
         f"both directions). Natural errors: {rho_txt(svc['errors'])}."
         + (f" Adversarial examples (source class → adversarial prediction): {rho_txt(svc['adversarial'])}."
            if "adversarial" in svc else "") + "</p>")
+    others = {n: d for n, d in s.get("claims", {}).get("sources", {}).items() if n != "masks"}
+    if others:
+        add("<p>The same against natural errors with the other class paths of NAD's test above (weighted Jaccard "
+            "index of their class vectors): " + "; ".join(f"{_e(n)}: {rho_txt(d['similarity_vs_confusion'])}"
+                                                           for n, d in others.items()) + ".</p>")
     add(_img(figs, "similarity_vs_confusion", "similarity against confusion rate per class pair"))
     if svc["most_confused_pairs"]:
         add(_table(["most confused pairs", "confusion rate", "similarity", f"similarity rank (of {k * (k - 1) // 2})"],

@@ -102,7 +102,9 @@ def nad_test_section(result: AuditResult, s: dict[str, Any], figs: dict[str, Pat
              f"class path to the true class's (ties broken at random, seeded); a hit: the predicted class is among the "
              f"k most similar. Chance is k/(K−1) (the predicted class drawn uniformly from the other classes); "
              f"p-values: one-sided binomial test against it; intervals: 95% Wilson. For adversarial examples, the "
-             f"source class against the adversarial prediction.</p>"]
+             f"source class against the adversarial prediction.</p>",
+             "<p>Class paths: " + "; ".join(f"<b>{e(src)}</b>: {e(d['description'])}"
+                                           for src, d in c["sources"].items()) + ".</p>"]
     rows = []
     for src, d in c["sources"].items():
         for g, t in d["nad_test"].items():

@@ -1,6 +1,7 @@
 """What is audited: the guard directory (:func:`nad_guard.guard.resolve_guard_dir`), the data set and split its
-detector was fitted on (:func:`guard_data`), a named split (:func:`load_split`), and whether that data
-fits the guard's classifier (:func:`check_fits`, :class:`AuditError`)."""
+detector was fitted on (:func:`guard_data`), a named split (:func:`load_split`), whether that data
+fits the guard's classifier (:func:`check_fits`, :class:`AuditError`), and the NND encoder whose class paths the
+claims compare with the masks' (:func:`load_audit_encoder`)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,22 @@ def guard_data(guard: Guard) -> tuple[str | None, str | None]:
     name, _, split = base.partition("/")
     name = name.split(":", 1)[0]
     return (name if name in DATASETS else None), (split or None)
+
+
+# --------------------------------------------------------------------------- encoder
+
+def load_audit_encoder(guard_dir: str | Path, encoder_dir: str | Path | None, guard: Guard) -> tuple[Any, str | None]:
+    """The NND architecture encoder (:class:`~nad_guard.encoder.ArchitectureEncoder`) of ``guard``'s classifier
+    that the audit's claims use (``nad-guard audit --encoder``): from ``encoder_dir``; with ``None`` the guard
+    directory's own (its ``encoder.safetensors``) if it has one; ``"none"``: none. Returns the encoder (or
+    ``None``) and the directory it came from; :class:`~nad_guard.paths.ArtifactError` says why one does not load
+    (other classes, other classifier weights, no encoder files)."""
+    from nad_guard.encoder import ENCODER_TENSORS, ArchitectureEncoder
+
+    if encoder_dir is None:
+        if not (Path(guard_dir) / ENCODER_TENSORS).is_file():
+            return None, None
+        encoder_dir = guard_dir
+    if str(encoder_dir).lower() == "none":
+        return None, None
+    return ArchitectureEncoder.load(encoder_dir, guard.classifier), str(encoder_dir)

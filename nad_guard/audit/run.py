@@ -181,7 +181,8 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
               attack_batch_size: int = 128, gallery_size: int = GALLERY_SIZE, device: str | torch.device = "cpu",
               cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True,
               source: str | None = None, log: Callable[[str], None] | None = None,
-              saliency_images: int = SALIENCY_IMAGES, explain: bool = True) -> AuditResult:
+              saliency_images: int = SALIENCY_IMAGES, explain: bool = True, encoder: Any = None,
+              encoder_source: str | None = None) -> AuditResult:
     """Audit ``guard`` on ``data`` (a whole split; ``max_images`` takes a seeded stratified sample of it).
 
     Args:
@@ -197,6 +198,10 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
         saliency_images: correctly classified images (seeded sample) of the subnetwork-explanation test
             (:mod:`nad_guard.audit.saliency`); 0 skips it.
         explain: explain every misprediction's path and deciding filters (:mod:`nad_guard.audit.explain`).
+        encoder: an NND architecture encoder of the guard's classifier
+            (:class:`~nad_guard.encoder.ArchitectureEncoder`): its class-average gates become a second
+            class-path source of the claims (:func:`~nad_guard.audit.class_paths.class_paths_from_encoder`);
+            ``encoder_source`` (a directory) is recorded in the report's config.
 
     Returns:
         :class:`AuditResult` with every per-sample record and the report's numbers in ``summary``.
@@ -257,7 +262,13 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
     if saliency_images < 0:
         raise AuditError(f"saliency_images must be 0 (skip) or positive, got {saliency_images}")
     t0 = time.perf_counter()
-    claims = claims_pass(guard, data, clean, saliency_images=saliency_images, explain=explain, seed=seed, log=log)
+    if encoder is not None:
+        if encoder.classifier is not guard.classifier:
+            raise AuditError("the encoder must be loaded for the guard's classifier "
+                             "(ArchitectureEncoder.load(directory, guard.classifier))")
+        encoder.to(dev)
+    claims = claims_pass(guard, data, clean, saliency_images=saliency_images, explain=explain, seed=seed,
+                         encoder=encoder, batch_size=batch_size, log=log)
     t_claims = time.perf_counter() - t0
 
     det = guard.meta.get("detector") or {}
@@ -268,7 +279,7 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
         "attack_suite": getattr(suite_obj, "name", None), "attacks": list(adversarial) or None,
         "attack_images": attack_images, "batch_size": batch_size, "attack_batch_size": attack_batch_size,
         "gallery_size": gallery_size, "device": str(dev), "seed": seed, "saliency_images": saliency_images,
-        "explain": explain,
+        "explain": explain, "encoder": (encoder_source or "given") if encoder is not None else None,
         "cache_dir": portable_path(cache_dir) if cache_dir is not None else None,
     }
     if guard.error_detector is not None:  # two detectors (nad_guard.errors): the rate and its split
