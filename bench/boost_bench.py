@@ -8,7 +8,8 @@ the gated copy (masked forward) and of the copy with its closed channels skipped
 (:func:`nad_guard.encoder.skip_forward_topk`), and its agreement with the original; FLOPs per image
 (``FlopCounterMode``: convolutions and matrix products, the saliency predictors included); CPU wall time per
 image at batch 1 (mean over 16 images of the median of ``--repeats``) and at batch 64 (median of
-``--repeats``), one torch thread. Skipping at batch 64 runs either one grouped pass (``grouped``) or a loop of
+``--repeats``), one torch thread; then the same variants again in ``--rounds`` interleaved rounds, whose
+per-round ratios are less exposed to a shared machine's changing load. Skipping at batch 64 runs either one grouped pass (``grouped``) or a loop of
 single images (``image``). As a reference for dense speed, the copy is also run with *static* channels (each
 block's ``k`` channels most often open on ``--static-images`` training images, weights pre-sliced, no
 predictors, no further fine-tuning). The machine's facts come from ``nad_guard.runinfo``.
@@ -32,6 +33,29 @@ from nad_guard.runinfo import machine_info, portable_command
 from training.distributed import permutation
 
 
+@torch.no_grad()
+def interleaved(clf, model: BoostedResNet, static, xt: torch.Tensor, rounds: int) -> dict:
+    """Wall time per image of every variant, run in turn within each of ``rounds`` rounds (median of 3 calls
+    after one warm-up; batch 1: the first 8 images), so that load changes hit all variants alike; the
+    median over rounds of each round's ratio original / variant."""
+    z = clf.normalize(xt)
+    b1 = {"original": lambda xi, zi: clf(xi), "skipped": lambda xi, zi: skip_forward_topk(model, xi),
+          "static": lambda xi, zi: static(zi)}
+    b64 = {"original": lambda: clf(xt), "skipped_grouped": lambda: skip_forward_topk(model, xt, "grouped"),
+           "static": lambda: static(z)}
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, fn in b1.items():
+            times.setdefault(f"{name}_b1", []).append(statistics.mean(
+                wall_seconds(lambda i=i: fn(xt[i:i + 1], z[i:i + 1]), 3) for i in range(8)))
+        for name, fn in b64.items():
+            times.setdefault(f"{name}_b64", []).append(wall_seconds(fn, 3) / len(xt))
+    ratio = {k: statistics.median(o / v for o, v in zip(times[f"original_{k.rsplit('_', 1)[1]}"], times[k]))
+             for k in times if not k.startswith("original")}
+    return {"rounds": rounds, "median_seconds_per_image": {k: statistics.median(v) for k, v in times.items()},
+            "median_ratio_original_over_variant": ratio}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--artifact", required=True)
@@ -42,6 +66,8 @@ def main() -> None:
     ap.add_argument("--timing-images", type=int, default=64)
     ap.add_argument("--static-images", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=15,
+                    help="interleaved rounds of the wall-time check (every variant once per round, ratios per round)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -102,11 +128,12 @@ def main() -> None:
                          "b64_grouped": t["original_b64"] / t["skipped_grouped_b64"],
                          "b64_image_loop": t["original_b64"] / t["skipped_image_loop_b64"],
                          "static_b1": t["original_b1"] / t["static_b1"], "static_b64": t["original_b64"] / t["static_b64"]}
+    res["wall_interleaved"] = interleaved(clf, model, static, xt, a.rounds)
     res["bench_seconds"] = round(time.time() - t_start, 1)
     res["machine_after"] = machine_info()
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: res[k] for k in ("accuracy", "flops_per_image", "wall_seconds_per_image", "wall_ratio",
-                                          "gates")}, indent=1))
+                                          "gates", "wall_interleaved")}, indent=1))
 
 
 if __name__ == "__main__":
