@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nad_guard.runinfo import median_seconds
+from nad_guard.encoder.boost import BoostedResNet
 from nad_guard.encoder.model import ArchitectureEncoder
 from nad_guard.hooks import pool
 from nad_guard.models import BasicBlock, CifarResNet
@@ -140,6 +141,53 @@ def skip_forward(encoder: ArchitectureEncoder, x: torch.Tensor, group: str = "im
     if group == "image":
         return torch.cat([_skip_batch(encoder, net, xi) for xi in x.split(1)])
     raise ValueError(f"group must be 'image' or 'union', got {group!r}")
+
+
+def _topk_block(block: BasicBlock, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """One block with image ``n``'s inner channels ``idx[n]`` only: ``group``'s images as the groups of one
+    grouped convolution (one group per image, each with its own weight rows/columns)."""
+    n, c1, c2 = len(h), block.conv1, block.conv2
+    k, flat = idx.shape[1], idx.reshape(-1)
+    w1 = c1.weight.index_select(0, flat)  # (n*k, C_in, 3, 3)
+    a = F.conv2d(h.reshape(1, -1, *h.shape[2:]), w1, None, c1.stride, c1.padding, 1, n)
+    bn = block.bn1
+    scale = (bn.weight / (bn.running_var + bn.eps).sqrt())
+    shift = bn.bias - bn.running_mean * scale
+    a = torch.relu(a * scale[flat][None, :, None, None] + shift[flat][None, :, None, None])
+    w2 = c2.weight[:, idx].transpose(0, 1).reshape(n * c2.out_channels, k, *c2.weight.shape[2:])
+    out = F.conv2d(a, w2, None, c2.stride, c2.padding, 1, n).reshape(n, c2.out_channels, *a.shape[2:])
+    return torch.relu(block.bn2(out) + block.shortcut(h))
+
+
+@torch.no_grad()
+def _topk_batch(model: BoostedResNet, z: torch.Tensor, grouped: bool) -> torch.Tensor:
+    h = model.stem(z)
+    for i, b in enumerate(model.blocks):
+        idx = model.scores(i, h).topk(model.k[i], dim=1).indices
+        if grouped:
+            h = _topk_block(b, h, idx)
+            continue
+        idx = idx[0]  # one image
+        a = torch.relu(_bn(F.conv2d(h, b.conv1.weight.index_select(0, idx), None, b.conv1.stride, b.conv1.padding),
+                           b.bn1, idx))
+        out = F.conv2d(a, b.conv2.weight.index_select(1, idx), None, b.conv2.stride, b.conv2.padding)
+        h = torch.relu(b.bn2(out) + b.shortcut(h))
+    return model.head(h)
+
+
+def skip_forward_topk(model: BoostedResNet, x: torch.Tensor, group: str = "image") -> torch.Tensor:
+    """Logits ``(N, K)`` of a :class:`~nad_guard.encoder.BoostedResNet` on ``[0, 1]`` images ``x`` with every
+    block's closed inner channels skipped: the first convolution computes only the ``k`` open channels (its
+    weight rows are selected) and the second reads only those (its weight columns). ``group``: ``image`` runs
+    each image alone (batch-1 passes); ``grouped`` runs the batch in one pass, each block's convolutions as
+    grouped convolutions with one group per image and that image's own weight rows/columns (the same FLOPs per
+    image). Equals the masked forward (``model(normalize(x))``) up to floating-point summation order."""
+    z = model.original.normalize(x)
+    if group == "grouped":
+        return _topk_batch(model, z, True)
+    if group == "image":
+        return torch.cat([_topk_batch(model, zi, False) for zi in z.split(1)])
+    raise ValueError(f"group must be 'image' or 'grouped', got {group!r}")
 
 
 def count_flops(fn: Callable[[], object]) -> int:
