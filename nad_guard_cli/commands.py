@@ -19,7 +19,8 @@ from nad_guard.data import DATASETS
 
 class _Group(click.Group):
     """Turns user errors (bad paths, bad data, bad options) into a one-line message and exit code 1, and
-    says a ``ModelRecordWarning`` (--model other than the recorded classifier) as one line on stderr."""
+    says a ``ModelRecordWarning`` (--model other than the recorded classifier) and a ``SampleSizeNotice``
+    (--max-images above the split's size) as one line on stderr."""
 
     def invoke(self, ctx: click.Context):
         with warnings.catch_warnings():
@@ -28,6 +29,8 @@ class _Group(click.Group):
             def show(message, category, *args, **kwargs):
                 if category.__name__ == "ModelRecordWarning":  # nad_guard.guard's (not imported: --help stays fast)
                     click.secho(f"WARNING: {message}", err=True, fg="yellow")
+                elif category.__name__ == "SampleSizeNotice":  # nad_guard.data's: --max-images above the split
+                    click.echo(f"NOTE: {message}", err=True)
                 else:
                     shown(message, category, *args, **kwargs)
 

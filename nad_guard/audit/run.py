@@ -19,7 +19,7 @@ from nad_guard.audit.split_parts import holdout_parts, unseen
 from nad_guard.audit.inputs import AuditError, check_fits
 from nad_guard.audit.records import AuditResult, GalleryItem, Samples
 from nad_guard.audit.stats import summarize
-from nad_guard.data import ImageSet, stratified_split
+from nad_guard.data import ImageSet, sample_size, stratified_split
 from nad_guard.guard import Guard, GuardResult
 from nad_guard.runinfo import portable_path
 
@@ -223,7 +223,7 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
         if max_images < data.num_classes:
             raise AuditError(f"--max-images {max_images} is too few for a stratified sample of {data.num_classes} "
                              f"classes: give at least {data.num_classes}")
-        if max_images < n_split:
+        if sample_size(max_images, data, "audited split") is not None:
             positions = _stratified(data.labels.numpy(), max_images, seed)
     parts, split = holdout_parts(guard, data)
     gallery = _LeastTrusted(gallery_size)
