@@ -23,7 +23,7 @@ from nad_guard.holdout import correct_mask, partition_correct
 from nad_guard.models import resolve_device
 from nad_guard.paths import PathModel
 from nad_guard.probes import ProbeSpec
-from nad_guard.provenance import with_calibration_clean
+from nad_guard.provenance import exhausted_split, with_calibration_clean
 
 
 CV_CANDIDATES = {"methods": ("logistic", "gboost"), "encodings": ("rich", "full")}
@@ -162,7 +162,7 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
                             "fit_clean": n_clean, "fit_adversarial": int(sum(len(v) for v in ys[1:])) - n_wrong,
                             "fit_mispredicted": n_wrong,
                             "calibration_set": calibration_set.name, "calibration_clean": len(calib),
-                            "calibration": det.calibration().to_dict(),
+                            "calibration": det.calibration(**exhausted_split(provenance)).to_dict(),
                             "seed": seed, "seconds": round(time.time() - t0, 1),
                             **({"selection": selection} if selection else {}),
                             **({"cv_per_attack": per_block} if per_block else {}),

@@ -137,6 +137,7 @@ def static_report(guard_dir: str | Path) -> dict[str, Any]:
     from nad_guard.calibration import fpr_guarantee
     from nad_guard.guard import resolve_guard_dir
     from nad_guard.paths import read_meta
+    from nad_guard.provenance import exhausted_split
 
     path = resolve_guard_dir(guard_dir)
     meta = read_meta(path)
@@ -178,7 +179,7 @@ def static_report(guard_dir: str | Path) -> dict[str, Any]:
     if not isinstance(cal, dict) and det.get("calibration_clean") is not None:
         cal = fpr_guarantee(int(det["calibration_clean"]), float(det["fpr"])).to_dict()
     if isinstance(cal, dict):
-        g = fpr_guarantee(int(cal["n"]), float(cal["fpr"]))
+        g = fpr_guarantee(int(cal["n"]), float(cal["fpr"]), **exhausted_split(det.get("provenance")))
         report["calibration"] = {k: v for k, v in g.to_dict().items() if k != "rule"} | {"summary": g.summary()}
         if g.warning:
             warnings_.append(f"small calibration set: {g.warning}")

@@ -108,6 +108,10 @@ def test_check_command_on_the_bundled_guard() -> None:
     assert res.exit_code == 0, res.output
     assert "features.12" in res.output and "calibration: 199 clean images" in res.output
     assert "WARNING: small calibration set" in res.output
+    # mnist5k's whole test split is already used: the advice says so rather than ask for a larger --max-images
+    assert ("this data set's whole test split (1,000 images) is already used and the calibration part is its 20%: "
+            "accept the looser rate, or fit on a data set with a larger test split") in res.output
+    assert "a larger --max-images" not in res.output
     res = CliRunner().invoke(main, ["check", str(DEFAULT_GUARD_DIR), "--no-data", "--json", "--strict"])
     assert res.exit_code == 2 and json.loads(res.stdout)["calibration"]["needed"] == 240
     res = CliRunner().invoke(main, ["check", "no/such/guard"])
