@@ -289,6 +289,9 @@ def test_the_report_says_what_the_calibration_guarantees(audited, guard):
     assert cal["realised_bound"] == pytest.approx(0.0776, abs=1e-4) and not cal["adequate"] and cal["needed"] == 240
     page = (out / "index.html").read_text()
     assert "clean calibration score 190 of 199" in page and "About 240 clean calibration inputs" in page
+    assert "whole test split (1,000 images) is already used" in cal["warning"]  # mnist5k's: no larger sample
+    # one detector: its threshold at the rate its metadata records
+    assert f"threshold {guard.detector.threshold_:.4g} at 5% false positives)" in page
 
 
 def test_ranks_in_cases_known_by_construction(guard, mnist_test):

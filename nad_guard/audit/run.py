@@ -21,6 +21,7 @@ from nad_guard.audit.records import AuditResult, GalleryItem, Samples
 from nad_guard.audit.stats import summarize
 from nad_guard.data import ImageSet, sample_size, stratified_split
 from nad_guard.guard import Guard, GuardResult
+from nad_guard.provenance import exhausted_split
 from nad_guard.runinfo import portable_path
 
 GALLERY_SIZE = 24
@@ -304,8 +305,9 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
 def calibration_record(guard: Guard) -> dict[str, Any]:
     """What the guard's clean calibration set guarantees about its false-positive rate
     (:meth:`PathDetector.calibration <nad_guard.detectors.PathDetector.calibration>`), with a one-line
-    ``summary``; ``warning`` is set when the set is too small for a tight bound."""
-    g = guard.detector.calibration()
+    ``summary``; ``warning`` is set when the set is too small for a tight bound (its advice: from the
+    provenance record, :func:`nad_guard.provenance.exhausted_split`)."""
+    g = guard.detector.calibration(**exhausted_split((guard.meta.get("detector") or {}).get("provenance")))
     return {**g.to_dict(), "summary": g.summary()}
 
 
