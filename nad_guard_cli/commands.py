@@ -304,7 +304,9 @@ def fit_encoder_cmd(artifact: str, data: str, data_root: str | None, out: str | 
                    "3-fold cross-validated AUROC on the fit part (folds hold out whole attacks, or whole images "
                    "when there are fewer than 3 attacks and kinds of error).")
 @click.option("--mispredictions/--no-mispredictions", default=True, show_default=True,
-              help="Also train supervised detectors on the fit part's natural mispredictions (as suspicious).")
+              help="With --attack-detector-only: also train a supervised detector on the fit part's natural "
+                   "mispredictions (as suspicious; counted in the output's fit_mispredicted_trained_as_suspicious). "
+                   "With an error detector they are its rows instead (error_detector.fit_mispredicted).")
 @click.option("--error-detector/--attack-detector-only", default=True, show_default=True,
               help="Two questions, two detectors (nad_guard.errors): an attack detector (correct images vs attacks) "
                    "and an error detector (correct vs mispredicted images; MSP, DOCTOR, energy or a logistic "

@@ -161,7 +161,7 @@ def test_two_detector_guard_selects_on_the_fit_part_only(two_guard):
     assert set(info["selection"]["cv_auroc"]) == set(ERROR_METHODS)
     assert g.detector.fpr_ == pytest.approx(0.05) and g.error_detector.fpr_ == pytest.approx(0.05)
     assert g.fpr == pytest.approx(0.1)
-    assert g.meta["detector_info"]["fit_mispredicted"] == 0  # the attack detector: attacks only
+    assert g.meta["detector_info"]["fit_mispredicted_trained_as_suspicious"] == 0  # the attack detector: attacks only
 
 
 def test_two_detector_records_flag_and_round_trip(two_guard, tmp_path):
