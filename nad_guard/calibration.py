@@ -180,9 +180,14 @@ class FPRGuarantee:
                 f"{self.confidence:.0%} confidence the realised false-positive rate is <= {self.realised_bound:.4f}")
 
 
-def fpr_guarantee(n: int, fpr: float, *, confidence: float = CONFIDENCE, slack: float = SLACK) -> FPRGuarantee:
+def fpr_guarantee(n: int, fpr: float, *, confidence: float = CONFIDENCE, slack: float = SLACK,
+                  whole_split: int | None = None, calibration_share: float | None = None) -> FPRGuarantee:
     """The finite-sample guarantees of :func:`threshold_at_fpr` with ``n`` clean calibration scores
-    (module docstring). Raises :class:`CalibrationError` when ``n`` is below :func:`min_calibration_size`."""
+    (module docstring). Raises :class:`CalibrationError` when ``n`` is below :func:`min_calibration_size`.
+
+    ``whole_split``: the caller says the calibration part was drawn from a data set's whole test split of
+    that many images (``calibration_share`` of it; :func:`nad_guard.provenance.exhausted_split` reads both
+    from a guard's record), so the warning does not advise a larger sample that does not exist."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     k = conformal_rank(n, fpr)
@@ -193,8 +198,12 @@ def fpr_guarantee(n: int, fpr: float, *, confidence: float = CONFIDENCE, slack: 
         f"only {n} clean calibration inputs for a false-positive rate of {fpr:g}: with {confidence:.0%} "
         f"confidence the realised rate is <= {realised:.4f} ({realised / fpr:.2f}x what was asked; the "
         f"guarantee on average is {(n + 1 - k) / (n + 1):.4f}). About {needed} clean calibration inputs keep "
-        f"it within {slack:g}x: calibrate on more held-out clean images (fit-detector: a larger --max-images "
-        f"or the whole test split), or accept a looser rate")
+        f"it within {slack:g}x: " + (
+            f"calibrate on more held-out clean images (fit-detector: a larger --max-images or the whole test "
+            f"split), or accept a looser rate" if whole_split is None else
+            f"this data set's whole test split ({whole_split:,} images) is already used"
+            + (f" and the calibration part is its {calibration_share:.0%}" if calibration_share else "")
+            + ": accept the looser rate, or fit on a data set with a larger test split"))
     return FPRGuarantee(n=n, fpr=float(fpr), rank=k, above=n - k, marginal_bound=(n + 1 - k) / (n + 1),
                         realised_bound=realised, confidence=confidence, slack=slack, adequate=adequate,
                         needed=needed, warning=warning)

@@ -29,6 +29,7 @@ import hashlib
 import io
 import os
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -98,6 +99,24 @@ class ImageSet(Dataset):
         """Yield ``(x, y)`` float batches in order; memory is bounded by ``batch_size``."""
         for s in range(0, len(self), batch_size):
             yield self.float(s, s + batch_size), self.labels[s:s + batch_size]
+
+
+class SampleSizeNotice(UserWarning):
+    """``--max-images`` asked for more images than the split holds: the whole split is used (the command
+    line says it as one ``NOTE:`` line on stderr)."""
+
+
+def sample_size(max_images: int | None, split: ImageSet, what: str) -> int | None:
+    """The size of a seeded sample of ``max_images`` images of ``split`` (``what``: e.g. ``"test split"``), or
+    ``None`` for the whole split (``max_images`` ``None`` or not smaller). Every ``--max-images`` of
+    fit-paths, fit-detector, evaluate and audit goes through here, so that one asking for more images than
+    the split holds is told so (a :class:`SampleSizeNotice`) instead of silently getting fewer."""
+    if max_images is None or max_images >= len(split):
+        if max_images is not None and max_images > len(split):
+            warnings.warn(f"--max-images {max_images}: the {what} ({split.name}) has {len(split):,} images; using "
+                          "all of them", SampleSizeNotice, stacklevel=3)
+        return None
+    return max_images
 
 
 def stratified_split(labels: np.ndarray, test_size: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:

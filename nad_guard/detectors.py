@@ -240,10 +240,12 @@ class PathDetector(BaseEstimator):
         return True
 
     @available_if(_calibrated)
-    def calibration(self) -> FPRGuarantee:
+    def calibration(self, whole_split: int | None = None, calibration_share: float | None = None) -> FPRGuarantee:
         """What the clean calibration scores guarantee about the false-positive rate (calibration size,
-        rank of the threshold, marginal and high-probability bounds; :func:`nad_guard.calibration.fpr_guarantee`)."""
-        return fpr_guarantee(len(self.calibration_scores_), self.fpr_)
+        rank of the threshold, marginal and high-probability bounds; :func:`nad_guard.calibration.fpr_guarantee`,
+        which says what ``whole_split`` and ``calibration_share`` change)."""
+        return fpr_guarantee(len(self.calibration_scores_), self.fpr_, whole_split=whole_split,
+                             calibration_share=calibration_share)
 
     @available_if(_calibrated)
     def decision_function(self, X) -> np.ndarray:

@@ -23,7 +23,7 @@ from nad_guard.holdout import correct_mask, partition_correct
 from nad_guard.models import resolve_device
 from nad_guard.paths import PathModel
 from nad_guard.probes import ProbeSpec
-from nad_guard.provenance import with_calibration_clean
+from nad_guard.provenance import exhausted_split, with_calibration_clean
 
 
 CV_CANDIDATES = {"methods": ("logistic", "gboost"), "encodings": ("rich", "full")}
@@ -41,7 +41,9 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
     Supervised methods learn the correctly classified images (label 0) against the suite's successful
     attacks on them and, with ``mispredictions``, the images the classifier gets wrong (label 1): the
     guard's question is whether a prediction can be trusted, whatever the cause. Clean-only methods
-    (``knn``, ``gaussian``, ``isoforest``) generate no attacks and see only the correct images.
+    (``knn``, ``gaussian``, ``isoforest``) generate no attacks and see only the correct images. The
+    metadata's ``fit_mispredicted_trained_as_suspicious`` counts the mispredictions so learnt (0 with an
+    error detector, whose own ``fit_mispredicted`` counts the fit part's mispredictions it learns from).
 
     ``select="cv"`` ignores ``method`` and ``encoding`` and takes, among :data:`CV_CANDIDATES`, the
     pair with the best ``cv_folds``-fold cross-validated AUROC on this training data, folds holding out
@@ -160,9 +162,9 @@ def fit_guard(paths: PathModel, fit_set: ImageSet, calibration_set: ImageSet, *,
                                            folds=cv_folds, seed=seed)
     info: dict[str, Any] = {"suite": suite, "attacks": per_attack, "fit_set": fit_set.name,
                             "fit_clean": n_clean, "fit_adversarial": int(sum(len(v) for v in ys[1:])) - n_wrong,
-                            "fit_mispredicted": n_wrong,
+                            "fit_mispredicted_trained_as_suspicious": n_wrong,  # 0 with an error detector
                             "calibration_set": calibration_set.name, "calibration_clean": len(calib),
-                            "calibration": det.calibration().to_dict(),
+                            "calibration": det.calibration(**exhausted_split(provenance)).to_dict(),
                             "seed": seed, "seconds": round(time.time() - t0, 1),
                             **({"selection": selection} if selection else {}),
                             **({"cv_per_attack": per_block} if per_block else {}),

@@ -137,6 +137,7 @@ def static_report(guard_dir: str | Path) -> dict[str, Any]:
     from nad_guard.calibration import fpr_guarantee
     from nad_guard.guard import resolve_guard_dir
     from nad_guard.paths import read_meta
+    from nad_guard.provenance import exhausted_split
 
     path = resolve_guard_dir(guard_dir)
     meta = read_meta(path)
@@ -178,7 +179,7 @@ def static_report(guard_dir: str | Path) -> dict[str, Any]:
     if not isinstance(cal, dict) and det.get("calibration_clean") is not None:
         cal = fpr_guarantee(int(det["calibration_clean"]), float(det["fpr"])).to_dict()
     if isinstance(cal, dict):
-        g = fpr_guarantee(int(cal["n"]), float(cal["fpr"]))
+        g = fpr_guarantee(int(cal["n"]), float(cal["fpr"]), **exhausted_split(det.get("provenance")))
         report["calibration"] = {k: v for k, v in g.to_dict().items() if k != "rule"} | {"summary": g.summary()}
         if g.warning:
             warnings_.append(f"small calibration set: {g.warning}")
@@ -220,7 +221,8 @@ def measure_unseen(guard: Any, data_root: str | Path | None = None, *, batch_siz
     provenance records (``guard.meta["detector"]["provenance"]``). ``images``: that split, if already
     loaded (else it is loaded with ``data_root``). Returns ``status`` (``measured`` or why not), ``note``,
     and when measured: ``images``, ``clean`` (correctly classified), ``flagged``, ``observed_fpr``, its
-    ``interval``, and ``mispredictions`` (the detector's AUROC and MSP's on them, when enough)."""
+    ``interval``, ``nearest_path_is_predicted`` (the share of the correct images whose nearest class
+    sub-architecture is their predicted class, and chance: ``1 / classes``), and ``mispredictions`` (the detector's AUROC and MSP's on them, when enough)."""
     from nad_guard.provenance import locate
 
     det = guard.meta.get("detector") or {}
@@ -247,6 +249,9 @@ def measure_unseen(guard: Any, data_root: str | Path | None = None, *, batch_siz
     lo, hi = clopper_pearson(k, n)
     out: dict[str, Any] = {"status": "measured", "split": images.name, "images": len(x), "clean": n, "flagged": k,
                            "observed_fpr": k / n if n else None, "interval": [lo, hi], "confidence": CONFIDENCE}
+    same = result.features.nearest_path_class.numpy() == pred  # information only: no bound is justified yet
+    out["nearest_path_is_predicted"] = {"share": float(same[correct].mean()) if n else None, "n": n,
+                                        "chance": 1 / images.num_classes}
     wrong = ~correct
     msp = result.features.logits.softmax(1).max(1).values.numpy()
     if wrong.sum() >= MIN_ERRORS and n >= MIN_ERRORS:  # a two-detector guard: its error detector answers this
@@ -368,6 +373,10 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{u['clean']} "
                      f"correctly classified flagged, FPR {u['observed_fpr']:.1%} ({u['confidence']:.0%} interval "
                      f"{lo:.1%}-{hi:.1%})")
+        agree = u.get("nearest_path_is_predicted") or {}
+        if agree.get("share") is not None:
+            lines.append(f"  nearest class sub-architecture = the predicted class on {agree['share']:.1%} of the "
+                         f"correctly classified (chance {agree['chance']:.0%})")
         m = u.get("mispredictions") or {}
         lines.append(f"  mispredictions: detector AUROC {m['detector_auroc']:.3f}, MSP {m['msp_auroc']:.3f} ({m['n']})"
                      if m.get("detector_auroc") is not None else f"  {m.get('note')}")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nad_guard.data import ImageSet, stratified_split
+from nad_guard.data import ImageSet, sample_size, stratified_split
 from nad_guard.paths import PathModel
 from nad_guard.provenance import PARTS, make_record
 
@@ -47,10 +47,11 @@ HOLDOUT_FRACTIONS = (0.4, 0.2, 0.4)
 
 def sample_heldout(test: ImageSet, max_images: int | None, seed: int = 0) -> tuple[ImageSet, np.ndarray]:
     """A seeded stratified sample of ``max_images`` images of a held-out set, named ``<name>[<max_images>]``,
-    and its sorted positions in ``test``; all of ``test`` when ``max_images`` is ``None`` or not smaller.
+    and its sorted positions in ``test``; all of ``test`` when ``max_images`` is ``None`` or not smaller
+    (larger: a :class:`~nad_guard.data.SampleSizeNotice` says so).
     ``nad-guard evaluate``, ``fit-detector`` and ``audit`` draw the same sample for the same arguments,
     so attacks cached by one are reused by the others and the audit knows which images a detector saw."""
-    if max_images is None or max_images >= len(test):
+    if sample_size(max_images, test, "test split") is None:
         return test, np.arange(len(test))
     _, keep = stratified_split(test.labels.numpy(), max_images, seed=seed)
     return test.subset(keep, f"{test.name}[{max_images}]"), keep

@@ -103,6 +103,16 @@ def summary(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+def exhausted_split(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{"whole_split": N, "calibration_share": s}`` when ``record``'s parts were drawn from the whole split
+    of ``N`` images (no ``--max-images`` sample), the keywords that make
+    :func:`nad_guard.calibration.fpr_guarantee`'s warning say that no larger sample exists; else ``{}``."""
+    if not isinstance(record, Mapping) or record.get("sample") or not record.get("split_images"):
+        return {}
+    return {"whole_split": int(record["split_images"]),
+            "calibration_share": (record.get("fractions") or {}).get("calibration")}
+
+
 def locate(record: Mapping[str, Any] | None, data: ImageSet) -> tuple[np.ndarray, dict[str, Any]]:
     """Each image's part of the detector's holdout split, from ``record`` (see the module docstring).
 

@@ -19,7 +19,8 @@ from nad_guard.data import DATASETS
 
 class _Group(click.Group):
     """Turns user errors (bad paths, bad data, bad options) into a one-line message and exit code 1, and
-    says a ``ModelRecordWarning`` (--model other than the recorded classifier) as one line on stderr."""
+    says a ``ModelRecordWarning`` (--model other than the recorded classifier) and a ``SampleSizeNotice``
+    (--max-images above the split's size) as one line on stderr."""
 
     def invoke(self, ctx: click.Context):
         with warnings.catch_warnings():
@@ -28,6 +29,8 @@ class _Group(click.Group):
             def show(message, category, *args, **kwargs):
                 if category.__name__ == "ModelRecordWarning":  # nad_guard.guard's (not imported: --help stays fast)
                     click.secho(f"WARNING: {message}", err=True, fg="yellow")
+                elif category.__name__ == "SampleSizeNotice":  # nad_guard.data's: --max-images above the split
+                    click.echo(f"NOTE: {message}", err=True)
                 else:
                     shown(message, category, *args, **kwargs)
 
@@ -301,7 +304,9 @@ def fit_encoder_cmd(artifact: str, data: str, data_root: str | None, out: str | 
                    "3-fold cross-validated AUROC on the fit part (folds hold out whole attacks, or whole images "
                    "when there are fewer than 3 attacks and kinds of error).")
 @click.option("--mispredictions/--no-mispredictions", default=True, show_default=True,
-              help="Also train supervised detectors on the fit part's natural mispredictions (as suspicious).")
+              help="With --attack-detector-only: also train a supervised detector on the fit part's natural "
+                   "mispredictions (as suspicious; counted in the output's fit_mispredicted_trained_as_suspicious). "
+                   "With an error detector they are its rows instead (error_detector.fit_mispredicted).")
 @click.option("--error-detector/--attack-detector-only", default=True, show_default=True,
               help="Two questions, two detectors (nad_guard.errors): an attack detector (correct images vs attacks) "
                    "and an error detector (correct vs mispredicted images; MSP, DOCTOR, energy or a logistic "

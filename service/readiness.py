@@ -25,10 +25,10 @@ import typing as t
 READYZ = "/readyz"
 
 
-def _calibration(n: int, fpr: float) -> dict[str, t.Any]:
+def _calibration(n: int, fpr: float, split: dict[str, t.Any]) -> dict[str, t.Any]:
     from nad_guard.calibration import fpr_guarantee
 
-    g = fpr_guarantee(n, fpr)
+    g = fpr_guarantee(n, fpr, **split)  # split: nad_guard.provenance.exhausted_split(record)
     return {**{k: v for k, v in g.to_dict().items() if k != "rule"}, "summary": g.summary()}
 
 
@@ -37,21 +37,24 @@ def readiness_detail(detector: dict[str, t.Any], error_detector: dict[str, t.Any
     """The ``guard`` part of the ``/readyz`` body, from the ``detector`` record of a guard's meta.json; for a
     guard with two detectors (:mod:`nad_guard.errors`) also the ``error_detector`` record's method, threshold,
     rate and calibration, and the ``decision`` (the requested rate and its split)."""
+    from nad_guard.provenance import exhausted_split
+
+    split = exhausted_split(detector.get("provenance"))  # the three detectors share one calibration part
     out = {"method": detector.get("method"), "encoding": detector.get("encoding"),
            "threshold": detector.get("threshold"), "fpr": detector.get("fpr"),
            "calibration": _calibration(int((detector.get("calibration") or {}).get("n", detector.get(
-               "calibration_clean"))), float(detector["fpr"]))}  # a re-saved loaded guard keeps only the record
+               "calibration_clean"))), float(detector["fpr"]), split)}  # a re-saved loaded guard keeps only the record
     if error_detector is not None:
         out["error_detector"] = {"method": error_detector.get("method"), "threshold": error_detector.get("threshold"),
                                  "fpr": error_detector.get("fpr"),
                                  "calibration": _calibration(int(error_detector["calibration"]["n"]),
-                                                             float(error_detector["fpr"]))}
+                                                             float(error_detector["fpr"]), split)}
         out["decision"] = decision
     out["deep"] = {"available": False}
     if isinstance(deep, dict):
         out["deep"] = {"available": True, "probes": int(deep["probes"]["k"]), "method": deep.get("method"),
                        "threshold": deep.get("threshold"), "fpr": deep.get("fpr"),
-                       "calibration": _calibration(int(deep["calibration"]["n"]), float(deep["fpr"])),
+                       "calibration": _calibration(int(deep["calibration"]["n"]), float(deep["fpr"]), split),
                        "spec": deep["probes"]}
     return out
 

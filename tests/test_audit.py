@@ -192,7 +192,7 @@ def test_similarity_and_confusion_are_compared_over_class_pairs(audited):
     assert np.allclose(sim, result.similarity.T) and np.allclose(np.diag(sim), 1)
 
 
-def test_holdout_parts_are_the_detectors_and_separation_uses_the_evaluation_part(audited, mnist_test):
+def test_holdout_parts_are_the_detectors_and_separation_uses_the_evaluation_part(audited, mnist_test, guard):
     from nad_guard.holdout import holdout_splits
 
     result, out = audited
@@ -213,6 +213,12 @@ def test_holdout_parts_are_the_detectors_and_separation_uses_the_evaluation_part
     caught = [r["flagged"] == "1" for r in ev_rows if r["correct"] == "0"]
     assert errors["caught"] == pytest.approx(np.mean(caught))
     assert "evaluation part" in (out / "index.html").read_text()
+    # the mispredictions the detector learnt as suspicious: the bundled guard's meta has the key's old name
+    assert result.split["detector_fit_mispredicted"] == 8
+    assert "trained on the 8 mispredictions of its fit part" in (out / "index.html").read_text()
+    renamed = _with_detector_meta(guard, fit_mispredicted=None,  # the key's name now (0: a two-detector guard)
+                                  fit_mispredicted_trained_as_suspicious=0)
+    assert holdout_parts(renamed, mnist_test)[1]["detector_fit_mispredicted"] == 0
 
 
 def _with_detector_meta(guard: Guard, **changes) -> Guard:
@@ -289,6 +295,9 @@ def test_the_report_says_what_the_calibration_guarantees(audited, guard):
     assert cal["realised_bound"] == pytest.approx(0.0776, abs=1e-4) and not cal["adequate"] and cal["needed"] == 240
     page = (out / "index.html").read_text()
     assert "clean calibration score 190 of 199" in page and "About 240 clean calibration inputs" in page
+    assert "whole test split (1,000 images) is already used" in cal["warning"]  # mnist5k's: no larger sample
+    # one detector: its threshold at the rate its metadata records
+    assert f"threshold {guard.detector.threshold_:.4g} at 5% false positives)" in page
 
 
 def test_ranks_in_cases_known_by_construction(guard, mnist_test):

@@ -143,3 +143,22 @@ def test_imageset_validates_and_batches():
     with pytest.raises(ValueError, match="unknown data set"):
         load_dataset("svhn")
     assert np.allclose(ds.subset([4, 0]).labels.numpy(), [4, 0])
+
+
+def test_max_images_above_the_split_uses_all_of_it_and_says_so():
+    """fit-detector, evaluate and audit sample the test split with sample_heldout; more images than it holds
+    is the whole split, with a SampleSizeNotice (the command line's NOTE line) instead of silence."""
+    import warnings
+
+    from nad_guard.data import SampleSizeNotice
+    from nad_guard.holdout import sample_heldout
+
+    _, te = load_dataset("digits")
+    with pytest.warns(SampleSizeNotice, match=r"--max-images 3000: the test split \(digits/test\) has 360 images; "
+                                              "using all of them"):
+        whole, positions = sample_heldout(te, 3000)
+    assert whole is te and np.array_equal(positions, np.arange(360))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SampleSizeNotice)
+        assert sample_heldout(te, 360)[0] is te and sample_heldout(te, None)[0] is te
+        assert len(sample_heldout(te, 100)[0]) == 100

@@ -161,7 +161,7 @@ def test_two_detector_guard_selects_on_the_fit_part_only(two_guard):
     assert set(info["selection"]["cv_auroc"]) == set(ERROR_METHODS)
     assert g.detector.fpr_ == pytest.approx(0.05) and g.error_detector.fpr_ == pytest.approx(0.05)
     assert g.fpr == pytest.approx(0.1)
-    assert g.meta["detector_info"]["fit_mispredicted"] == 0  # the attack detector: attacks only
+    assert g.meta["detector_info"]["fit_mispredicted_trained_as_suspicious"] == 0  # the attack detector: attacks only
 
 
 def test_two_detector_records_flag_and_round_trip(two_guard, tmp_path):
@@ -231,6 +231,9 @@ def test_audit_shows_both_p_values(two_guard, digits, tmp_path):
     html = files["index.html"].read_text()
     assert "Two detectors, two p-values per input" in html and "error detector (1 - error p-value)" in html
     assert result.summary["two_detectors"]["error_fpr"] == pytest.approx(0.05)
+    # the header names whose threshold it is and each rate, as the guard records them (fpr=0.1, split in two)
+    assert (f"attack detector&#x27;s threshold {g.detector.threshold_:.4g} at 5% FPR; error detector&#x27;s at 5%; "
+            "flagged at 10% in all") in html and "false positives)" not in html
 
 
 def test_the_service_schema_documents_both_p_values_as_optional():

@@ -103,7 +103,7 @@ def test_fit_detector_can_choose_its_detector_by_cross_validation(guard, digits,
     assert set(sel["cv_auroc"]) == {"logistic,rich", "gboost,rich", "logistic,full", "gboost,full"}
     assert sel["cv_auroc"][sel["selected"]] == max(sel["cv_auroc"].values()) and sel["folds"] == 3
     # fgsm, pgd (and the mispredictions, if any): whole kinds are held out once there are as many as folds
-    kinds = 2 + (g.meta["detector_info"]["fit_mispredicted"] > 0)
+    kinds = 2 + (g.meta["detector_info"]["fit_mispredicted_trained_as_suspicious"] > 0)
     assert sel["folds_by"] == ("attack" if kinds >= 3 else "image")
     assert sel["selected"] == f"{g.detector.method},{g.encoding}"
     back = Guard.load(g.save(tmp_path / "g"), classifier=guard.classifier)

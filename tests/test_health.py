@@ -96,11 +96,15 @@ def test_health_of_the_bundled_guard() -> None:
     assert u["status"] == "measured" and u["images"] == 400 and u["clean"] == 394
     assert abs(u["observed_fpr"] - 0.079) < 0.01 and u["interval"][0] < u["observed_fpr"] < u["interval"][1]
     assert u["mispredictions"]["n"] < 10 and "needed to compare" in u["mispredictions"]["note"]
+    agree = u["nearest_path_is_predicted"]  # 306 of the 394: the nearest class path is the predicted class
+    assert agree["n"] == 394 and agree["chance"] == 0.1 and abs(agree["share"] - 306 / 394) < 0.01
     w = report["warnings"]
     assert len(w) == 2 and w[0].startswith("small calibration set: only 199") and "never saw" in w[1]
     assert any("per-attack cross-validated AUROC" in n for n in report["notes"])
     text = format_report(report)
     assert "gate points: 4, covering 67% of the depth" in text and "WARNING: small calibration set" in text
+    assert f"nearest class sub-architecture = the predicted class on {agree['share']:.1%} of the correctly " \
+        "classified (chance 10%)" in text
 
 
 def test_check_command_on_the_bundled_guard() -> None:
@@ -108,6 +112,10 @@ def test_check_command_on_the_bundled_guard() -> None:
     assert res.exit_code == 0, res.output
     assert "features.12" in res.output and "calibration: 199 clean images" in res.output
     assert "WARNING: small calibration set" in res.output
+    # mnist5k's whole test split is already used: the advice says so rather than ask for a larger --max-images
+    assert ("this data set's whole test split (1,000 images) is already used and the calibration part is its 20%: "
+            "accept the looser rate, or fit on a data set with a larger test split") in res.output
+    assert "a larger --max-images" not in res.output
     res = CliRunner().invoke(main, ["check", str(DEFAULT_GUARD_DIR), "--no-data", "--json", "--strict"])
     assert res.exit_code == 2 and json.loads(res.stdout)["calibration"]["needed"] == 240
     res = CliRunner().invoke(main, ["check", "no/such/guard"])

@@ -99,6 +99,24 @@ def test_calibration_size_needed_is_where_the_bound_stays_tight():
     assert calibration_size_needed(0.05) == 240
 
 
+def test_the_small_calibration_advice_follows_what_the_split_allows():
+    """A larger sample is advised only when one exists: a guard calibrated on its data set's whole test split
+    (the provenance record holds no sample) is told so instead (nad_guard.provenance.exhausted_split)."""
+    from nad_guard.provenance import exhausted_split
+
+    sampled = {"sample": {"max_images": 3000}, "split_images": 10000, "fractions": {"calibration": 0.2}}
+    whole = {"sample": None, "split_images": 1000, "fractions": {"calibration": 0.2}}
+    assert exhausted_split(sampled) == {} and exhausted_split(None) == {}
+    assert exhausted_split(whole) == {"whole_split": 1000, "calibration_share": 0.2}
+    g = fpr_guarantee(199, 0.05, **exhausted_split(sampled))
+    assert "a larger --max-images or the whole test split" in g.warning
+    g = fpr_guarantee(199, 0.05, **exhausted_split(whole))
+    assert g.warning.endswith("About 240 clean calibration inputs keep it within 1.5x: this data set's whole test "
+                              "split (1,000 images) is already used and the calibration part is its 20%: accept "
+                              "the looser rate, or fit on a data set with a larger test split")
+    assert fpr_guarantee(535, 0.05, **exhausted_split(whole)).warning is None
+
+
 def test_threshold_on_held_out_clean_reaches_target_fpr():
     rng = np.random.default_rng(1)
     calibration, test_clean = rng.normal(size=20000), rng.normal(size=20000)

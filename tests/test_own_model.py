@@ -95,9 +95,19 @@ def test_a_factory_model_is_named_once_and_every_later_command_and_the_service_n
     assert ref["builder"] == "factory" and ref["factory"] == ref["model"] == "outside_digits:digits_net"
     assert (art / ref["file"]).is_file() and ref["spec"]["mean"] == [0.3]
 
-    info = _ok(runner.invoke(main, ["fit-detector", "--artifact", str(art), "--data", "digits", "--suite", "fast",
-                                    "--attacks", "fgsm", "--device", "cpu"]))  # no --model: the recorded one
+    res = runner.invoke(main, ["fit-detector", "--artifact", str(art), "--data", "digits", "--suite", "fast",
+                               "--attacks", "fgsm", "--device", "cpu", "--max-images", "5000"])
+    info = _ok(res)  # no --model: the recorded one
     assert info["method"] == "logistic"
+    # the attack detector's count is named for what it counts (not "no mispredictions found")
+    assert "fit_mispredicted" not in info and info["fit_mispredicted_trained_as_suspicious"] >= 0
+    if "error_detector" in info:
+        assert info["fit_mispredicted_trained_as_suspicious"] == 0 and info["error_detector"]["fit_mispredicted"] > 0
+    # more images than the test split holds: all of them, said on stderr and in the output
+    assert "NOTE: --max-images 5000: the test split (digits/test) has 360 images; using all of them" in res.stderr
+    assert info["heldout_images"] == {"max_images": 5000, "split_images": 360, "used": 360}
+    assert "whole test split (360 images) is already used" in res.stderr and "--max-images" not in info[
+        "calibration"]["warning"]  # the small calibration set's advice: no larger sample exists
     meta = json.loads((art / "meta.json").read_text())
     assert meta["classifier"]["factory"] == "outside_digits:digits_net" and meta["detector"]["method"] == "logistic"
 

@@ -18,7 +18,7 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 
 import training.paths as tp
-from nad_guard.data import ImageSet
+from nad_guard.data import ImageSet, SampleSizeNotice
 from nad_guard.models import Classifier, InputSpec, from_module, mnist_cnn, resnet20, torchvision_classifier
 from nad_guard.paths import (ArtifactError, ChannelStats, PathModel, find_gate_points, mask_similarity,
                              path_features)
@@ -436,7 +436,12 @@ def test_max_images_is_a_seeded_stratified_sample(digits: tuple[ImageSet, ImageS
     assert ((sub.labels.bincount(minlength=10) - 300 * share).abs() <= 1).all()  # stratified
     again, other = tp.sample_training_set(train, 300, seed=0), tp.sample_training_set(train, 300, seed=1)
     assert torch.equal(again.images, sub.images) and not torch.equal(other.images, sub.images)
-    assert tp.sample_training_set(train, None) is train and tp.sample_training_set(train, len(train)) is train
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SampleSizeNotice)  # exactly the split, or no bound: nothing to say
+        assert tp.sample_training_set(train, None) is train and tp.sample_training_set(train, len(train)) is train
+    with pytest.warns(SampleSizeNotice, match=r"--max-images 3000: the training split \(digits/train\) has 1,437 "
+                                              "images; using all of them"):
+        assert tp.sample_training_set(train, 3000) is train  # more than there are: all of them, said
     with pytest.raises(ValueError, match="fewer than the 10 classes"):
         tp.sample_training_set(train, 5)
 

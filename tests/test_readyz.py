@@ -51,6 +51,8 @@ def test_the_detail_is_the_guards_calibration():
     assert (cal["n"], cal["rank"], cal["marginal_bound"], cal["realised_bound"]) == \
         (g.n, g.rank, g.marginal_bound, g.realised_bound) == (199, 190, 0.05, pytest.approx(0.0776, abs=1e-4))
     assert cal["adequate"] is False and "About 240" in cal["warning"] and cal["summary"] == g.summary()
+    # its calibration part is 20% of mnist5k's whole test split: no larger sample to advise
+    assert "whole test split (1,000 images) is already used" in cal["warning"] and "--max-images" not in cal["warning"]
 
 
 def test_a_served_guard_says_its_calibration_on_readyz(tmp_path):

@@ -26,7 +26,8 @@ def build_guard(artifact: str | Path, model: str | None, data: str, *, weights: 
                 probes: int = 0) -> dict[str, Any]:
     """``nad-guard fit-detector``: load the path artifact, fit and calibrate a detector, save the guard.
     ``model=None``: the classifier the artifact records (:func:`nad_guard.guard.artifact_classifier`).
-    ``max_images``: use a seeded stratified sample of the test split (:func:`nad_guard.holdout.sample_heldout`)."""
+    ``max_images``: use a seeded stratified sample of the test split (:func:`nad_guard.holdout.sample_heldout`;
+    the output's ``heldout_images`` says how many were asked for, held and used)."""
     train, test = load_dataset(data, data_root)
     clf = artifact_classifier(artifact, model, weights, mean=mean, std=std, class_names=train.classes,
                               input_size=train.shape[1], channels=train.shape[0])
@@ -41,8 +42,10 @@ def build_guard(artifact: str | Path, model: str | None, data: str, *, weights: 
     info["provenance"] = provenance_summary(info.get("provenance"))
     err = guard.meta.get("error_detector_info")
     deep = {k: v for k, v in read_guard_meta(artifact).get("deep", {}).items() if k != "columns"}
+    used = sum(int(p["images"]) for p in record["parts"].values())
     return {"artifact": str(artifact), "method": guard.detector.method, "encoding": guard.encoding,
-            "threshold": guard.detector.threshold_, **info,
+            "threshold": guard.detector.threshold_,
+            "heldout_images": {"max_images": max_images, "split_images": len(test), "used": used}, **info,
             **({"error_detector": err, "decision": {"fpr": guard.fpr, "attack_share": guard.attack_share}}
                if err else {}), **({"deep": deep} if deep else {})}
 

@@ -75,7 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from nad_guard.data import ImageSet, load_dataset, stratified_split
+from nad_guard.data import ImageSet, load_dataset, sample_size, stratified_split
 from nad_guard.guard import save_classifier
 from nad_guard.health import MIN_SUBNET_ACCURACY, MaskProblem, mask_problems
 from nad_guard.models import Classifier
@@ -278,8 +278,9 @@ def _degenerate_message(problems: list[MaskProblem], config: dict[str, Any], ran
 
 def sample_training_set(train: ImageSet, max_images: int | None, seed: int = 0) -> ImageSet:
     """A seeded stratified sample of ``max_images`` images of ``train`` (:func:`nad_guard.data.stratified_split`),
-    named ``<name>[<max_images>]``; all of ``train`` when ``max_images`` is ``None`` or not smaller."""
-    if max_images is None or max_images >= len(train):
+    named ``<name>[<max_images>]``; all of ``train`` when ``max_images`` is ``None`` or not smaller (larger: a
+    :class:`~nad_guard.data.SampleSizeNotice` says so)."""
+    if sample_size(max_images, train, "training split") is None:
         return train
     if max_images < train.num_classes:
         raise ValueError(f"--max-images {max_images} is fewer than the {train.num_classes} classes: a stratified "

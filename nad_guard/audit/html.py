@@ -33,6 +33,19 @@ thead th { position: sticky; top: 0; z-index: 1; }
 """
 
 
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.3g}%"
+
+
+def _thresholds(threshold: float, cfg: dict[str, Any]) -> str:
+    """The deployed threshold and the rates of the guard's detectors, as its metadata records them (a
+    two-detector guard's threshold is its attack detector's, at that detector's share of the rate)."""
+    if cfg.get("attack_fpr") is not None and cfg.get("error_fpr") is not None:
+        return (f"attack detector's threshold {_f(threshold, '.4g')} at {_rate(cfg['attack_fpr'])} FPR; error "
+                f"detector's at {_rate(cfg['error_fpr'])}; flagged at {_rate(cfg['fpr'])} in all")
+    return f"threshold {_f(threshold, '.4g')} at {_rate(cfg['fpr'])} false positives"
+
+
 def _intro(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> list[str]:
     """The title, what was audited with which guard, the command and the machine."""
     k, cfg = len(result.class_names), s["config"]
@@ -45,8 +58,7 @@ def _intro(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -> lis
     add(f"<p>{acc['n']} images audited{sample}"
         f"; {mis_n} mispredicted. Guard: <code>{_e(cfg['guard'] or 'in memory')}</code> "
         f"(detector <code>{_e(cfg['detector_method'])}</code>, encoding <code>{_e(cfg['encoding'])}</code>, "
-        f"threshold {_f(result.threshold, '.4g')} at {_f(cfg['fpr'], '.0%') if cfg['fpr'] is not None else 'n/a'} "
-        f"false positives). {len(result.layers)} gate points, {k} classes.</p>")
+        f"{_e(_thresholds(result.threshold, cfg))}). {len(result.layers)} gate points, {k} classes.</p>")
     two = s.get("two_detectors")
     if two:
         add(f"<p>Two detectors, two p-values per input (<code>attack_p_value</code>, <code>error_p_value</code> in "
@@ -201,11 +213,12 @@ def _separation(result: AuditResult, s: dict[str, Any], figs: dict[str, Path]) -
     add(f"<p><b>Basis:</b> {_e(sep['note'])}.<br><b>Which images the detector saw:</b> {_e(s['split']['note'])}."
         + (f" The detector was trained on the {learned} mispredictions of its fit part as well (as suspicious "
            "inputs), so errors of that part are not a fair test of it." if learned else "") + "</p>")
+    flagged = ("either detector's score above its threshold" if cfg.get("error_fpr") is not None else
+               "suspicion score above it")
     add(f"<p>AUROC: the probability that an error gets a higher suspicion score than a correct prediction (0.5 = no "
         f"better than chance; 95% stratified bootstrap interval). <i>Caught</i>: the share of errors flagged at the "
-        f"calibrated threshold ({_f(result.threshold, '.4g')}, calibrated on the clean calibration images for a "
-        f"false-positive rate of {_f(cfg['fpr'], '.0%') if cfg['fpr'] is not None else 'n/a'}; flagged = "
-        "suspicion score above it); <i>false alarms</i>: the share of correct predictions flagged. The ROC uses the "
+        f"calibrated threshold ({_e(_thresholds(result.threshold, cfg))}, calibrated on the clean calibration images; "
+        f"flagged = {flagged}); <i>false alarms</i>: the share of correct predictions flagged. The ROC uses the "
         "suspicion score (the trust score is a step function of it). The classifier's own confidence is shown for "
         "reference.</p>")
     cal = s.get("calibration") or {}

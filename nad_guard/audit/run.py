@@ -19,8 +19,9 @@ from nad_guard.audit.split_parts import holdout_parts, unseen
 from nad_guard.audit.inputs import AuditError, check_fits
 from nad_guard.audit.records import AuditResult, GalleryItem, Samples
 from nad_guard.audit.stats import summarize
-from nad_guard.data import ImageSet, stratified_split
+from nad_guard.data import ImageSet, sample_size, stratified_split
 from nad_guard.guard import Guard, GuardResult
+from nad_guard.provenance import exhausted_split
 from nad_guard.runinfo import portable_path
 
 GALLERY_SIZE = 24
@@ -223,7 +224,7 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
         if max_images < data.num_classes:
             raise AuditError(f"--max-images {max_images} is too few for a stratified sample of {data.num_classes} "
                              f"classes: give at least {data.num_classes}")
-        if max_images < n_split:
+        if sample_size(max_images, data, "audited split") is not None:
             positions = _stratified(data.labels.numpy(), max_images, seed)
     parts, split = holdout_parts(guard, data)
     gallery = _LeastTrusted(gallery_size)
@@ -304,8 +305,9 @@ def run_audit(guard: Guard, data: ImageSet, *, max_images: int | None = None, at
 def calibration_record(guard: Guard) -> dict[str, Any]:
     """What the guard's clean calibration set guarantees about its false-positive rate
     (:meth:`PathDetector.calibration <nad_guard.detectors.PathDetector.calibration>`), with a one-line
-    ``summary``; ``warning`` is set when the set is too small for a tight bound."""
-    g = guard.detector.calibration()
+    ``summary``; ``warning`` is set when the set is too small for a tight bound (its advice: from the
+    provenance record, :func:`nad_guard.provenance.exhausted_split`)."""
+    g = guard.detector.calibration(**exhausted_split((guard.meta.get("detector") or {}).get("provenance")))
     return {**g.to_dict(), "summary": g.summary()}
 
 

@@ -28,5 +28,6 @@ def holdout_parts(guard: Guard, data: ImageSet) -> tuple[np.ndarray, dict[str, A
     det = guard.meta.get("detector") or {}
     parts, info = locate(det.get("provenance"), data)
     info.update(detector_fit_set=det.get("fit_set"), detector_calibration_set=det.get("calibration_set"),
-                detector_fit_mispredicted=det.get("fit_mispredicted"))
+                detector_fit_mispredicted=det.get("fit_mispredicted_trained_as_suspicious",
+                                                  det.get("fit_mispredicted")))  # the key before 2026-12
     return parts, info
