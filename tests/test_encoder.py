@@ -335,3 +335,13 @@ def _tiny_resnet_other() -> Classifier:
     with torch.no_grad():
         clf.net.fc.bias.add_(1.0)
     return clf
+
+
+def test_a_diverging_fine_tune_stops_with_an_error(digits, tmp_path: Path) -> None:
+    """A loss that is no longer finite ends the fit with an error naming the step, instead of saving NaN weights."""
+    import training.boost as tb
+
+    with pytest.raises(FloatingPointError, match="diverged; lower --lr or --clip"):
+        tb.fit_boosted(_tiny_resnet(), digits[0].subset(range(320)), None, keep=0.5, epochs=1, batch_size=32,
+                       lr=1e12, init_images=200, out=tmp_path, log_every=1000, clip=float("inf"))
+    assert not (tmp_path / "boosted.safetensors").exists()

@@ -58,12 +58,15 @@ def accuracy(model: torch.nn.Module, data: ImageSet, batch_size: int = 250) -> f
 def fit_boosted(original: Classifier, train: ImageSet, test: ImageSet | None = None, *, keep: float = 0.65,
                 epochs: int = 3, batch_size: int = 128, lr: float = 0.02, alpha: float = 0.9, temperature: float = 4.0,
                 weight_decay: float = 5e-4, init_images: int = 2000, seed: int = 0, out: str | Path | None = None,
-                log_every: int = 50, start: BoostedResNet | None = None) -> tuple[BoostedResNet, dict[str, Any]]:
+                log_every: int = 50, start: BoostedResNet | None = None,
+                clip: float = 5.0) -> tuple[BoostedResNet, dict[str, Any]]:
     """Fit (above) on ``train``; returns the network (eval mode) and the metrics (history, time, test accuracy).
-    ``start``: continue from this fitted network (its ``keep``; predictors not refitted) with a new schedule."""
+    ``start``: continue from this fitted network (its ``keep``; predictors not refitted) with a new schedule.
+    ``clip``: the gradients' global norm is clipped to it (a 6-epoch run without clipping diverged: the saliency
+    scores grew to infinity and the loss became NaN in epoch 2); a non-finite loss stops the fit with an error."""
     config = {"keep": keep, "epochs": epochs, "batch_size": batch_size, "lr": lr, "alpha": alpha,
               "temperature": temperature, "weight_decay": weight_decay, "init_images": init_images, "seed": seed,
-              "train_set": train.name, "train_images": len(train)}
+              "clip": clip, "train_set": train.name, "train_images": len(train)}
     t0 = time.time()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -99,8 +102,12 @@ def fit_boosted(original: Classifier, train: ImageSet, test: ImageSet | None = N
                 teacher = original(x)
             logits = model(original.normalize(x))
             loss = kd_loss(logits, teacher, y, alpha=alpha, temperature=temperature)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss is {float(loss)} at epoch {epoch + 1}, step {step + 1}: the fit "
+                                         "diverged; lower --lr or --clip")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
             sched.step()
             step += 1
@@ -144,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=4.0)
     ap.add_argument("--max-images", type=int, help="a seeded sample of the training images (default: all)")
     ap.add_argument("--test-images", type=int, default=2000, help="seeded test sample measured after every epoch")
+    ap.add_argument("--clip", type=float, default=5.0, help="global gradient-norm clip")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start", help="directory of a fitted network to continue from (a new schedule of --epochs)")
     a = ap.parse_args(argv)
@@ -156,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         test = test.subset(permutation(len(test), a.seed, -1)[:a.test_images], f"{test.name}[{a.test_images}]")
     start = BoostedResNet.load(a.start, original) if a.start else None
     _, metrics = fit_boosted(original, train, test, keep=a.keep, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                             alpha=a.alpha, temperature=a.temperature, seed=a.seed, out=a.out, start=start)
+                             alpha=a.alpha, temperature=a.temperature, seed=a.seed, out=a.out, start=start,
+                             clip=a.clip)
     print(json.dumps({"out": a.out, "train_seconds": metrics["train_seconds"], "history": metrics["history"]}))
 
 
