@@ -278,8 +278,9 @@ def _load_split(name: str | None, split: str, root: str | Path | None, guard: An
     return test if split == "test" else train
 
 
-def unseen_warnings(unseen: dict[str, Any], fpr: float | None) -> list[str]:
-    """The warnings :func:`measure_unseen`'s result calls for."""
+def unseen_warnings(unseen: dict[str, Any], fpr: float | None, whole_split: int | None = None) -> list[str]:
+    """The warnings :func:`measure_unseen`'s result calls for (``whole_split``: the guard's parts already use a
+    data set's whole test split of that many images, so no larger calibration sample can be advised)."""
     out = []
     if unseen.get("status") != "measured":
         return [f"the false-positive rate on never-seen images is not measured: {unseen.get('note')}"]
@@ -287,7 +288,10 @@ def unseen_warnings(unseen: dict[str, Any], fpr: float | None) -> list[str]:
     if fpr is not None and unseen["clean"] and lo > fpr:
         out.append(f"the threshold flags {unseen['flagged']} of {unseen['clean']} correctly classified images the "
                    f"detector never saw ({unseen['observed_fpr']:.1%}, {unseen['confidence']:.0%} interval "
-                   f"{lo:.1%}-{hi:.1%}): clearly more than the {fpr:.0%} asked; calibrate on more held-out images")
+                   f"{lo:.1%}-{hi:.1%}): clearly more than the {fpr:.0%} asked; "
+                   + ("calibrate on more held-out images" if whole_split is None else
+                      f"the whole test split ({whole_split:,} images) is already used: accept the higher rate, or "
+                      "fit on a data set with a larger test split"))
     m = unseen.get("mispredictions") or {}
     if m.get("detector_auroc") is not None and m["detector_auroc"] < m["msp_auroc"]:
         out.append(f"on the {m['n']} never-seen mispredictions the detector's AUROC is {m['detector_auroc']:.3f}, "
@@ -307,6 +311,8 @@ def health_report(guard_dir: str | Path, *, data_root: str | Path | None = None,
     if not measure or report.get("detector") is None:
         return report
     from nad_guard.guard import Guard
+    from nad_guard.paths import read_meta
+    from nad_guard.provenance import exhausted_split
 
     try:
         guard = Guard.load(report["guard"], device=device, classifier=classifier)
@@ -324,7 +330,8 @@ def health_report(guard_dir: str | Path, *, data_root: str | Path | None = None,
         log("measuring the guard on the images its detector never saw")
     report["unseen"] = measure_unseen(guard, data_root, images=images)
     rate = (report.get("decision") or report["detector"] or {}).get("fpr")  # two detectors: the combined flag's
-    report["warnings"] += unseen_warnings(report["unseen"], rate)
+    whole = exhausted_split((read_meta(Path(report["guard"])).get("detector") or {}).get("provenance"))
+    report["warnings"] += unseen_warnings(report["unseen"], rate, whole.get("whole_split"))
     return report
 
 

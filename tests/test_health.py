@@ -79,6 +79,9 @@ def test_warnings_on_measured_figures() -> None:
               "mispredictions": {"n": 40, "detector_auroc": 0.56, "msp_auroc": 0.79}}
     got = unseen_warnings(unseen, 0.05)
     assert len(got) == 2 and "clearly more than the 5% asked" in got[0]
+    assert got[0].endswith("calibrate on more held-out images")
+    exhausted = unseen_warnings(unseen, 0.05, whole_split=1000)[0]  # no larger sample exists: say so instead
+    assert "the whole test split (1,000 images) is already used" in exhausted and "more held-out" not in exhausted
     assert "below the classifier's own confidence (MSP) at 0.790" in got[1]
     fine = {**unseen, "flagged": 22, "observed_fpr": 22 / 394, "interval": list(clopper_pearson(22, 394)),
             "mispredictions": {"n": 40, "detector_auroc": 0.8, "msp_auroc": 0.79}}
