@@ -103,7 +103,7 @@ def fit_boosted(original: Classifier, train: ImageSet, test: ImageSet | None = N
             logits = model(original.normalize(x))
             loss = kd_loss(logits, teacher, y, alpha=alpha, temperature=temperature)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {float(loss)} at epoch {epoch + 1}, step {step + 1}: the fit "
+                raise FloatingPointError(f"the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}: the fit "
                                          "diverged; lower --lr or --clip")
             opt.zero_grad(set_to_none=True)
             loss.backward()
