@@ -14,7 +14,7 @@ from training.paths import fit_paths
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BASE = dict(suite="fast", protocols=["seen", "fgsm-only", "clean-only"], methods=["logistic"], encodings=["rich"],
+BASE = dict(suite="fast", protocols=["seen", "unseen", "fgsm-only", "clean-only"], methods=["logistic"], encodings=["rich"],
             n_resamples=50, progress=False, maha_noise=(0.0, 0.01))
 SUPERVISED = ("nad-guard", "mahalanobis-lr", "mahalanobis-lr[pre]", "lid-lr")
 
@@ -48,7 +48,8 @@ def test_the_controls_are_negatives_of_every_supervised_protocol_row(runs, tmp_p
             assert r["n_clean"] == dd["evaluation_clean"] and "negatives" not in r
     assert {(r["protocol"], r["detector"], r["attack"]) for r in rows
             if r["detector"] in SUPERVISED and r["protocol"] != "clean-only"} == {
-        (p, det, a) for det in SUPERVISED for p, a in (("seen", "fgsm"), ("seen", "pgd"), ("fgsm-only", "pgd"))}
+        (p, det, a) for det in SUPERVISED for p in ("seen", "unseen") for a in ("fgsm", "pgd")} | {
+        ("fgsm-only", det, "pgd") for det in SUPERVISED}
     # cross-validated choices on the fit part's negatives: one attack, so folds by source image
     assert {r["cv"]["folds_by"] for r in rows if r["detector"] in ("nad-guard", "mahalanobis-lr[pre]")
             and r["protocol"] != "clean-only"} == {"image"}
