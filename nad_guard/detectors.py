@@ -339,10 +339,12 @@ def cross_val_auroc_per_block(method: str, X, y, groups, blocks: dict[str, np.nd
     return {name: (total / n if n else None) for name, (total, n) in sums.items()}
 
 
-def cv_groups(n_clean: int, suspicious: Sequence[np.ndarray], folds: int = 3) -> tuple[np.ndarray, str]:
-    """Cross-validation groups for ``n_clean`` clean rows (row ``i`` is image ``i``) followed by the rows
-    of each suspicious block (one block per attack or kind of error; each array gives its rows'
-    source-image indices). Returns ``(groups, by)``:
+def cv_groups(n_clean: int | np.ndarray, suspicious: Sequence[np.ndarray], folds: int = 3) -> tuple[np.ndarray, str]:
+    """Cross-validation groups for the clean rows followed by the rows of each suspicious block (one
+    block per attack or kind of error; each array gives its rows' source-image indices). ``n_clean``:
+    the number of clean rows (row ``i`` is image ``i``), or an array of each negative row's source image
+    (e.g. clean images followed by noisy copies of them, which then share their image's group).
+    Returns ``(groups, by)``:
 
     * ``by="attack"`` when there are at least ``folds`` blocks: each block is one group, so every fold
       holds out whole attacks and the score is that of attacks the detector was not trained on (what a
@@ -351,9 +353,10 @@ def cv_groups(n_clean: int, suspicious: Sequence[np.ndarray], folds: int = 3) ->
       is that of new images under the same attack).
     """
     blocks = [np.asarray(b).ravel() for b in suspicious]
+    clean = np.arange(n_clean) if np.ndim(n_clean) == 0 else np.asarray(n_clean).ravel()
     if len(blocks) >= folds:
-        return np.concatenate([np.arange(n_clean)] + [np.full(len(b), -1 - i) for i, b in enumerate(blocks)]), "attack"
-    return np.concatenate([np.arange(n_clean)] + blocks), "image"
+        return np.concatenate([clean] + [np.full(len(b), -1 - i) for i, b in enumerate(blocks)]), "attack"
+    return np.concatenate([clean] + blocks), "image"
 
 
 def select_by_cv(candidates: dict[str, tuple[str, np.ndarray]], y, groups, folds: int = 3,

@@ -456,6 +456,12 @@ def build_default_cmd(out: str | None, device: str) -> None:
                    "or 'lee' for theirs (0,0.01,0.005,0.002,0.0014,0.001,0.0005): adds the row "
                    "mahalanobis-lr[pre] to seen/unseen/fgsm-only (magnitude chosen by CV on the fit part; costs "
                    "per image and layer one forward-backward pass plus one forward pass per magnitude). Empty: off.")
+@click.option("--noisy-negatives", default="",
+              help="Comma-separated noise controls of the suite (noise-l2, noise-linf) counted as negatives, as "
+                   "Lee et al. 2018 count their noisy images: in seen/unseen/fgsm-only they are generated on every "
+                   "holdout part and join its clean images, as label 0 when the supervised detectors are fitted, "
+                   "in the calibration part's thresholds and in every row's AUROC and TPR; never scored as attacks. "
+                   "Empty: off.")
 @click.option("--probes", type=click.IntRange(min=0), default=0, show_default=True,
               help="The deep check (nad_guard.probes): with K > 0 every protocol but adaptive also reports "
                    "'nad-guard[deep k=K]', nad-guard's detector on its row plus what moves under K probes.")
@@ -496,7 +502,8 @@ def build_default_cmd(out: str | None, device: str) -> None:
 def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tuple[float, ...] | None,
                  std: tuple[float, ...] | None, data: str, data_root: str | None, suite: str, attacks: str | None,
                  protocols: str, methods: str, encodings: str, select: str, cv_folds: int,
-                 clean_methods: str, multipass_baselines: str, odds_samples: int, maha_noise: str, probes: int,
+                 clean_methods: str, multipass_baselines: str, odds_samples: int, maha_noise: str,
+                 noisy_negatives: str, probes: int,
                  encoder: str | None, probe_transforms: str, probe_sigma: float, probe_per_layer: bool, out: str,
                  device: str, max_images: int | None, train_images: int, adaptive_images: int,
                  adaptive_steps: int | None, adaptive_eot: int, adaptive_eps_scales: str, adaptive_targets: str,
@@ -518,7 +525,7 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
                      methods=m, encodings=e, primary=(m[0], e[0]), select=select, cv_folds=cv_folds,
                      clean_methods=split(clean_methods),
                      multipass_baselines=split(multipass_baselines), odds_samples=odds_samples,
-                     maha_noise=_maha_noise(maha_noise),
+                     maha_noise=_maha_noise(maha_noise), noisy_negatives=split(noisy_negatives),
                      probes=probes, probe_transforms=split(probe_transforms), probe_sigma=probe_sigma,
                      probe_per_layer=probe_per_layer, encoder=encoder,
                      batch_size=batch_size, n_resamples=bootstrap, seed=seed, max_images=max_images,
@@ -526,6 +533,13 @@ def evaluate_cmd(artifact: str, model: str | None, weights: str | None, mean: tu
                      adaptive_eot=adaptive_eot, adaptive_eps_scales=[float(v) for v in split(adaptive_eps_scales)],
                      adaptive_targets=split(adaptive_targets),
                      device=str(resolve_device(device)), progress=not quiet)
+    if cfg.noisy_negatives:
+        from nad_guard.attacks import get_suite
+
+        try:
+            cfg.noisy_controls(get_suite(suite, seed=seed), cfg.attacks or [])
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--noisy-negatives") from e
     train, test = load_dataset(data, data_root)
     paths = PathModel.load(artifact, artifact_classifier(artifact, model, weights, mean=mean, std=std,
                                                          class_names=train.classes, input_size=train.shape[1],

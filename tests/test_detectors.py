@@ -254,6 +254,11 @@ def test_cv_groups_hold_out_whole_attacks_when_there_are_enough():
     assert by == "attack" and list(g) == [0, 1, 2, -1, -1, -2, -3, -3, -3]
     g, by = cv_groups(3, src[:2], folds=3)
     assert by == "image" and list(g) == [0, 1, 2, 0, 2, 1]
+    # negatives given by source image (clean images, then noisy copies of images 2 and 0): their image's group
+    g, by = cv_groups(np.array([0, 1, 2, 2, 0]), src[:2], folds=3)
+    assert by == "image" and list(g) == [0, 1, 2, 2, 0, 0, 2, 1]
+    g, by = cv_groups(np.array([0, 1, 2, 2, 0]), src, folds=3)
+    assert by == "attack" and list(g) == [0, 1, 2, 2, 0, -1, -1, -2, -3, -3, -3]
     # two attacks, two folds: each fold is scored on one whole attack it was not trained on
     X, y, groups, _ = _grouped()
     X[120:240, 0], X[240:, 0] = -1, -2  # column 0: the source image for clean rows, -attack for the others

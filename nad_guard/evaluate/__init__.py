@@ -15,6 +15,9 @@ stratified sample of at most ``train_images``). Supervised parts (nad-guard's de
 logistic regressions of Mahalanobis-LR and LID-LR) learn on the fit part only. With
 ``EvalConfig.maha_noise``, ``mahalanobis-lr[pre]`` is Mahalanobis as Lee et al. run it (input
 pre-processing, its magnitude chosen by cross-validation on the fit part: :mod:`~nad_guard.evaluate.maha_pre`).
+With ``EvalConfig.noisy_negatives`` (e.g. ``("noise-l2",)``), the named noise controls are negatives, as
+Lee et al.'s noisy images are: in ``seen``, ``unseen`` and ``fgsm-only`` each part's negatives are its
+clean images and their noisy copies, for fitting, thresholds and scores alike.
 
 Protocols (``PROTOCOLS``):
 
@@ -67,8 +70,8 @@ fgsm-only, clean-only, mispredictions), :mod:`~nad_guard.evaluate.surrogate` and
 from __future__ import annotations
 
 from nad_guard.evaluate.adaptive import adaptive_protocol
-from nad_guard.evaluate.config import (MIN_MISPREDICTIONS, PROTOCOLS, SELECT, SUPERVISED_BASELINES,
-                                       UNSUPERVISED_BASELINES, EvalConfig, clean_spec)
+from nad_guard.evaluate.config import (MIN_MISPREDICTIONS, NOISY_NEGATIVE_PROTOCOLS, PROTOCOLS, SELECT,
+                                       SUPERVISED_BASELINES, UNSUPERVISED_BASELINES, EvalConfig, clean_spec)
 from nad_guard.evaluate.data import EvalData
 from nad_guard.evaluate.features import (CALIBRATION_CLEAN, EVALUATION_CLEAN, EVALUATION_WRONG, FIT_CLEAN, FIT_WRONG,
                                          FeatureKey, FeatureSet, compute_features)
@@ -78,6 +81,6 @@ from nad_guard.evaluate.run import run_evaluation
 from nad_guard.evaluate.surrogate import soft_encode
 
 __all__ = ["CALIBRATION_CLEAN", "EVALUATION_CLEAN", "EVALUATION_WRONG", "FIT_CLEAN", "FIT_WRONG", "MIN_MISPREDICTIONS",
-           "PROTOCOLS", "SELECT", "SUPERVISED_BASELINES", "UNSUPERVISED_BASELINES", "EvalConfig", "EvalData",
+           "NOISY_NEGATIVE_PROTOCOLS", "PROTOCOLS", "SELECT", "SUPERVISED_BASELINES", "UNSUPERVISED_BASELINES", "EvalConfig", "EvalData",
            "FeatureKey", "FeatureSet", "FittedBaselines", "adaptive_protocol", "clean_spec", "compute_features",
            "metrics_row", "render_markdown", "run_evaluation", "soft_encode", "summarize", "write_outputs"]

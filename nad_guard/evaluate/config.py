@@ -7,10 +7,13 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
+    from nad_guard.attacks import AttackSuite
     from nad_guard.probes import ProbeSpec
 
 SELECT = ("fixed", "cv")
 PROTOCOLS = ("seen", "unseen", "fgsm-only", "clean-only", "mispredictions", "deployed", "adaptive")
+# the protocols whose negatives take EvalConfig.noisy_negatives (the ones that train on attacks)
+NOISY_NEGATIVE_PROTOCOLS = ("seen", "unseen", "fgsm-only")
 MIN_MISPREDICTIONS = 10
 UNSUPERVISED_BASELINES = ("msp", "energy", "mahalanobis", "lid", "deep-knn")
 SUPERVISED_BASELINES = ("mahalanobis-lr", "lid-lr")
@@ -36,6 +39,13 @@ class EvalConfig:
     ``maha_noise``: noise magnitudes of Lee et al.'s input pre-processing (e.g.
     :data:`nad_guard.baselines.mahalanobis_pre.LEE_NOISE`); non-empty adds the row ``mahalanobis-lr[pre]``
     to the supervised protocols (:mod:`nad_guard.evaluate.maha_pre`); empty (the default): off.
+    ``noisy_negatives``: noise controls of the suite (e.g. ``("noise-l2",)``) counted as negatives, as Lee et
+    al. (2018) count their noisy images, in the :data:`NOISY_NEGATIVE_PROTOCOLS`: generated on the fit,
+    calibration and evaluation parts' clean images, the fit part's noisy copies are label 0 next to its
+    clean images when every supervised detector is fitted (and in its cross-validation folds, with their
+    source image), the evaluation part's join the clean negatives of every row's AUROC and TPR, and the
+    calibration part's join the clean images the thresholds are set on; never scored as attacks (they
+    cannot also be in ``attacks``). The other protocols keep clean negatives. Empty (the default): off.
     ``probes``: with ``k > 0``, the deep check (:mod:`nad_guard.probes`): every protocol but ``adaptive``
     also reports ``nad-guard[deep k=K]``, nad-guard's detector (same method, encoding and training data)
     on its row plus the probe columns of :meth:`probe_spec` (``probe_transforms``, ``probe_sigma``,
@@ -76,6 +86,7 @@ class EvalConfig:
     multipass_baselines: Sequence[str] = ()
     odds_samples: int = 256
     maha_noise: Sequence[float] = ()
+    noisy_negatives: Sequence[str] = ()
     encoder: str | None = None  # a fitted NND encoder's directory: its features become the column "nnd-encoder"
     probes: int = 0
     probe_transforms: Sequence[str] = ("noise", "bits", "smooth", "shift")
@@ -99,6 +110,18 @@ class EvalConfig:
         return ProbeSpec(k=self.probes, transforms=tuple(self.probe_transforms), sigma=self.probe_sigma,
                          bits=self.probe_bits, seed=self.probe_seed, per_layer=self.probe_per_layer,
                          per_transform=self.probe_per_transform)
+
+    def noisy_controls(self, suite: "AttackSuite", attacks: Sequence[str]) -> list[str]:
+        """``noisy_negatives``, checked: noise controls of ``suite``, none of them among the scored ``attacks``."""
+        names = list(dict.fromkeys(self.noisy_negatives))
+        controls = [n for n, a in suite.attacks.items() if a.kind == "noise"]
+        if any(n not in controls for n in names):
+            raise ValueError(f"noisy negatives {[n for n in names if n not in controls]}: not noise controls of the "
+                             f"{suite.name} suite (its controls: {', '.join(controls)})")
+        if set(names) & set(attacks):
+            raise ValueError(f"{sorted(set(names) & set(attacks))}: a noise control is either scored as an attack "
+                             "or counted as a negative, not both")
+        return names
 
     def clean_specs(self) -> list[tuple[str, str]]:
         """``(method, encoding)`` of each of ``clean_methods``, checked."""

@@ -16,7 +16,8 @@ from nad_guard.attacks import AttackResult, generate, get_suite
 from nad_guard.baselines import default_layers
 from nad_guard.data import ImageSet, stratified_split
 from nad_guard.evaluate.config import EvalConfig
-from nad_guard.evaluate.features import CLEAN, FIT_CLEAN, FIT_WRONG, WRONG, FeatureKey, FeatureSet, compute_features
+from nad_guard.evaluate.features import (CLEAN, FIT_CLEAN, FIT_WRONG, PARTS, WRONG, FeatureKey, FeatureSet,
+                                         compute_features, concat_feature_sets)
 from nad_guard.evaluate.multipass import image_columns
 from nad_guard.holdout import correct_subset, holdout_provenance
 from nad_guard.paths import PathModel
@@ -40,6 +41,7 @@ class EvalData:
         suite = get_suite(cfg.suite, seed=cfg.seed)
         self.suite = suite
         self.attacks = list(cfg.attacks or [a for a in suite.names if not a.startswith("noise")])
+        self.noisy = cfg.noisy_controls(suite, self.attacks)  # noise controls counted as negatives
         self.layers = default_layers(clf)
         enc = sorted(set(cfg.encodings) | {cfg.primary[1]} | {e for _, e in cfg.clean_specs()})
         self.encodings = enc
@@ -82,8 +84,10 @@ class EvalData:
         # so the images held never exceed one attack's on one split
         self.attack_seconds = 0.0
         self.adv: dict[str, dict[str, AttackResult]] = {"fit": {}, "evaluation": {}}
-        bar = tqdm([(s, a) for s in ("fit", "evaluation") for a in self.attacks], desc="attacks",
-                   disable=not cfg.progress)
+        # the noise controls counted as negatives: on every part (the calibration part's join the thresholds')
+        self.adv |= {"calibration": {}} if self.noisy else {}
+        bar = tqdm([(s, a) for s in ("fit", "evaluation") for a in self.attacks]
+                   + [(s, n) for s in PARTS for n in self.noisy], desc="attacks", disable=not cfg.progress)
         for split, attack in bar:
             bar.set_postfix_str(f"{split}:{attack}")
             t0 = time.time()
@@ -97,6 +101,15 @@ class EvalData:
                     self.groups[FeatureKey.attack("fit", attack)] = r.indices.numpy()
             self.adv[split][attack] = replace(r, adv_images=r.adv_images[:0])
             feature_seconds += time.time() - t1
+        # each part's negatives: its clean images, then the noisy copies (grouped with their source image)
+        self.negatives = {part: FeatureKey.negatives(part, self.noisy) for part in PARTS}
+        if self.noisy:
+            for part, key in self.negatives.items():
+                noisy = [FeatureKey.attack(part, n) for n in self.noisy]
+                self.features[key] = concat_feature_sets([self.features[FeatureKey(part, CLEAN)]]
+                                                         + [self.features[k] for k in noisy])
+            self.groups[self.negatives["fit"]] = np.concatenate(
+                [self.groups[FIT_CLEAN]] + [self.groups[FeatureKey.attack("fit", n)] for n in self.noisy])
         log(f"attacks ready in {self.attack_seconds:.0f} s")
         self.feature_seconds = feature_seconds
         log(f"features ready in {self.feature_seconds:.0f} s")
@@ -117,25 +130,32 @@ class EvalData:
         return run
 
     def training_set(self, train_keys: Sequence[FeatureKey]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Labels (0 for ``FIT_CLEAN``, 1 for the rest) of ``train_keys``'s rows, and each suspicious
-        block's source-image indices."""
+        """Labels (0 for the first key, the negatives: ``FIT_CLEAN`` or :attr:`negatives` ``["fit"]``, 1 for
+        the rest) of ``train_keys``'s rows, and each suspicious block's source-image indices."""
         y = np.concatenate([np.zeros(len(self.features[train_keys[0]]))]
                            + [np.ones(len(self.features[k])) for k in train_keys[1:]])
         return y, [self.groups[k] for k in train_keys[1:]]
 
+    def folds(self, train_keys: Sequence[FeatureKey]) -> tuple[np.ndarray, np.ndarray, str]:
+        """Labels, cross-validation groups and how they group (:func:`nad_guard.detectors.cv_groups`) of
+        ``train_keys``'s rows (negatives first; noisy negatives share their source image's group)."""
+        from nad_guard.detectors import cv_groups
+
+        y, blocks = self.training_set(train_keys)
+        return (y, *cv_groups(self.groups[train_keys[0]], blocks, self.cfg.cv_folds))
+
     def choose(self, train_keys: Sequence[FeatureKey]) -> tuple[tuple[str, str], dict[str, Any]]:
         """The ``(method, encoding)`` standing for nad-guard when trained on ``train_keys`` (the first being
-        ``FIT_CLEAN``), and the cross-validated AUROC of every candidate with how the folds were grouped
+        the negatives), and the cross-validated AUROC of every candidate with how the folds were grouped
         (empty when ``select="fixed"``)."""
         cfg = self.cfg
         if cfg.select == "fixed":
             return tuple(cfg.primary), {}
         key = tuple(train_keys)
         if key not in self._choices:
-            from nad_guard.detectors import cv_groups, select_by_cv
+            from nad_guard.detectors import select_by_cv
 
-            y, blocks = self.training_set(train_keys)
-            groups, by = cv_groups(len(self.features[train_keys[0]]), blocks, cfg.cv_folds)
+            y, groups, by = self.folds(train_keys)
             cands = {f"{m},{e}": (m, np.vstack([self.features[k].path[e] for k in train_keys]))
                      for e in cfg.encodings for m in cfg.methods}
             best, cv = select_by_cv(cands, y, groups, cfg.cv_folds, cfg.seed)

@@ -26,8 +26,9 @@ class FeatureKey:
 
     ``part``: the holdout part, ``"fit"`` (detector-fit), ``"calibration"`` or ``"evaluation"``.
     ``kind``: ``"clean"`` (the part's correctly classified images), ``"wrong"`` (its misclassified
-    images, the natural mispredictions) or an attack's name (that attack's successful adversarials of
-    the part's clean images). Printed as ``part:kind``.
+    images, the natural mispredictions), an attack's name (that attack's successful adversarials of
+    the part's clean images; a noise control's: every noisy copy) or, for the negatives of a run with
+    noisy negatives, ``"clean+<control>[+<control>...]"`` (:meth:`negatives`). Printed as ``part:kind``.
     """
 
     part: str
@@ -43,6 +44,12 @@ class FeatureKey:
         if attack in (CLEAN, WRONG):
             raise ValueError(f"{attack!r} names no attack")
         return cls(part, attack)
+
+    @classmethod
+    def negatives(cls, part: str, noisy: Sequence[str] = ()) -> "FeatureKey":
+        """The negatives of ``part``: its clean images, followed by the noisy copies of each of ``noisy``
+        (noise controls counted as negatives, ``EvalConfig.noisy_negatives``) when there are any."""
+        return cls(part, "+".join([CLEAN, *noisy]))
 
     def __str__(self) -> str:
         return f"{self.part}:{self.kind}"
@@ -109,7 +116,8 @@ def compute_features(paths: PathModel, images: torch.Tensor | ImageSet, labels: 
                       np.asarray(labels, dtype=np.int64), {n: np.concatenate(v) for n, v in extra.items()})
 
 
-def _concat(sets: Sequence[FeatureSet]) -> FeatureSet:
+def concat_feature_sets(sets: Sequence[FeatureSet]) -> FeatureSet:
+    """The rows of ``sets``, in order, as one :class:`FeatureSet`."""
     return FeatureSet({e: np.concatenate([s.path[e] for s in sets]) for e in sets[0].path},
                       Features.concat([s.base for s in sets]), np.concatenate([s.labels for s in sets]),
                       {n: np.concatenate([s.extra[n] for s in sets]) for n in sets[0].extra})

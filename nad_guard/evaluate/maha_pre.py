@@ -47,12 +47,11 @@ def maha_pre_columns(d: "EvalData") -> dict[str, Callable[[torch.Tensor], np.nda
 def maha_pre_scores(d: "EvalData", cfg: "EvalConfig", train_keys: Sequence["FeatureKey"],
                     test: Mapping[str, "FeatureKey"]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Scores of the ``mahalanobis-lr[pre]`` row on each of ``test`` (role -> key), trained on
-    ``train_keys`` (``FIT_CLEAN`` first), with the chosen magnitude and every magnitude's CV AUROC."""
-    from nad_guard.detectors import cv_groups, select_by_cv
+    ``train_keys`` (the negatives first), with the chosen magnitude and every magnitude's CV AUROC."""
+    from nad_guard.detectors import select_by_cv
 
     mags = [float(m) for m in cfg.maha_noise]
-    y, blocks = d.training_set(train_keys)
-    groups, by = cv_groups(len(d.features[train_keys[0]]), blocks, cfg.cv_folds)
+    y, groups, by = d.folds(train_keys)
 
     def block(key: "FeatureKey", m: float) -> np.ndarray:
         return magnitude_block(d.features[key].extra[COLUMN], mags, m)

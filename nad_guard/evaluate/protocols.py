@@ -103,16 +103,20 @@ def deep_scores(d: EvalData, cfg: EvalConfig, method: str, encoding: str, train_
 
 def supervised_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, tasks: list[tuple[str, list[str]]],
                         progress_desc: str, keep_scores: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each task ``(test_attack, train_attacks)``: fit every supervised detector on the fit part's clean
-    images + the train attacks' adversarials, score the evaluation part."""
+    """Each task ``(test_attack, train_attacks)``: fit every supervised detector on the fit part's negatives
+    (its clean images, and the noisy copies of ``cfg.noisy_negatives``) + the train attacks' adversarials,
+    score the evaluation part (its negatives against the test attack's adversarials; thresholds from the
+    calibration part's negatives). Every row of the task, unsupervised ones too, has the same negatives."""
     from tqdm.auto import tqdm
 
     rows, aug = [], augmented_rows(cfg)
+    neg = d.negatives
+    noisy = {"negatives": neg["evaluation"].kind} if d.noisy else {}
     for test_attack, train_attacks in tqdm(tasks, desc=progress_desc, disable=not cfg.progress):
-        train_keys = [FIT_CLEAN] + [FeatureKey.attack("fit", a) for a in train_attacks]
+        train_keys = [neg["fit"]] + [FeatureKey.attack("fit", a) for a in train_attacks]
         y = d.training_set(train_keys)[0]
-        test = {"clean": EVALUATION_CLEAN, "adv": FeatureKey.attack("evaluation", test_attack),
-                "cal": CALIBRATION_CLEAN}
+        test = {"clean": neg["evaluation"], "adv": FeatureKey.attack("evaluation", test_attack),
+                "cal": neg["calibration"]}
         scores: dict[str, dict[str, np.ndarray]] = {}
         for enc in cfg.encodings:
             X = np.vstack([d.features[k].path[enc] for k in train_keys])
@@ -135,7 +139,7 @@ def supervised_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig, tasks:
             scores[name] = {r: b.score(name, k) for r, k in test.items()}
         for det_name, s in scores.items():
             rows.append({**metrics_row(det_name, test_attack, s["clean"], s["adv"], s["cal"], cfg),
-                         "trained_on": "+".join(train_attacks),
+                         "trained_on": "+".join(train_attacks), **noisy,
                          **({"selected": f"{cm},{ce}", "cv": cv} if det_name == "nad-guard" else {}),
                          **info.get(det_name, {}),
                          **({"selected": f"{cm},{ce}+{aug[det_name]}"} if det_name in aug else {})})

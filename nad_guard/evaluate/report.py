@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from nad_guard.calibration import fpr_guarantee as calibration_guarantee
-from nad_guard.evaluate.config import clean_spec
+from nad_guard.evaluate.config import NOISY_NEGATIVE_PROTOCOLS, clean_spec
 from nad_guard.metrics import aurc, markdown_table, plot_roc, risk_coverage, write_json
 
 
@@ -137,6 +137,19 @@ def render_markdown(r: dict[str, Any]) -> str:
               f"(clean-only: {_clean_who(r['config'])}). "
               f"Bootstrap: {r['config']['n_resamples']} stratified resamples, "
               "95% percentile intervals.", ""]
+    noisy = r["config"].get("noisy_negatives")
+    if noisy:
+        n = dd["negatives"]
+        ps = [p for p in r["config"]["protocols"] if p in NOISY_NEGATIVE_PROTOCOLS] or list(NOISY_NEGATIVE_PROTOCOLS)
+        lines += [f"**Noisy negatives** (`--noisy-negatives {','.join(noisy)}`, as Lee et al. 2018 count their noisy "
+                  f"images): in the {', '.join(ps)} protocols the negatives are each part's "
+                  f"clean images and their noisy copies ({', '.join(noisy)}): fit {n['fit']}, calibration "
+                  f"{n['calibration']}, evaluation {n['evaluation']} images. Every supervised detector is fitted with "
+                  "the fit part's noisy copies as label 0, the thresholds are set on the calibration part's clean "
+                  "and noisy images (the guarantee below counts its clean images only: a noisy copy is not an "
+                  "independent draw), and every row's AUROC and TPR count the evaluation part's noisy copies with "
+                  "its clean images; the controls are not scored as attacks. The other protocols keep clean "
+                  "negatives.", ""]
     cal = r.get("calibration")
     if cal:
         g = calibration_guarantee(cal["n"], cal["fpr"])

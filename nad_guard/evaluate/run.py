@@ -93,6 +93,7 @@ def run_evaluation(paths: PathModel, train: ImageSet, test: ImageSet, cfg: EvalC
                  **{f"{k}_images": len(v) for k, v in d.splits.items()},
                  **{f"{k}_clean": len(v) for k, v in d.clean.items()},
                  "evaluation_mispredicted": d.n_wrong["evaluation"], "fit_mispredicted": d.n_wrong["fit"],
+                 **({"negatives": {p: len(d.features[k]) for p, k in d.negatives.items()}} if d.noisy else {}),
                  "baseline_train_images": len(d.train_labels), "baseline_layers": d.layers,
                  "gate_points": paths.layer_names_},
         "attacks": attacks, "rows": rows, "summary": summarize(rows), "deployed": deployed, "adaptive": adaptive,
