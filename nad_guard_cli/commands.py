@@ -464,7 +464,9 @@ def build_default_cmd(out: str | None, device: str) -> None:
                    "Empty: off.")
 @click.option("--probes", type=click.IntRange(min=0), default=0, show_default=True,
               help="The deep check (nad_guard.probes): with K > 0 every protocol but adaptive also reports "
-                   "'nad-guard[deep k=K]', nad-guard's detector on its row plus what moves under K probes.")
+                   "'nad-guard[deep k=K]', nad-guard's detector on its row plus what moves under K probes; with "
+                   "--multipass-baselines feature-squeezing also 'nad-guard[deep k=K+squeezing]', the same plus the "
+                   "squeezers' distances.")
 @click.option("--encoder", type=click.Path(exists=True, file_okay=False), default=None,
               help="A fitted NND encoder's directory (nad-guard fit-encoder): every protocol but deployed and "
                    "adaptive also reports 'nad-guard[+nnd-encoder]', nad-guard's detector on its row plus the "

@@ -136,3 +136,25 @@ def test_deployed_and_adaptive_protocols_cover_deep_mode(paths, digits, tmp_path
     with pytest.raises(ValueError, match="--probes"):
         run_evaluation(paths, *digits, EvalConfig(**{**cfg.to_dict(), "probes": 0, "protocols": ["adaptive"]}),
                        cache_dir=tmp_path)
+
+
+def test_deep_row_with_the_squeezers_columns(paths, digits, tmp_path):
+    """With feature squeezing among the multi-pass baselines, evaluate adds nad-guard's detector on its row +
+    the probe columns + the squeezers' distances, next to the deep row, in the protocols that fit it."""
+    from types import SimpleNamespace
+
+    from nad_guard.evaluate import EvalConfig, run_evaluation
+    from nad_guard.evaluate.protocols import augmented_rows, extra_columns
+
+    cfg = EvalConfig(suite="fast", attacks=["fgsm", "pgd"], protocols=["seen", "clean-only"], methods=["logistic"],
+                     encodings=["rich"], clean_methods=["gaussian:rich"], n_resamples=50, progress=False,
+                     max_images=240, train_images=300, probes=4, multipass_baselines=["feature-squeezing"])
+    assert augmented_rows(cfg) == {"nad-guard[deep k=4]": "probes",
+                                   "nad-guard[deep k=4+squeezing]": "probes+feature-squeezing"}
+    assert "nad-guard[deep k=4+squeezing]" not in augmented_rows(replace(cfg, multipass_baselines=()))
+    fs = SimpleNamespace(extra={"probes": np.ones((3, 5)), "feature-squeezing": np.zeros((3, 2))})
+    np.testing.assert_array_equal(extra_columns(fs, "probes+feature-squeezing"), np.c_[np.ones((3, 5)), np.zeros((3, 2))])
+    r = run_evaluation(paths, *digits, cfg, cache_dir=tmp_path)
+    for protocol in ("seen", "clean-only"):
+        got = [x for x in r["rows"] if x["protocol"] == protocol and x["detector"] == "nad-guard[deep k=4+squeezing]"]
+        assert len(got) == 2 and all(0.5 < x["auroc"] <= 1 for x in got)

@@ -39,6 +39,7 @@ ImageColumns = dict[str, Callable[[torch.Tensor], np.ndarray]]
 
 
 PROBES = "probes"  # the deep check's columns (nad_guard.probes), with EvalConfig.probes > 0
+SQUEEZING = "feature-squeezing"  # the squeezers' L1 distances (nad_guard.baselines.FeatureSqueezing)
 ENCODER = "nnd-encoder"  # the NND encoder's columns (nad_guard.encoder.encoder_features), with EvalConfig.encoder
 ENCODER_ROW = "nad-guard[+nnd-encoder]"  # nad-guard's detector on its row plus the ENCODER columns
 
@@ -57,7 +58,7 @@ def _detectors(d: "EvalData") -> dict[str, Any]:
             raise ValueError(f"unknown multi-pass baselines {unknown}; choose from {', '.join(MULTIPASS_BASELINES)}")
         dets: dict[str, Any] = {}
         for name in cfg.multipass_baselines:
-            if name == "feature-squeezing":
+            if name == SQUEEZING:
                 dets[name] = FeatureSqueezing().fit(channels=d.paths.classifier.spec.channels)
             else:
                 dets[name] = OddsAreOdd(n_samples=cfg.odds_samples, seed=cfg.seed)

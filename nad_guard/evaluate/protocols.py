@@ -16,11 +16,11 @@ from nad_guard.errors import ErrorDetector, error_rows, select_error_method
 from nad_guard.evaluate.config import MIN_MISPREDICTIONS, UNSUPERVISED_BASELINES, EvalConfig
 from nad_guard.evaluate.data import EvalData
 from nad_guard.evaluate.features import (CALIBRATION_CLEAN, EVALUATION_CLEAN, EVALUATION_WRONG, FIT_CLEAN, FIT_WRONG,
-                                         FeatureKey)
+                                         FeatureKey, FeatureSet)
 from nad_guard.evaluate.multipass import multipass_scores, rule_fields
 from nad_guard.evaluate.maha_pre import ROW as MAHA_PRE_ROW
 from nad_guard.evaluate.maha_pre import maha_pre_scores
-from nad_guard.evaluate.multipass import ENCODER, ENCODER_ROW, PROBES, deep_name
+from nad_guard.evaluate.multipass import ENCODER, ENCODER_ROW, PROBES, SQUEEZING, deep_name
 from nad_guard.metrics import aurc
 from nad_guard.metrics import evaluate as evaluate_scores
 
@@ -77,17 +77,26 @@ def _nad_name(method: str, encoding: str, cfg: EvalConfig) -> str:
 
 
 def augmented_rows(cfg: EvalConfig) -> dict[str, str]:
-    """nad-guard's detector with more per-image columns: ``row name -> FeatureSet.extra key`` (the deep
-    check's probe columns with ``probes > 0``, the NND encoder's with ``encoder``; none by default)."""
+    """nad-guard's detector with more per-image columns: ``row name -> FeatureSet.extra key(s)`` (the deep
+    check's probe columns with ``probes > 0``, and with feature squeezing among ``multipass_baselines`` also
+    the probe columns followed by the squeezers' distances, ``"probes+feature-squeezing"``; the NND
+    encoder's with ``encoder``; none by default)."""
+    squeeze = cfg.probes > 0 and SQUEEZING in cfg.multipass_baselines
     return {**({deep_name(cfg.probes): PROBES} if cfg.probes > 0 else {}),
+            **({f"{deep_name(cfg.probes)[:-1]}+squeezing]": f"{PROBES}+{SQUEEZING}"} if squeeze else {}),
             **({ENCODER_ROW: ENCODER} if cfg.encoder is not None else {})}
+
+
+def extra_columns(fs: FeatureSet, extra: str) -> np.ndarray:
+    """The ``FeatureSet.extra`` columns named by ``extra``: one key, or keys joined by ``+`` side by side."""
+    return np.hstack([fs.extra[k] for k in extra.split("+")])
 
 
 def deep_rows(d: EvalData, keys: list[FeatureKey] | FeatureKey, encoding: str, extra: str = PROBES) -> np.ndarray:
     """A detector input with more columns: ``encoding``'s rows of ``keys`` (stacked) with the ``extra``
-    columns (the deep check's probe columns by default)."""
+    columns (:func:`extra_columns`; the deep check's probe columns by default)."""
     keys = [keys] if isinstance(keys, FeatureKey) else keys
-    return np.vstack([np.hstack([d.features[k].path[encoding], d.features[k].extra[extra]]) for k in keys])
+    return np.vstack([np.hstack([d.features[k].path[encoding], extra_columns(d.features[k], extra)]) for k in keys])
 
 
 def deep_scores(d: EvalData, cfg: EvalConfig, method: str, encoding: str, train_keys: list[FeatureKey],
@@ -213,7 +222,7 @@ def mispredictions_protocol(d: EvalData, b: FittedBaselines, cfg: EvalConfig,
         ye = np.r_[np.zeros(len(d.features[FIT_CLEAN])), np.ones(len(d.features[FIT_WRONG]))]
         for row, extra in {ERROR_DETECTOR_ROW: None, **{error_row(x): x for x in augmented_rows(cfg).values()}}.items():
             def rows_of(k: FeatureKey, extra: str | None = extra) -> np.ndarray:  # + the extra columns, if any
-                return err_rows(k) if extra is None else np.hstack([err_rows(k), d.features[k].extra[extra]])
+                return err_rows(k) if extra is None else np.hstack([err_rows(k), extra_columns(d.features[k], extra)])
 
             X = np.vstack([rows_of(FIT_CLEAN), rows_of(FIT_WRONG)])  # the fit part only
             best, cv_auroc = select_error_method(X, ye, cfg.cv_folds, cfg.seed)
