@@ -94,30 +94,40 @@ def _error_term(d: EvalData, g: Any, cfg: EvalConfig, dev: torch.device
 
 def nad_guard_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> AdaptiveTarget:
     """The deployed single-pass guard (module docstring)."""
-    paths, dev = d.paths, _device(d)
     with warnings.catch_warnings():  # the calibration's bounds are in the deployed protocol's record
         warnings.simplefilter("ignore", CalibrationWarning)
         g = fit_deployed(d, cfg)
-    det, enc, err = g.det, g.enc, g.err
-    cal = d.features[CALIBRATION_CLEAN]
+    det, enc = g.det, g.enc
     if det.method == "logistic":
         sur, how = det, "the attack detector itself"
     else:
         X = np.vstack([d.features[k].path[enc] for k in g.train_keys])
         sur = PathDetector("logistic", random_state=cfg.seed).fit(X, d.training_set(g.train_keys)[0])
         how = f"a logistic detector on the same rows ({enc}) for the {det.method} attack detector"
-    lin = torch_linear(sur.estimator_, torch.float64, dev)
-    ta, sa = centred(sur.estimator_.decision_function(cal.path[enc]), cfg.fpr * g.share)
+    lin = torch_linear(sur.estimator_, torch.float64, _device(d))
+    return guard_target(d, g, cfg, lin, sur.estimator_.decision_function(d.features[CALIBRATION_CLEAN].path[enc]), how)
+
+
+def guard_target(d: EvalData, g: Any, cfg: EvalConfig, surrogate: Callable[[torch.Tensor], torch.Tensor],
+                 cal_scores: np.ndarray, how: str, name: str = "nad-guard") -> AdaptiveTarget:
+    """A deployed single-pass guard ``g`` (:func:`nad_guard.evaluate.deployed.fit_deployed`) as an adaptive
+    target whose attack detector the attacker follows through ``surrogate``: a differentiable function of
+    :func:`soft_encode`'s rows (float64) to a score, higher = more suspicious, with ``cal_scores`` its scores of
+    the calibration part's clean rows (it is centred at the guard's share of the false-positive rate there).
+    The real decision is the guard's (``g.det`` and ``g.err`` at their thresholds); ``how`` describes the
+    surrogate in the target's note."""
+    paths, dev = d.paths, _device(d)
+    det, enc, err = g.det, g.enc, g.err
+    ta, sa = centred(cal_scores, cfg.fpr * g.share)
     masks = [paths.masks_[n].to(dev) for n in paths.layer_names_]
     stats = [paths.stats_[n].to(dev) for n in paths.layer_names_]
     err_fn, te, se, err_how = _error_term(d, g, cfg, dev)
-    how += err_how
 
     def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         logits, pooled = paths.pooled_forward(x)
         z = logits.double()
         feats = soft_encode([p.double() for p in pooled], z, masks, stats, enc)
-        score = (lin(feats) - ta) / sa
+        score = (surrogate(feats) - ta) / sa
         if err_fn is not None:
             score = torch.maximum(score, (err_fn(torch.cat([softmax_columns_torch(z), feats], 1)) - te) / se)
         return logits, score
@@ -130,7 +140,7 @@ def nad_guard_target(d: EvalData, b: FittedBaselines, cfg: EvalConfig) -> Adapti
         return f.pred, torch.as_tensor(flag)
 
     kind = "two detectors (attack, error)" if err is not None else "one detector"
-    return AdaptiveTarget("nad-guard", loss_terms, decide, note=f"deployed guard, {kind}; surrogate: {how}")
+    return AdaptiveTarget(name, loss_terms, decide, note=f"deployed guard, {kind}; surrogate: {how}{err_how}")
 
 
 def score_target(name: str, score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], thr: float,

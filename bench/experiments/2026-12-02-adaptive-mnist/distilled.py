@@ -45,12 +45,11 @@ from nad_guard.attacks.adaptive import AdaptiveTarget, centred, eot_gradient  # 
 from nad_guard.calibration import CalibrationWarning  # noqa: E402
 from nad_guard.data import load_dataset  # noqa: E402
 from nad_guard.encoding import detector_input  # noqa: E402
-from nad_guard.errors import SCORE_METHODS, SOFTMAX_COLUMNS, error_rows  # noqa: E402
+from nad_guard.errors import error_rows  # noqa: E402
 from nad_guard.evaluate import (CALIBRATION_CLEAN, EVALUATION_CLEAN, EvalConfig, EvalData, FeatureKey,  # noqa: E402
                                 adaptive_protocol, compute_features)
-from nad_guard.evaluate.adaptive import TARGETS, softmax_columns_torch  # noqa: E402
+from nad_guard.evaluate.adaptive import TARGETS, guard_target  # noqa: E402
 from nad_guard.evaluate.deployed import DeployedGuard, fit_deployed  # noqa: E402
-from nad_guard.evaluate.surrogate import soft_encode, torch_linear  # noqa: E402
 from nad_guard.guard import artifact_classifier  # noqa: E402
 from nad_guard.paths import PathModel  # noqa: E402
 from nad_guard.runinfo import load_snapshot, machine_info  # noqa: E402
@@ -86,53 +85,11 @@ def torch_mlp(pipe: Pipeline, dtype: torch.dtype = torch.float64):
     return f
 
 
-def error_term(d: EvalData, g: DeployedGuard, cfg: EvalConfig):
-    """``nad_guard.evaluate.adaptive``'s error term (a copy: the original is private to that module)."""
-    err, enc = g.err, g.enc
-    if err is None:
-        return None, 0.0, 1.0
-    cal = d.features[CALIBRATION_CLEAN]
-    rows = error_rows(cal.base.logits, cal.path[enc])
-    n_soft = len(SOFTMAX_COLUMNS)
-    if err.method in SCORE_METHODS:
-        j = SOFTMAX_COLUMNS.index(err.method)
-        cal_e = rows[:, j]
-        err_fn = lambda r: r[:, j]  # noqa: E731
-    else:
-        c = {"logistic": slice(None), "logistic-softmax": slice(0, n_soft), "logistic-path": slice(n_soft, None)}[err.method]
-        cal_e = err.estimator_.decision_function(rows[:, c])
-        e_lin = torch_linear(err.estimator_, torch.float64, DEV)
-        err_fn = lambda r: e_lin(r[:, c])  # noqa: E731
-    te, se = centred(cal_e, cfg.fpr * (1 - g.share))
-    return err_fn, te, se
-
-
 def distilled_target(d: EvalData, g: DeployedGuard, cfg: EvalConfig, pipe: Pipeline, note: str) -> AdaptiveTarget:
-    """``nad_guard_target`` with the MLP surrogate in place of the logistic stand-in."""
-    paths, enc, det, err = d.paths, g.enc, g.det, g.err
-    f = torch_mlp(pipe)
-    ta, sa = centred(pipe.predict(d.features[CALIBRATION_CLEAN].path[enc]), cfg.fpr * g.share)
-    masks = [paths.masks_[n].to(DEV) for n in paths.layer_names_]
-    stats = [paths.stats_[n].to(DEV) for n in paths.layer_names_]
-    err_fn, te, se = error_term(d, g, cfg)
-
-    def loss_terms(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, pooled = paths.pooled_forward(x)
-        z = logits.double()
-        feats = soft_encode([p.double() for p in pooled], z, masks, stats, enc)
-        score = (f(feats) - ta) / sa
-        if err_fn is not None:
-            score = torch.maximum(score, (err_fn(torch.cat([softmax_columns_torch(z), feats], 1)) - te) / se)
-        return logits, score
-
-    def decide(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, X = detector_input(paths, x, enc, batch_size=len(x))
-        flag = det.score_samples(X) > det.threshold_
-        if err is not None:
-            flag |= err.score_samples(error_rows(feats.logits, X)) > err.threshold_
-        return feats.pred, torch.as_tensor(flag)
-
-    return AdaptiveTarget("nad-guard-distilled", loss_terms, decide, note=note)
+    """``nad_guard_target`` with the MLP surrogate in place of the logistic stand-in
+    (:func:`nad_guard.evaluate.adaptive.guard_target`)."""
+    cal = pipe.predict(d.features[CALIBRATION_CLEAN].path[g.enc])
+    return guard_target(d, g, cfg, torch_mlp(pipe), cal, note, name="nad-guard-distilled")
 
 
 def iterates(target: AdaptiveTarget, x0: torch.Tensor, y: torch.Tensor, eps: float, steps: int, objective: str,
@@ -264,7 +221,7 @@ def main() -> None:
                                 "spearman_eval_clean": float(spearmanr(pl[:n_ec], te[:n_ec]).statistic),
                                 "spearman_eval_attacks": float(spearmanr(pl[n_ec:], te[n_ec:]).statistic)}
     log(f"logistic stand-in: {fid['logistic_stand_in']}")
-    note = (f"deployed guard, two detectors (attack, error); surrogate: a ReLU MLP {hidden} distilled from the "
+    note = (f"a ReLU MLP {hidden} distilled from the "
             f"gboost attack detector's log-odds on its training rows ({enc})")
     augment = None
     if args.augment_images:
