@@ -35,9 +35,10 @@ DESIGNS = {
 HALF = 520  # source images 0..519 of the fit part's clean images (and their adversarials): half the cost
 
 
-def main(out: Path, only: list[str]) -> None:
-    torch.set_num_threads(1)
-    out.mkdir(parents=True, exist_ok=True)
+def fit_half_sets() -> tuple[PathModel, dict[str, tuple[torch.Tensor, np.ndarray]]]:
+    """The committed guard's paths and the image sets read here: ``name -> (images, source-image indices)`` for
+    the first HALF of the fit part's correct clean images, all of its mispredictions and the nine cached attacks
+    on those clean images."""
     train, test = load_dataset("cifar10")
     clf = artifact_classifier(ARTIFACT, "cifar10-resnet20", class_names=train.classes, input_size=train.shape[1],
                               channels=train.shape[0])
@@ -54,6 +55,13 @@ def main(out: Path, only: list[str]) -> None:
         assert r.from_cache, f"{a} was not in the attack cache"
         keep = r.indices.numpy() < HALF
         sets[a] = (r.adv_images[torch.as_tensor(keep)], r.indices.numpy()[keep])
+    return paths, sets
+
+
+def main(out: Path, only: list[str]) -> None:
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, sets = fit_half_sets()
     print({k: len(v[1]) for k, v in sets.items()}, flush=True)
     base: dict[str, np.ndarray] = {}
     for name, spec in DESIGNS.items():

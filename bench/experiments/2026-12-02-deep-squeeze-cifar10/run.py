@@ -28,15 +28,10 @@ import torch  # noqa: E402
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "2026-12-02-deep-check-cifar10"))
 from choose_design import scores  # noqa: E402
-from designs import ARTIFACT, ATTACKS, HALF  # noqa: E402
+from designs import fit_half_sets  # noqa: E402
 
-from nad_guard.attacks import default_cache_dir, generate, get_suite  # noqa: E402
 from nad_guard.baselines import FeatureSqueezing  # noqa: E402
-from nad_guard.data import load_dataset  # noqa: E402
 from nad_guard.encoding import encode  # noqa: E402
-from nad_guard.guard import artifact_classifier  # noqa: E402
-from nad_guard.holdout import correct_mask, holdout_provenance  # noqa: E402
-from nad_guard.paths import PathModel  # noqa: E402
 from nad_guard.probes import ProbeSpec, probe_features  # noqa: E402
 from nad_guard.runinfo import machine_info  # noqa: E402
 
@@ -45,21 +40,9 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     t_start = time.time()
     start = machine_info()
-    train, test = load_dataset("cifar10")
-    clf = artifact_classifier(ARTIFACT, "cifar10-resnet20", class_names=train.classes, input_size=train.shape[1],
-                              channels=train.shape[0])
-    paths = PathModel.load(ARTIFACT, clf)
-    (fit, _, _), _ = holdout_provenance(test, "cifar10", 3000, 0)
-    ok = correct_mask(paths, fit)
-    clean = fit.subset(ok.nonzero().flatten().numpy())
-    suite = get_suite("cifar10", seed=0)
-    sets = {"clean": (clean.float(0, HALF), np.arange(HALF))}
-    for a in ATTACKS:
-        r = generate(clf, clean, attack=a, suite=suite, batch_size=128, device="cpu", cache_dir=default_cache_dir(),
-                     progress=False)
-        assert r.from_cache, f"{a} was not in the attack cache"
-        keep = r.indices.numpy() < HALF
-        sets[a] = (r.adv_images[torch.as_tensor(keep)], r.indices.numpy()[keep])
+    paths, sets = fit_half_sets()
+    sets.pop("wrong")  # the design experiment's sets without the mispredictions, as its scores read them
+    clf = paths.classifier
     spec = ProbeSpec(k=4, transforms=("noise", "bits", "smooth", "shift"), sigma=0.01, bits=5)
     fs = FeatureSqueezing().fit(channels=3)
     rich, probes, squeeze, names, groups = [], [], [], [], []
